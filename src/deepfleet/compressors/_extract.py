@@ -1,0 +1,208 @@
+"""Extraction: the smaller dense model that computes what the masked model computes.
+
+Given the kept units of every group, each layer keeps the rows (outputs) of its kept units and
+the columns (inputs) fed by kept units; BatchNorm keeps its kept channels; an LSTM/GRU keeps the
+matching rows of each gate block. A stacked RNN whose layers keep different numbers of units
+becomes a :class:`StackedRNN` of single-layer RNNs (nn.LSTM needs one hidden size for all layers).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from deepfleet.compressors._graph import Layer, Structure
+from deepfleet.compressors._masked import Mask, MaskedRNN, rnn_weights
+from deepfleet.compressors._ops import LEAF_MODULES, OpInfo
+from deepfleet.errors import ModelError
+
+
+class StackedRNN(nn.Module):
+    """Single-layer LSTMs/GRUs stacked, with per-layer hidden sizes; nn.LSTM's interface.
+
+    Returns ``(output, h_n)`` (GRU) or ``(output, (h_n, c_n))`` (LSTM) where ``h_n``/``c_n`` are
+    lists with one ``(B, H_l)`` tensor per layer and direction (sizes differ, so no stacking).
+    """
+
+    def __init__(self, layers: list[nn.RNNBase], dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.dropout = dropout
+        self.batch_first = layers[0].batch_first
+        self.bidirectional = layers[0].bidirectional
+        self.kind = "lstm" if isinstance(layers[0], nn.LSTM) else "gru"
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h_n: list[torch.Tensor] = []
+        c_n: list[torch.Tensor] = []
+        for i, rnn in enumerate(self.layers):
+            x, state = rnn(x)
+            h = state[0] if self.kind == "lstm" else state
+            h_n.extend(h.unbind(0))
+            if self.kind == "lstm":
+                c_n.extend(state[1].unbind(0))
+            if self.dropout and self.training and i < len(self.layers) - 1:
+                x = nn.functional.dropout(x, self.dropout, True)
+        return (x, (h_n, c_n)) if self.kind == "lstm" else (x, h_n)
+
+
+LEAF_MODULES[StackedRNN] = OpInfo("stacked_rnn", "param")
+
+
+def rnn_layers(m: nn.Module) -> list[tuple[nn.RNNBase, int]]:
+    """(module, layer index) for every layer of an nn.LSTM/GRU or a StackedRNN."""
+    if isinstance(m, StackedRNN):
+        return [(rnn, 0) for rnn in m.layers]  # type: ignore[misc]
+    assert isinstance(m, nn.RNNBase)
+    return [(m, i) for i in range(m.num_layers)]
+
+
+def _global_keep(structure: Structure, keep: list[np.ndarray]) -> np.ndarray:
+    k = np.ones(structure.total_units + 1, dtype=bool)
+    for g in structure.groups:
+        k[g.offset + 1 : g.offset + 1 + g.size] = keep[g.index]
+    return k
+
+
+def _set_module(gm: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, new)
+
+
+def _slice_linear_conv(mod: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(mod)
+    w = mod.weight.detach()[out_idx][:, in_idx].clone()
+    new.weight = nn.Parameter(w)
+    if mod.bias is not None:
+        new.bias = nn.Parameter(mod.bias.detach()[out_idx].clone())
+    if isinstance(mod, nn.Linear):
+        new.in_features, new.out_features = len(in_idx), len(out_idx)
+    else:
+        new.in_channels, new.out_channels = len(in_idx), len(out_idx)
+    return new
+
+
+def _slice_norm(bn: nn.Module, idx: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(bn)
+    for name in ("weight", "bias"):
+        if getattr(bn, name) is not None:
+            setattr(new, name, nn.Parameter(getattr(bn, name).detach()[idx].clone()))
+    for name in ("running_mean", "running_var"):
+        if getattr(bn, name) is not None:
+            setattr(new, name, getattr(bn, name)[idx].clone())
+    new.num_features = len(idx)
+    return new
+
+
+def _slice_rnn(rnn: nn.RNNBase, lay: Layer, in_idx: torch.Tensor, kept: list[torch.Tensor]) -> nn.Module:
+    """kept[l]: indices of kept hidden units of layer l (all units for an unpruned layer)."""
+    D, G, H = lay.directions, lay.gates, rnn.hidden_size
+    cls = type(rnn)
+    singles = []
+    prev_cols = in_idx
+    for layer, k in enumerate(kept):
+        rows = torch.cat([q * H + k for q in range(G)])
+        single = cls(
+            len(prev_cols), len(k), num_layers=1, bias=rnn.bias, batch_first=rnn.batch_first,
+            bidirectional=rnn.bidirectional,
+        )
+        for d in range(D):
+            src = rnn_weights(rnn, layer, d)
+            dst = rnn_weights(single, 0, d)
+            with torch.no_grad():
+                dst[0].copy_(src[0][rows][:, prev_cols])
+                dst[1].copy_(src[1][rows][:, k])
+                if rnn.bias:
+                    dst[2].copy_(src[2][rows])
+                    dst[3].copy_(src[3][rows])
+        singles.append(single)
+        # the next layer reads this layer's kept units, direction by direction
+        prev_cols = torch.cat([d * H + k for d in range(D)])
+    if len({len(k) for k in kept}) == 1:
+        merged = cls(
+            len(in_idx), len(kept[0]), num_layers=len(kept), bias=rnn.bias,
+            batch_first=rnn.batch_first, bidirectional=rnn.bidirectional, dropout=rnn.dropout,
+        )
+        for layer, single in enumerate(singles):
+            for d in range(D):
+                with torch.no_grad():
+                    for a, b in zip(rnn_weights(merged, layer, d), rnn_weights(single, 0, d)):
+                        a.copy_(b)
+        return merged
+    return StackedRNN(singles, dropout=rnn.dropout)
+
+
+def extract(structure: Structure, masked: fx.GraphModule, keep: list[np.ndarray]) -> fx.GraphModule:
+    """The dense model with only ``keep`` units (one bool array per group), weights from ``masked``.
+
+    ``masked`` is the masked model (or the original traced model) holding the trained weights.
+    Every group keeps at least one unit. Raises ModelError if the result cannot run.
+    """
+    keep = [np.asarray(k, dtype=bool) for k in keep]
+    for g, k in zip(structure.groups, keep):
+        if k.shape != (g.size,):
+            raise ValueError(f"keep mask for {g.name} has shape {k.shape}, expected ({g.size},)")
+        if not k.any():
+            raise ValueError(f"group {g.name} keeps no unit; keep at least one")
+    gm = copy.deepcopy(masked)
+    graph = gm.graph
+    for node in list(graph.nodes):  # drop the masks: extraction makes them redundant
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), Mask):
+            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            graph.erase_node(node)
+            gm.delete_submodule(str(node.target))
+    gkeep = _global_keep(structure, keep)
+    for lay in structure.layers:
+        mod = gm.get_submodule(lay.module)
+        if isinstance(mod, MaskedRNN):
+            mod = mod.rnn
+        in_idx = torch.as_tensor(np.nonzero(gkeep[lay.in_ids])[0])
+        if lay.kind in ("lstm", "gru"):
+            kept = [
+                torch.as_tensor(np.nonzero(keep[g])[0]) if g is not None else torch.arange(lay.out_size)
+                for g in lay.groups
+            ]
+            _set_module(gm, lay.module, _slice_rnn(mod, lay, in_idx, kept))  # type: ignore[arg-type]
+            continue
+        g = lay.groups[0]
+        out_idx = torch.as_tensor(np.nonzero(keep[g])[0]) if g is not None else torch.arange(lay.out_size)
+        _set_module(gm, lay.module, _slice_linear_conv(mod, out_idx, in_idx))
+        for bn in lay.norms:
+            _set_module(gm, bn, _slice_norm(gm.get_submodule(bn), out_idx))
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def check_extraction(
+    masked: fx.GraphModule, set_masks: Any, extracted: nn.Module, x: torch.Tensor, tol: float = 1e-4
+) -> float:
+    """Max |extracted(x) - masked(x)| relative to max |masked(x)|; raise ModelError above ``tol``.
+
+    ``set_masks()`` installs the deterministic mask on ``masked`` before the comparison.
+    """
+    masked.eval()
+    extracted.eval()
+    with torch.no_grad():
+        set_masks()
+        ref = masked(x)
+        try:
+            out = extracted(x)
+        except RuntimeError as exc:
+            raise ModelError(
+                f"the extracted model fails to run ({str(exc).splitlines()[0]}); a forward() "
+                "with hard-coded sizes (e.g. x.view(-1, 800)) cannot shrink: use "
+                "torch.flatten(x, 1) or x.view(x.size(0), -1)"
+            ) from None
+    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if err > tol:
+        raise ModelError(
+            f"the extracted model differs from the masked model by {err:.2e} (relative); this "
+            "is a bug in deepfleet's extraction for this architecture, please report it"
+        )
+    return err

@@ -1,0 +1,169 @@
+"""The masked network of DeepIoT: the model with a keep mask on every prunable group.
+
+``masked_model(structure)`` returns a copy of the traced model with a :class:`Mask` after each
+Linear/Conv group's mask point and every recurrent layer wrapped in :class:`MaskedRNN`, all
+reading one :class:`MaskState`. A mask is either per sample, ``(B, size)`` (training: each sample
+its own Bernoulli draw), or one vector ``(size,)`` shared by the batch (the deterministic mask).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from deepfleet.compressors._graph import Structure
+from deepfleet.compressors._ops import LEAF_MODULES, OpInfo
+
+
+class MaskState:
+    """The masks currently applied, one entry per group (None = unmasked)."""
+
+    def __init__(self, n_groups: int):
+        self.masks: list[torch.Tensor | None] = [None] * n_groups
+
+    def set(self, masks: list[torch.Tensor] | None) -> None:
+        self.masks = list(masks) if masks is not None else [None] * len(self.masks)
+
+
+def _broadcast(z: torch.Tensor, ndim: int, axis: int, batch: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = z.shape[-1]
+    if z.dim() == 2:
+        if z.shape[0] != batch:
+            raise ValueError(f"per-sample mask for {z.shape[0]} samples applied to a batch of {batch}")
+        shape[0] = batch
+    return z.reshape(shape)
+
+
+class Mask(nn.Module):
+    """Multiplies its input by the current mask of one group along the channel axis."""
+
+    def __init__(self, state: MaskState, group: int, axis: int, ndim: int):
+        super().__init__()
+        self.state, self.group, self.axis, self.ndim = state, group, axis, ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.state.masks[self.group]
+        if z is None:
+            return x
+        return x * _broadcast(z.to(x.dtype), self.ndim, self.axis, x.shape[0])
+
+
+def rnn_weights(rnn: nn.RNNBase, layer: int, direction: int) -> tuple[torch.Tensor, ...]:
+    sfx = f"_l{layer}" + ("_reverse" if direction else "")
+    w = (getattr(rnn, "weight_ih" + sfx), getattr(rnn, "weight_hh" + sfx))
+    if rnn.bias:
+        w += (getattr(rnn, "bias_ih" + sfx), getattr(rnn, "bias_hh" + sfx))
+    return w
+
+
+def _rnn_direction(
+    kind: str, x_proj: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
+    z: torch.Tensor | None, reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One direction of one layer: x_proj (B, T, G*H) -> outputs (B, T, H), h_T, c_T."""
+    B, T, _ = x_proj.shape
+    H = w_hh.shape[1]
+    h = x_proj.new_zeros(B, H)
+    c = x_proj.new_zeros(B, H) if kind == "lstm" else None
+    outs: list[torch.Tensor] = [h] * T
+    for t in reversed(range(T)) if reverse else range(T):
+        gh = F.linear(h, w_hh, b_hh)  # (B, G*H)
+        if kind == "lstm":
+            i, f, g, o = (x_proj[:, t] + gh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:
+            xr, xz, xn = x_proj[:, t].chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r, u = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - u) * torch.tanh(xn + r * hn) + u * h
+        if z is not None:
+            h = h * z  # a dropped unit is exactly 0 at every step (DeepIoT, section 4)
+        outs[t] = h
+    return torch.stack(outs, 1), h, c
+
+
+def masked_rnn(rnn: nn.RNNBase, x: torch.Tensor, masks: list[torch.Tensor | None]) -> Any:
+    """nn.LSTM / nn.GRU semantics (zero initial state) with a keep mask per layer."""
+    kind = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
+    if not rnn.batch_first:
+        x = x.transpose(0, 1)
+    D = 2 if rnn.bidirectional else 1
+    h_n, c_n = [], []
+    layer_in = x
+    for layer in range(rnn.num_layers):
+        z = masks[layer]
+        if z is not None and z.dim() == 1:
+            z = z[None]
+        outs = []
+        for d in range(D):
+            w = rnn_weights(rnn, layer, d)
+            x_proj = F.linear(layer_in, w[0], w[2] if rnn.bias else None)  # (B, T, G*H)
+            out, h, c = _rnn_direction(kind, x_proj, w[1], w[3] if rnn.bias else None, z, bool(d))
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_in = torch.cat(outs, -1) if D == 2 else outs[0]
+        if rnn.dropout and rnn.training and layer < rnn.num_layers - 1:
+            layer_in = F.dropout(layer_in, rnn.dropout, True)
+    out = layer_in if rnn.batch_first else layer_in.transpose(0, 1)
+    hn = torch.stack(h_n)
+    if kind == "lstm":
+        return out, (hn, torch.stack(c_n))  # type: ignore[arg-type]
+    return out, hn
+
+
+class MaskedRNN(nn.Module):
+    """Wraps an LSTM/GRU; applies the masks of its layers' groups inside the recurrence."""
+
+    def __init__(self, rnn: nn.RNNBase, state: MaskState, groups: list[int | None]):
+        super().__init__()
+        self.rnn, self.state, self.groups = rnn, state, groups
+
+    def forward(self, x: torch.Tensor, hx: Any = None) -> Any:
+        masks = [self.state.masks[g] if g is not None else None for g in self.groups]
+        if all(m is None for m in masks):
+            return self.rnn(x, hx)
+        if hx is not None:
+            raise NotImplementedError("a masked RNN starts from a zero state; do not pass hx")
+        return masked_rnn(self.rnn, x, masks)
+
+
+LEAF_MODULES[Mask] = OpInfo("identity", "zero")
+LEAF_MODULES[MaskedRNN] = OpInfo("rnn", "param")
+
+
+def masked_model(structure: Structure) -> tuple[fx.GraphModule, MaskState]:
+    """A deep copy of the traced model with masks inserted; weights are copied, not shared."""
+    gm = copy.deepcopy(structure.graph_module)
+    state = MaskState(len(structure.groups))
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for point, g in structure.mask_points.items():
+        node = nodes[point]
+        name = f"deepiot_mask_{g}"
+        gm.add_submodule(name, Mask(state, g, structure.mask_axis[g], structure.mask_ndim[g]))
+        users = list(node.users)
+        with graph.inserting_after(node):
+            mask_node = graph.call_module(name, (node,))
+        for u in users:
+            u.replace_input_with(node, mask_node)
+    for lay in structure.layers:
+        if lay.kind in ("lstm", "gru") and any(g is not None for g in lay.groups):
+            parent_name, _, leaf = lay.module.rpartition(".")
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            setattr(parent, leaf, MaskedRNN(getattr(parent, leaf), state, lay.groups))
+    graph.lint()
+    gm.recompile()
+    return gm, state
+
+
+def rnn_of(gm: nn.Module, module: str) -> nn.RNNBase:
+    """The recurrent module at ``module``, unwrapping a MaskedRNN."""
+    m = gm.get_submodule(module)
+    return m.rnn if isinstance(m, MaskedRNN) else m  # type: ignore[return-value]

@@ -1,0 +1,108 @@
+"""Data sets: ``load_data(spec)`` for ``digits``, ``sensing`` or a path to an ``.npz`` file.
+
+An ``.npz`` holds ``X_train, y_train, X_test, y_test`` and optionally ``X_val, y_val`` (when
+absent, a fixed stratified 10 % of the training split becomes validation). X is ``(N, C, T)``
+sequences or ``(N, C, H, W)`` images; y integer labels ``0..K-1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+
+import numpy as np
+
+from deepfleet.data._dataset import (
+    Dataset,
+    check_arrays,
+    check_labels,
+    fingerprint,
+    stratified_split,
+)
+from deepfleet.errors import DataError
+
+__all__ = ["Dataset", "load_data", "data_names"]
+
+_BUILTIN = ("digits", "sensing")
+
+
+def data_names() -> list[str]:
+    return list(_BUILTIN)
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(name: str) -> Dataset:
+    if name == "digits":
+        from deepfleet.data._digits import load_digits28
+
+        return load_digits28()
+    from deepfleet.data._sensing import load_sensing
+
+    return load_sensing()
+
+
+def load_data(spec: str) -> Dataset:
+    """Load a built-in data set by name or a user data set from an ``.npz`` path.
+
+    Raises :class:`DataError` naming the problem (unknown name, missing file or arrays, wrong
+    shapes, NaN, labels out of range) and how to fix it.
+    """
+    if spec in _BUILTIN:
+        return _builtin(spec)
+    if spec.endswith(".npz") or os.sep in spec or os.path.exists(spec):
+        return _load_npz(spec)
+    raise DataError(
+        f"unknown data set {spec!r}; use one of {', '.join(_BUILTIN)} or a path to an .npz file "
+        "holding X_train, y_train, X_test, y_test (and optionally X_val, y_val)"
+    )
+
+
+def _load_npz(path: str) -> Dataset:
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist; give a path to an .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path!r} as an .npz file: {exc}") from None
+    required = ("X_train", "y_train", "X_test", "y_test")
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: missing array(s) {', '.join(missing)}; an .npz data set needs "
+            f"{', '.join(required)} (and optionally X_val, y_val); it has {sorted(arrays) or 'none'}"
+        )
+    if ("X_val" in arrays) != ("y_val" in arrays):
+        raise DataError(f"{path}: give both X_val and y_val, or neither")
+    splits = {}
+    for split in ("train", "val", "test"):
+        if f"X_{split}" in arrays:
+            splits[split] = check_arrays(path, arrays[f"X_{split}"], arrays[f"y_{split}"], split)
+    shape = splits["train"][0].shape[1:]
+    for split, (X, _) in splits.items():
+        if X.shape[1:] != shape:
+            raise DataError(
+                f"{path}: X_{split} samples have shape {X.shape[1:]} but X_train samples have "
+                f"{shape}; all splits must share one sample shape"
+            )
+    num_classes = int(splits["train"][1].max()) + 1
+    check_labels(path, {s: y for s, (_, y) in splits.items()}, num_classes)
+    if "val" not in splits:
+        X, y = splits["train"]
+        n_val = max(1, len(y) // 10)
+        train, val, _ = stratified_split(y, (n_val, 0), seed=0)
+        splits["train"], splits["val"] = (X[train], y[train]), (X[val], y[val])
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = splits["train"], splits["val"], splits["test"]
+    return Dataset(
+        name=os.path.basename(path),
+        X_train=Xtr,
+        y_train=ytr,
+        X_val=Xva,
+        y_val=yva,
+        X_test=Xte,
+        y_test=yte,
+        num_classes=num_classes,
+        description=f"user data from {path}",
+        fingerprint=fingerprint(Xtr, ytr, Xva, yva, Xte, yte),
+    )

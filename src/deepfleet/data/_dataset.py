@@ -1,0 +1,117 @@
+"""The data-set container and the split/validation helpers every source shares."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deepfleet.errors import DataError
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Fixed train / validation / test splits of one classification data set.
+
+    ``X_*`` are float32 arrays shaped ``(N, *input_shape)``; ``y_*`` are int64 labels in
+    ``[0, num_classes)``. The test split is for reporting only: no decision (early stopping,
+    stop rules, search objectives) may read it.
+    """
+
+    name: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    description: str = ""
+    fingerprint: str = field(default="", compare=False)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.X_train.shape[1:])
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "train": len(self.y_train),
+            "val": len(self.y_val),
+            "test": len(self.y_test),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 (first 16 hex digits) of the arrays' bytes: a cache key for trained models."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def stratified_split(
+    y: np.ndarray, sizes: tuple[int, int], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) with ``sizes = (val, test)`` drawn per class in proportion."""
+    rng = np.random.default_rng(seed)
+    n_val, n_test = sizes
+    order = rng.permutation(len(y))
+    # Interleave classes so that taking a prefix is close to stratified.
+    by_class = [order[y[order] == c] for c in np.unique(y)]
+    interleaved = []
+    longest = max(len(b) for b in by_class)
+    for i in range(longest):
+        interleaved.extend(int(b[i]) for b in by_class if i < len(b))
+    idx = np.asarray(interleaved)
+    test, val, train = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def check_arrays(source: str, X: np.ndarray, y: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one split; return float32 X and int64 y. Raises DataError naming the problem."""
+    if X.ndim not in (3, 4):
+        raise DataError(
+            f"{source}: X_{split} has shape {X.shape}; expected (N, C, T) sequences or "
+            "(N, C, H, W) images"
+        )
+    if y.ndim != 1 or len(y) != len(X):
+        raise DataError(
+            f"{source}: y_{split} has shape {y.shape} but X_{split} has {len(X)} samples; "
+            f"y_{split} must be a 1-D array of {len(X)} labels"
+        )
+    if len(X) == 0:
+        raise DataError(f"{source}: split {split!r} is empty; give it at least one sample")
+    if not np.issubdtype(X.dtype, np.number):
+        raise DataError(f"{source}: X_{split} has dtype {X.dtype}; it must be numeric")
+    Xf = X.astype(np.float32)
+    if not np.isfinite(Xf).all():
+        bad = int((~np.isfinite(Xf)).any(axis=tuple(range(1, X.ndim))).sum())
+        raise DataError(
+            f"{source}: X_{split} holds NaN or infinite values in {bad} samples; "
+            "remove or impute them before compressing"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise DataError(
+                f"{source}: y_{split} has dtype {y.dtype}; labels must be integers 0..K-1"
+            )
+    return Xf, y.astype(np.int64)
+
+
+def check_labels(source: str, splits: dict[str, np.ndarray], num_classes: int) -> None:
+    for split, y in splits.items():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"{source}: y_{split} has labels in [{lo}, {hi}] but the training labels define "
+                f"{num_classes} classes 0..{num_classes - 1}; relabel to 0..K-1 with every "
+                "class present in y_train"
+            )

@@ -1,0 +1,46 @@
+"""The one exception hierarchy of deepfleet.
+
+Every error a user can cause is a :class:`DeepfleetError` whose message names the bad value and
+the fix. The classes are picklable (plain ``args``), because Ray re-raises a worker's exception in
+the driver and Optuna stores the reason of a failed trial as text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeepfleetError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "UnsupportedLayerError",
+    "DeviceError",
+    "ArtifactError",
+]
+
+
+class DeepfleetError(Exception):
+    """Base class: a problem the user can fix; ``str(err)`` is one line saying what and how."""
+
+
+class ConfigError(DeepfleetError):
+    """A bad option, YAML file or key (the message names file, key, value and what is accepted)."""
+
+
+class DataError(DeepfleetError):
+    """A data set that cannot be used (unknown name, missing arrays, wrong shapes, NaN, labels)."""
+
+
+class ModelError(DeepfleetError):
+    """A model that cannot be built, loaded or run."""
+
+
+class UnsupportedLayerError(ModelError):
+    """A model contains a layer or operation that the compressor or exporter cannot handle."""
+
+
+class DeviceError(DeepfleetError):
+    """A device that cannot be reached, refused us, or failed a request (names device and cause)."""
+
+
+class ArtifactError(DeepfleetError):
+    """An artifact directory that is missing, corrupt (hash mismatch) or of an unknown version."""
