@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the tests and the sandbox fleet use. Idempotent; a no-op for what is present.
+# Without root it only reports what is missing (the tests then skip what needs it, and say so).
+set -euo pipefail
+pkgs=(openssh-server openssh-client iproute2)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "system-deps: not root; missing Debian packages: ${missing[*]} (tests that need them will skip)" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "system-deps: installed ${missing[*]}"
