@@ -68,18 +68,27 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
 
 
 def distillation_loss(
-    logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None, cfg: TrainConfig
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    cfg: TrainConfig,
+    *,
+    per_sample: bool = False,
 ) -> torch.Tensor:
-    """(1 - a) CE(logits, y) + a T^2 KL(softmax(teacher/T) || softmax(logits/T)) (Hinton et al.)."""
-    ce = F.cross_entropy(logits, y)
+    """(1 - a) CE(logits, y) + a T^2 KL(softmax(teacher/T) || softmax(logits/T)) (Hinton et al.).
+
+    Returns the batch mean, or one value per sample with ``per_sample=True``.
+    """
+    ce = F.cross_entropy(logits, y, reduction="none")
     if teacher_logits is None or cfg.kd_alpha == 0:
-        return ce
+        return ce if per_sample else ce.mean()
     T = cfg.kd_temperature
     kl = F.kl_div(
         F.log_softmax(logits / T, 1), F.log_softmax(teacher_logits / T, 1), log_target=True,
-        reduction="batchmean",
-    )
-    return (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * T * T * kl
+        reduction="none",
+    ).sum(1)
+    loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * T * T * kl
+    return loss if per_sample else loss.mean()
 
 
 def train(

@@ -1,0 +1,206 @@
+"""The Python API behind ``deepfleet compress``: ``compress(model, data=..., ...)``.
+
+Validates everything first (target, data, model, supported layers), then trains the base model
+unless a cached one matches, compresses with DeepIoT, and only at the end writes to ``out``: both
+artifacts (the compressed model and the original, exported the same way) and a JSON summary.
+An error before that point leaves ``out`` untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepfleet import __version__
+from deepfleet.artifact import write_artifact
+from deepfleet.compressors._deepiot import DeepIoTConfig
+from deepfleet.compressors._export import export_graph
+from deepfleet.compressors._graph import analyse
+from deepfleet.compressors._pipeline import deepiot_compress, layer_table
+from deepfleet.data import Dataset, load_data
+from deepfleet.errors import ConfigError
+from deepfleet.models import build_model
+from deepfleet.training import TrainConfig, accuracy, seed_everything, train
+
+BASE_TRAINING = TrainConfig(epochs=60, patience=15)
+FINETUNE = TrainConfig(epochs=60, patience=20, kd_alpha=0.7)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEEPFLEET_CACHE", Path.home() / ".cache" / "deepfleet"))
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device {spec!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec!r} asks for CUDA but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def default_target(model: str) -> float:
+    return 0.01 if model == "lenet5" else 0.05
+
+
+def _check_target(name: str, value: float | None) -> None:
+    if value is not None and not 0 < value <= 1:
+        raise ConfigError(
+            f"{name} must be a kept fraction in (0, 1], but got {value}; e.g. 0.05 keeps 5 %"
+        )
+
+
+def _base_key(spec: str, data: Dataset, seed: int, cfg: TrainConfig, model: nn.Module) -> str:
+    desc = {
+        "spec": spec, "data": data.fingerprint, "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes, "seed": seed, "train": dataclasses.asdict(cfg),
+        "shapes": [list(p.shape) for p in model.parameters()], "format": "base-v1",
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def trained_base(
+    spec: str, data: Dataset, *, seed: int, cfg: TrainConfig, device: torch.device, progress: bool
+) -> tuple[nn.Module, bool]:
+    """The base model trained on ``data``; from the cache when one with the same config exists.
+
+    Returns (model in eval mode on ``device``, whether it came from the cache).
+    """
+    seed_everything(seed)
+    model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+    path = cache_dir() / "base" / f"{_base_key(spec, data, seed, cfg, model)}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.to(device).eval(), True
+    model = model.to(device)
+    model, _ = train(model, data, cfg, seed=seed, desc="train base", progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a checkpoint
+    return model.eval(), False
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def compress(
+    model: str,
+    *,
+    data: str,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    seed: int = 0,
+    out: str | os.PathLike[str] = "runs/compress",
+    device: str = "auto",
+    quick: bool = False,
+    progress: bool = True,
+    search: DeepIoTConfig | None = None,
+    finetune: TrainConfig | None = None,
+) -> dict[str, Any]:
+    """Compress a zoo model (or ``module:function``) on a data set; return the summary dict.
+
+    Keys: model, data, params_before/after, macs_before/after, accuracy_before/after (test
+    split, fractions), val_accuracy_before/after, kept_fraction, layers, artifact,
+    artifact_original, bytes_before/after, seconds, plus settings. Raises ConfigError, DataError,
+    ModelError or UnsupportedLayerError before anything is written.
+    """
+    t0 = time.perf_counter()
+    _check_target("--target-params", target_params)
+    _check_target("--target-macs", target_macs)
+    if target_params is not None and target_macs is not None:
+        raise ConfigError("give --target-params or --target-macs, not both")
+    metric = "macs" if target_macs is not None else "params"
+    target = target_macs if target_macs is not None else target_params or default_target(model)
+    dev = resolve_device(device)
+    # TF32 would make the extraction check (masked == extracted to 1e-4) fail on Ampere+ GPUs.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    ds = load_data(data)
+    probe = build_model(model, input_shape=ds.input_shape, num_classes=ds.num_classes)
+    analyse(probe, torch.as_tensor(ds.X_train[:2]))  # unsupported layers fail here, before training
+
+    base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3) if quick else BASE_TRAINING
+    ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
+    cfg = search or DeepIoTConfig(target=target, metric=metric, distill=0.7)
+    if quick and search is None:
+        cfg = dataclasses.replace(cfg, iterations=40, eval_every=20)
+    cfg = dataclasses.replace(cfg, target=target, metric=metric)
+
+    base, cached = trained_base(model, ds, seed=seed, cfg=base_cfg, device=dev, progress=progress)
+    result = deepiot_compress(base, ds, cfg, ft_cfg, seed=seed, progress=progress)
+    small = result.model.eval()
+
+    provenance = {
+        "deepfleet_version": __version__, "model": model, "data": ds.name,
+        "data_fingerprint": ds.fingerprint, "seed": seed, "input_shape": list(ds.input_shape),
+        "num_classes": ds.num_classes,
+    }
+    acc = {
+        "accuracy_before": accuracy(base, ds.X_test, ds.y_test),
+        "accuracy_after": accuracy(small, ds.X_test, ds.y_test),
+        "val_accuracy_before": accuracy(base, ds.X_val, ds.y_val),
+        "val_accuracy_after": accuracy(small, ds.X_val, ds.y_val),
+    }
+    exp_small = export_graph(small.cpu(), ds.input_shape)
+    exp_base = export_graph(base.cpu(), ds.input_shape)
+    layers = layer_table(result.structure, base, small)
+
+    out_dir = Path(out)
+    art_root = out_dir / "artifacts"
+    settings = {"method": "deepiot", "target": target, "metric": metric,
+                "search": dataclasses.asdict(cfg), "finetune": dataclasses.asdict(ft_cfg)}
+    art_small = write_artifact(art_root, exp_small.graph, exp_small.arrays, {
+        **provenance, "compressor": settings, "params": exp_small.params, "macs": exp_small.macs,
+        "val_accuracy": acc["val_accuracy_after"], "layers": layers,
+    })
+    art_base = write_artifact(art_root, exp_base.graph, exp_base.arrays, {
+        **provenance, "compressor": {"method": "none"}, "params": exp_base.params,
+        "macs": exp_base.macs, "val_accuracy": acc["val_accuracy_before"],
+    })
+    summary: dict[str, Any] = {
+        "model": model,
+        "data": ds.name,
+        "seed": seed,
+        "device": str(dev),
+        "target": target,
+        "metric": metric,
+        "params_before": sum(p.numel() for p in base.parameters()),
+        "params_after": sum(p.numel() for p in small.parameters()),
+        "kept_fraction": result.kept_params if metric == "params" else result.kept_macs,
+        "kept_params": result.kept_params,
+        "kept_macs": result.kept_macs,
+        "macs_before": exp_base.macs,
+        "macs_after": exp_small.macs,
+        **acc,
+        "val_accuracy_search": result.val_accuracy_search,
+        "extraction_error": result.extraction_error,
+        "search_iterations": result.search.iterations,
+        "layers": layers,
+        "artifact": str(art_small.path),
+        "artifact_original": str(art_base.path),
+        "bytes_before": art_base.bytes,
+        "bytes_after": art_small.bytes,
+        "base_cached": cached,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    _write_json(out_dir / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
+    return summary
