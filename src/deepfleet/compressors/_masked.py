@@ -62,26 +62,24 @@ def rnn_weights(rnn: nn.RNNBase, layer: int, direction: int) -> tuple[torch.Tens
 
 
 def _rnn_direction(
-    kind: str, x_proj: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
-    z: torch.Tensor | None, reverse: bool,
+    kind: str, x: torch.Tensor, w: tuple[torch.Tensor, ...], z: torch.Tensor | None, reverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One direction of one layer: x_proj (B, T, G*H) -> outputs (B, T, H), h_T, c_T."""
-    B, T, _ = x_proj.shape
-    H = w_hh.shape[1]
-    h = x_proj.new_zeros(B, H)
-    c = x_proj.new_zeros(B, H) if kind == "lstm" else None
+    """One direction of one layer: x (B, T, in) -> outputs (B, T, H), h_T, c_T.
+
+    Uses torch's fused cells (one autograd node per step instead of ~15): half the time of
+    the same recurrence written out, where the backward pass dominates.
+    """
+    B, T, _ = x.shape
+    H = w[1].shape[1]
+    b_ih, b_hh = (w[2], w[3]) if len(w) == 4 else (None, None)
+    h = x.new_zeros(B, H)
+    c = x.new_zeros(B, H) if kind == "lstm" else None
     outs: list[torch.Tensor] = [h] * T
     for t in reversed(range(T)) if reverse else range(T):
-        gh = F.linear(h, w_hh, b_hh)  # (B, G*H)
         if kind == "lstm":
-            i, f, g, o = (x_proj[:, t] + gh).chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = torch.lstm_cell(x[:, t], (h, c), w[0], w[1], b_ih, b_hh)
         else:
-            xr, xz, xn = x_proj[:, t].chunk(3, 1)
-            hr, hz, hn = gh.chunk(3, 1)
-            r, u = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-            h = (1 - u) * torch.tanh(xn + r * hn) + u * h
+            h = torch.gru_cell(x[:, t], h, w[0], w[1], b_ih, b_hh)
         if z is not None:
             h = h * z  # a dropped unit is exactly 0 at every step (DeepIoT, section 4)
         outs[t] = h
@@ -102,9 +100,7 @@ def masked_rnn(rnn: nn.RNNBase, x: torch.Tensor, masks: list[torch.Tensor | None
             z = z[None]
         outs = []
         for d in range(D):
-            w = rnn_weights(rnn, layer, d)
-            x_proj = F.linear(layer_in, w[0], w[2] if rnn.bias else None)  # (B, T, G*H)
-            out, h, c = _rnn_direction(kind, x_proj, w[1], w[3] if rnn.bias else None, z, bool(d))
+            out, h, c = _rnn_direction(kind, layer_in, rnn_weights(rnn, layer, d), z, bool(d))
             outs.append(out)
             h_n.append(h)
             c_n.append(c)

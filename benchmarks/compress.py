@@ -1,0 +1,223 @@
+"""Benchmark of the DeepIoT compressor (issue: compressor-critic). Prints and saves JSON.
+
+Parts (``--parts``, comma list; results are merged into the JSON file so parts can run apart):
+
+* ``lenet5``    lenet5 / digits at 1 % of the parameters, per seed (mean over seeds reported);
+* ``ablation``  which ingredient helped on lenet5 / digits: the paper's schedule vs the
+                size-aware target schedule, distillation in the search and in fine-tuning;
+* ``mlp``       mlp / digits at 3 %, against structured L1 pruning (uniform ratio, same fine-tuning);
+* ``deepsense`` deepsense / sensing at 6 %, against the same L1 baseline;
+* ``bilstm``    bilstm / sensing at 10 %;
+* ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
+                magnitude-pruned to the same parameter count, batch 64 and batch 1;
+* ``timing``    wall time of one ``deepfleet compress lenet5 --data digits`` with an empty cache.
+
+Jobs run in ``--workers`` processes, one torch thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "compress.json"
+
+# name -> (DeepIoT config overrides, fine-tuning overrides)
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "paper": ({"schedule": "paper", "distill": 0.0}, {"kd_alpha": 0.0}),
+    "paper+kd-finetune": ({"schedule": "paper", "distill": 0.0}, {}),
+    "target": ({"distill": 0.0}, {"kd_alpha": 0.0}),
+    "target+kd-finetune": ({"distill": 0.0}, {}),
+    "target+kd-search+kd-finetune": ({}, {}),  # the default
+}
+
+
+def _job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One compression run in a fresh process (1 torch thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from deepfleet.api import BASE_TRAINING, FINETUNE, trained_base
+    from deepfleet.compressors._cost import cost_model, kept_fraction
+    from deepfleet.compressors._deepiot import DeepIoTConfig
+    from deepfleet.compressors._extract import extract
+    from deepfleet.compressors._graph import analyse
+    from deepfleet.compressors._l1 import uniform_l1_keep
+    from deepfleet.compressors._pipeline import deepiot_compress, layer_table
+    from deepfleet.data import load_data
+    from deepfleet.training import accuracy, train
+
+    t0 = time.perf_counter()
+    data = load_data(spec["data"])
+    dev = torch.device("cpu")
+    base, _ = trained_base(spec["model"], data, seed=spec["seed"], cfg=BASE_TRAINING, device=dev, progress=False)
+    ft = dataclasses.replace(FINETUNE, **spec.get("finetune", {}))
+    row: dict[str, Any] = {**spec, "base_test": accuracy(base, data.X_test, data.y_test),
+                           "base_val": accuracy(base, data.X_val, data.y_val)}
+    if spec["method"] == "deepiot":
+        cfg = DeepIoTConfig(target=spec["target"], distill=0.7, **spec.get("search", {}))
+        res = deepiot_compress(base, data, cfg, ft, seed=spec["seed"], progress=False)
+        model, kept = res.model, res.kept_params
+        row.update(search_iterations=res.search.iterations, val_after_search=res.val_accuracy_search,
+                   extraction_error=res.extraction_error, layers=layer_table(res.structure, base, model))
+    else:  # structured L1 pruning with a uniform ratio per layer, then the same fine-tuning
+        st = analyse(base, torch.as_tensor(data.X_train[:2]))
+        cm = cost_model(st)
+        keep, ratio = uniform_l1_keep(st, st.graph_module, cm, spec["target"])
+        model = extract(st, st.graph_module, keep)
+        model, _ = train(model, data, ft, seed=spec["seed"], teacher=base, progress=False)
+        kept = float(kept_fraction(cm, [torch.as_tensor(k, dtype=torch.float64) for k in keep], "params"))
+        row.update(ratio=ratio, layers=layer_table(st, base, model))
+    row.update(
+        kept_params=kept,
+        test=accuracy(model, data.X_test, data.y_test),
+        val=accuracy(model, data.X_val, data.y_val),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    row["drop_pp"] = 100 * (row["base_test"] - row["test"])
+    return row
+
+
+def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "runs": len(rows),
+        "kept_params_pct_mean": 100 * statistics.mean(r["kept_params"] for r in rows),
+        "base_test_mean": statistics.mean(r["base_test"] for r in rows),
+        "test_mean": statistics.mean(r["test"] for r in rows),
+        "drop_pp_mean": statistics.mean(r["drop_pp"] for r in rows),
+        "drop_pp_per_seed": [round(r["drop_pp"], 2) for r in rows],
+        "units_per_seed": [[lay["units_after"] for lay in r["layers"]] for r in rows],
+        "seconds_mean": statistics.mean(r["seconds"] for r in rows),
+    }
+
+
+def _latency_part() -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    from deepfleet.api import BASE_TRAINING, FINETUNE, trained_base
+    from deepfleet.compressors._deepiot import DeepIoTConfig
+    from deepfleet.compressors._magnitude import magnitude_prune
+    from deepfleet.compressors._pipeline import deepiot_compress
+    from deepfleet.data import load_data
+
+    data = load_data("digits")
+    base, _ = trained_base("lenet5", data, seed=0, cfg=BASE_TRAINING, device=torch.device("cpu"), progress=False)
+    res = deepiot_compress(base, data, DeepIoTConfig(target=0.01, distill=0.7), FINETUNE, seed=0, progress=False)
+    small = res.model.eval()
+    pruned = magnitude_prune(base, res.kept_params).eval()
+    nonzero = sum(int((p != 0).sum()) for p in pruned.parameters())
+    out: dict[str, Any] = {"threads": 1, "kept_params": res.kept_params, "magnitude_nonzero_params": nonzero}
+    for batch in (64, 1):
+        x = torch.as_tensor(data.X_test[:batch])
+        times = {}
+        for name, model in (("original", base.eval()), ("deepiot", small), ("magnitude", pruned)):
+            times[name] = _median_ms(model, x)
+        out[f"batch{batch}"] = {
+            **{f"{k}_ms": round(v, 4) for k, v in times.items()},
+            "deepiot_ratio": round(times["deepiot"] / times["original"], 4),
+            "magnitude_ratio": round(times["magnitude"] / times["original"], 4),
+        }
+    return out
+
+
+def _median_ms(model: Any, x: Any, seconds: float = 2.0) -> float:
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(20):
+            model(x)
+        samples = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(samples) < 50:
+            t = time.perf_counter()
+            model(x)
+            samples.append(time.perf_counter() - t)
+    return 1000 * statistics.median(samples)
+
+
+def _timing_part() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "DEEPFLEET_CACHE": str(Path(tmp) / "cache")}
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepfleet.cli", "compress", "lenet5", "--data", "digits", "--json",
+             "--out", str(Path(tmp) / "out")],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        wall = time.perf_counter() - t
+    r = json.loads(proc.stdout)
+    return {"wall_seconds": round(wall, 1), "cpu_count": os.cpu_count(), "kept_params": r["kept_params"],
+            "accuracy_before": r["accuracy_before"], "accuracy_after": r["accuracy_after"]}
+
+
+def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
+    if part == "lenet5":
+        return [{"part": part, "model": "lenet5", "data": "digits", "target": 0.01, "seed": s, "method": "deepiot"} for s in seeds]
+    if part == "ablation":
+        return [
+            {"part": part, "variant": v, "model": "lenet5", "data": "digits", "target": 0.01, "seed": s,
+             "method": "deepiot", "search": search, "finetune": ft}
+            for v, (search, ft) in VARIANTS.items() for s in seeds
+        ]
+    targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
+    data, target = targets[part]
+    methods = ["deepiot", "l1-uniform"] if part in ("mlp", "deepsense") else ["deepiot"]
+    iters = {"deepsense": 1500, "bilstm": 1500}.get(part)
+    return [
+        {"part": part, "model": part, "data": data, "target": target, "seed": s, "method": m,
+         **({"search": {"iterations": iters}} if iters and m == "deepiot" else {})}
+        for m in methods for s in seeds
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="lenet5,ablation,mlp,deepsense,bilstm,latency,timing")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    parts = args.parts.split(",")
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    jobs = [j for p in parts if p not in ("latency", "timing") for j in _jobs(p, seeds)]
+    if jobs:
+        with ProcessPoolExecutor(args.workers) as pool:
+            rows = list(pool.map(_job, jobs))
+        for part in {j["part"] for j in jobs}:
+            part_rows = [r for r in rows if r["part"] == part]
+            key = "variant" if part == "ablation" else "method"
+            results[part] = {
+                name: {"summary": _summarise([r for r in part_rows if r[key] == name]),
+                       "runs": [r for r in part_rows if r[key] == name]}
+                for name in dict.fromkeys(r[key] for r in part_rows)
+            }
+    if "latency" in parts:
+        results["latency"] = _latency_part()
+    if "timing" in parts:
+        results["timing"] = _timing_part()
+    results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    for part in parts:
+        if part in results:
+            block = results[part]
+            summary = {k: v["summary"] for k, v in block.items()} if part not in ("latency", "timing") else block
+            print(f"== {part}\n{json.dumps(summary, indent=1)}")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

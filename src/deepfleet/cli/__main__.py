@@ -1,0 +1,3 @@
+from deepfleet.cli import main
+
+main()

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deepfleet
+from deepfleet.device_agent.agent import load_model
+
+CLI = [sys.executable, "-m", "deepfleet.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli("compress", "mlp", "--data", "digits", "--quick", "--json", "--out", str(out),
+                   "--target-params", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), out
+
+
+def test_compress_json_has_the_promised_fields(quick_run) -> None:
+    r, out = quick_run
+    for key in ("model", "params_before", "params_after", "accuracy_before", "accuracy_after",
+                "layers", "artifact", "artifact_original", "seconds", "bytes_before", "bytes_after"):
+        assert key in r
+    assert r["model"] == "mlp" and r["params_before"] == 266_610
+    assert r["params_after"] <= 0.05 * r["params_before"]
+    assert 0 <= r["accuracy_after"] <= 1 and 0 <= r["accuracy_before"] <= 1
+    assert [row["name"] for row in r["layers"]] == ["net.1", "net.3", "net.5"]
+    assert all(row["units_after"] <= row["units_before"] for row in r["layers"])
+    assert r["layers"][-1]["units_after"] == 10  # the output layer is never pruned
+    assert (out / "compress-mlp-digits-s0.json").exists()
+
+
+def test_artifacts_run_in_the_device_runtime_like_torch(quick_run, digits) -> None:
+    r, _ = quick_run
+    small, orig = load_model(r["artifact"]), load_model(r["artifact_original"])
+    x = digits.X_test[:50]
+    manifest = json.loads((Path(r["artifact"]) / "manifest.json").read_text())
+    assert manifest["params"] == r["params_after"] and manifest["model"] == "mlp"
+    assert small.run(x).shape == orig.run(x).shape == (50, 10)
+    # the runtime's predictions give the accuracy the summary reports (on the test split)
+    pred = small.run(digits.X_test).argmax(1)
+    assert abs(float((pred == digits.y_test).mean()) - r["accuracy_after"]) < 1e-9
+
+
+def test_second_run_reuses_the_cached_base_model(quick_run, tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    r1 = deepfleet.compress("mlp", data="digits", quick=True, out=tmp_path / "a", progress=False)
+    r2 = deepfleet.compress("mlp", data="digits", quick=True, out=tmp_path / "b", progress=False)
+    assert not r1["base_cached"] and r2["base_cached"]
+    assert r1["accuracy_before"] == r2["accuracy_before"]
+    assert os.environ["DEEPFLEET_CACHE"]  # the test's private cache, not the user's
+
+
+def _bad_npz(tmp_path: Path) -> str:
+    p = tmp_path / "bad.npz"
+    np.savez(p, X_train=np.zeros((4, 1, 8, 8)), y_train=np.arange(4))
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["resnet50", "--data", "digits"], "unknown model 'resnet50'"),
+        (["mlp", "--data", "imagenet"], "unknown data set 'imagenet'"),
+        (["mlp", "--data", "BAD"], "missing array(s) X_test, y_test"),
+        (["mlp", "--data", "digits", "--target-params", "1.5"], "--target-params must be a kept fraction in (0, 1], but got 1.5"),
+        (["mlp", "--data", "digits", "--target-params", "0"], "but got 0.0"),
+        (["tests.test_cli_compress:unsupported_model", "--data", "digits"], "(LayerNorm) is not supported"),
+        (["mlp", "--data", "digits", "--device", "cuda:7"], "--device"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
+    args = [a if a != "BAD" else _bad_npz(tmp_path) for a in args]
+    out = tmp_path / "out"
+    proc = run_cli("compress", *args, "--out", str(out), cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("deepfleet: error:"), proc.stderr
+    assert needle in lines[0]
+    assert not out.exists()
+
+
+def unsupported_model(input_shape, num_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.LayerNorm(32),
+                               torch.nn.Linear(32, num_classes))
