@@ -140,7 +140,7 @@ def compress(
 
     base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3) if quick else BASE_TRAINING
     ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
-    cfg = search or DeepIoTConfig(target=target, metric=metric, distill=0.7)
+    cfg = search or DeepIoTConfig(target=target, metric=metric)
     if quick and search is None:
         cfg = dataclasses.replace(cfg, iterations=40, eval_every=20)
     cfg = dataclasses.replace(cfg, target=target, metric=metric)
