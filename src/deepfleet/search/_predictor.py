@@ -1,0 +1,74 @@
+"""Cheap before dear: predict a candidate's latency and energy per device class from structure.
+
+Per class and metric, a linear model ``y = a + b * MACs + c * params`` with non-negative
+coefficients (work and weight traffic cannot make a model faster) is fitted on the result rows
+measured so far. A candidate whose prediction breaks a constraint by more than a margin (at least
+25 %, widened to twice the model's own leave-one-out error) is judged without board time.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+MIN_POINTS = 4  # below this a fit is too easy to fool
+FEATURES = ("macs", "params")
+
+
+@dataclass(frozen=True)
+class Fit:
+    coef: tuple[float, ...]  # intercept, then one per feature
+    points: int
+    loo_error: float  # median relative leave-one-out error
+
+    def predict(self, features: Mapping[str, float]) -> float:
+        x = np.array([1.0] + [float(features[f]) for f in FEATURES])
+        return float(x @ np.array(self.coef))
+
+
+def _design(points: Sequence[Mapping[str, float]]) -> np.ndarray:
+    return np.array([[1.0] + [float(p[f]) for f in FEATURES] for p in points])
+
+
+def fit(points: Sequence[Mapping[str, float]], target: str) -> Fit | None:
+    """Fit ``target`` from FEATURES over ``points`` (dicts); None with too few distinct points."""
+    pts = [p for p in points if p.get(target) is not None]
+    if len({tuple(p[f] for f in FEATURES) for p in pts}) < MIN_POINTS:
+        return None
+    X = _design(pts)
+    y = np.array([float(p[target]) for p in pts])
+    scale = np.abs(X).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls(X / scale, y)
+    errors = []
+    for i in range(len(y)):  # leave-one-out: how wrong is the model on a point it has not seen
+        mask = np.arange(len(y)) != i
+        c, _ = nnls(X[mask] / scale, y[mask])
+        errors.append(abs(float(X[i] / scale @ c) - y[i]) / max(abs(y[i]), 1e-12))
+    return Fit(tuple(float(c) for c in coef / scale), len(y), float(statistics.median(errors)))
+
+
+def margin(f: Fit) -> float:
+    return max(0.25, 2 * f.loo_error)
+
+
+def clearly_breaks(f: Fit, features: Mapping[str, float], limit: float) -> tuple[bool, float]:
+    """(whether the prediction exceeds ``limit`` by more than the margin, the prediction)."""
+    pred = f.predict(features)
+    return pred > limit * (1 + margin(f)), pred
+
+
+def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric_field: str) -> list[dict[str, float]]:
+    """Per artifact of one class: its features and the median measured value."""
+    by_artifact: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("error") or r.get("device_class") != device_class or r.get(metric_field) is None:
+            continue
+        a = by_artifact.setdefault(r["artifact"], {"values": [], **{f: r[f] for f in FEATURES}})
+        a["values"].append(float(r[metric_field]))
+    return [{**{f: a[f] for f in FEATURES}, metric_field: statistics.median(a["values"])} for a in by_artifact.values()]

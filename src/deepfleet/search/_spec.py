@@ -1,0 +1,278 @@
+"""``study.yaml``: what to search, how to judge it, where to run it. Validated on load.
+
+Example::
+
+    name: lenet5-digits
+    model: lenet5
+    data: digits
+    space:
+      method: [deepiot, deepiot+fixedpoint]     # a list is a choice
+      deepiot.target: {low: 0.005, high: 0.1, log: true}
+      deepiot.iterations: 600                  # a scalar is fixed
+      fixedpoint.bits: [4, 6, 8]
+    objectives: [accuracy, {metric: latency_p50, class: local}, bytes]
+    constraints: [{metric: accuracy_drop_pp, max: 0.5}]
+    trials: 10
+
+Every error names the file, the key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepfleet.errors import ConfigError
+
+# metric -> (default direction, needs a device class, unit)
+METRICS: dict[str, tuple[str, bool, str]] = {
+    "accuracy": ("maximize", False, "fraction (validation split)"),
+    "accuracy_drop_pp": ("minimize", False, "percentage points below the original (validation)"),
+    "latency_p50": ("minimize", True, "ms"),
+    "latency_p90": ("minimize", True, "ms"),
+    "energy": ("minimize", True, "mJ per inference"),
+    "bytes": ("minimize", False, "artifact bytes"),
+    "params": ("minimize", False, "parameters"),
+    "macs": ("minimize", False, "multiply-accumulates per sample"),
+}
+SAMPLERS = ("auto", "tpe", "nsga2", "random")
+_TOP = {
+    "name", "model", "data", "seed", "base", "space", "objectives", "constraints", "trials",
+    "parallelism", "resources", "fleet", "classes", "storage", "sampler", "measure", "training",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Param:
+    """One dimension of the search space: a choice, a range, or a fixed value."""
+
+    name: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+    value: Any = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.choices is None and self.low is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Objective:
+    metric: str
+    direction: str
+    device_class: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}@{self.device_class}" if self.device_class else self.metric
+
+
+@dataclass(frozen=True, kw_only=True)
+class Constraint:
+    metric: str
+    max: float
+    device_class: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}@{self.device_class}<={self.max:g}" if self.device_class else f"{self.metric}<={self.max:g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasureSettings:
+    warmup: int = 5
+    min_runs: int = 20
+    min_seconds: float = 0.3
+    max_seconds: float = 10.0
+    batch: int = 1
+    threads: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0  # fractional GPUs allowed: small compressions are host-bound
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudySpec:
+    name: str
+    model: str
+    data: str
+    seed: int = 0
+    base_checkpoint: str | None = None
+    base_epochs: int = 60
+    space: tuple[Param, ...] = ()
+    objectives: tuple[Objective, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
+    trials: int = 10
+    parallelism: int = 2
+    resources: Resources = field(default_factory=Resources)
+    fleet: str | None = None
+    classes: tuple[str, ...] = ("local",)
+    storage: str | None = None
+    sampler: str = "auto"
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    training: dict[str, Any] = field(default_factory=dict)  # e.g. finetune_epochs
+    source: str = "<dict>"
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def needs_devices(self) -> bool:
+        return any(o.device_class for o in self.objectives) or any(c.device_class for c in self.constraints)
+
+
+def _err(src: str, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{src}: {key}: {msg}")
+
+
+def _expect(src: str, key: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _err(src, key, f"got {value!r}; expected {what}")
+    if not isinstance(value, types):
+        raise _err(src, key, f"got {value!r}; expected {what}")
+    return value
+
+
+def _param(src: str, name: str, raw: Any) -> Param:
+    key = f"space.{name}"
+    if isinstance(raw, list):
+        if not raw:
+            raise _err(src, key, "an empty list offers nothing to choose; give at least one value")
+        return Param(name=name, choices=tuple(raw))
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"low", "high", "log", "step", "int"}
+        if unknown:
+            raise _err(src, key, f"unknown field(s) {sorted(unknown)}; a range accepts low, high, log, step, int")
+        if "low" not in raw or "high" not in raw:
+            raise _err(src, key, f"a range needs low and high, got {raw!r}")
+        low = _expect(src, f"{key}.low", raw["low"], (int, float), "a number")
+        high = _expect(src, f"{key}.high", raw["high"], (int, float), "a number")
+        if not low <= high:
+            raise _err(src, key, f"`low <= high` must hold, but got (low={low}, high={high})")
+        log = bool(raw.get("log", False))
+        if log and low <= 0:
+            raise _err(src, key, f"a log range needs low > 0, but got low={low}")
+        integer = bool(raw.get("int", isinstance(low, int) and isinstance(high, int) and not log and "step" not in raw))
+        return Param(name=name, low=float(low), high=float(high), log=log, step=raw.get("step"), integer=integer)
+    if isinstance(raw, (int, float, str, bool)):
+        return Param(name=name, value=raw)
+    raise _err(src, key, f"got {raw!r}; expected a list (choice), a mapping with low/high (range) or a scalar (fixed)")
+
+
+def _metric(src: str, key: str, raw: Any, classes: tuple[str, ...], extra: set[str]) -> dict[str, Any]:
+    entry = {"metric": raw} if isinstance(raw, str) else raw
+    if not isinstance(entry, dict):
+        raise _err(src, key, f"got {raw!r}; expected a metric name or a mapping with 'metric'")
+    unknown = set(entry) - {"metric", "class"} - extra
+    if unknown:
+        raise _err(src, key, f"unknown field(s) {sorted(unknown)}; accepted: metric, class, {', '.join(sorted(extra))}")
+    metric = entry.get("metric")
+    if metric not in METRICS:
+        raise _err(src, key, f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
+    needs_class = METRICS[metric][1]
+    cls = entry.get("class")
+    if needs_class and cls is None:
+        if len(classes) != 1:
+            raise _err(src, key, f"metric {metric!r} is measured per device class; add class: one of {', '.join(classes)}")
+        cls = classes[0]
+    if not needs_class and cls is not None:
+        raise _err(src, key, f"metric {metric!r} does not depend on a device class; remove class: {cls!r}")
+    if cls is not None and cls not in classes:
+        raise _err(src, key, f"unknown device class {cls!r}; the study's classes are {', '.join(classes)} (key 'classes')")
+    return {**entry, "metric": metric, "class": cls}
+
+
+def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
+    """Validate a study mapping (as loaded from YAML) into a StudySpec; raise ConfigError."""
+    src = source
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: a study file must be a mapping of keys, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise _err(src, unknown[0], f"unknown key; accepted keys: {', '.join(sorted(_TOP))}")
+    for key in ("name", "model", "data"):
+        if key not in raw:
+            raise _err(src, key, "missing; every study names its model, data and name")
+        _expect(src, key, raw[key], str, "a string")
+    classes = tuple(raw.get("classes") or ("local",))
+    for c in classes:
+        _expect(src, "classes", c, str, "a list of device class names")
+    space = tuple(_param(src, str(k), v) for k, v in (raw.get("space") or {}).items())
+    method = next((p for p in space if p.name == "method"), None)
+    if method is None:
+        space = (Param(name="method", value="deepiot"),) + space
+
+    objectives = []
+    for i, o in enumerate(raw.get("objectives") or ["accuracy", "bytes"]):
+        e = _metric(src, f"objectives[{i}]", o, classes, {"direction"})
+        direction = e.get("direction", METRICS[e["metric"]][0])
+        if direction not in ("minimize", "maximize"):
+            raise _err(src, f"objectives[{i}].direction", f"got {direction!r}; accepted: minimize, maximize")
+        objectives.append(Objective(metric=e["metric"], direction=direction, device_class=e["class"]))
+    labels = [o.label for o in objectives]
+    if len(set(labels)) != len(labels):
+        raise _err(src, "objectives", f"an objective appears twice: {labels}")
+    constraints = []
+    for i, c in enumerate(raw.get("constraints") or []):
+        e = _metric(src, f"constraints[{i}]", c, classes, {"max"})
+        if "max" not in e:
+            raise _err(src, f"constraints[{i}]", "a constraint needs max: the largest acceptable value")
+        bound = _expect(src, f"constraints[{i}].max", e["max"], (int, float), "a number")
+        constraints.append(Constraint(metric=e["metric"], max=float(bound), device_class=e["class"]))
+
+    trials = _expect(src, "trials", raw.get("trials", 10), int, "a positive integer")
+    parallelism = _expect(src, "parallelism", raw.get("parallelism", 2), int, "a positive integer")
+    if trials < 1 or parallelism < 1:
+        raise _err(src, "trials" if trials < 1 else "parallelism", "must be >= 1")
+    res_raw = raw.get("resources") or {}
+    bad = set(res_raw) - {"cpu", "gpu"}
+    if bad:
+        raise _err(src, f"resources.{sorted(bad)[0]}", "unknown; accepted: cpu, gpu")
+    resources = Resources(cpu=float(res_raw.get("cpu", 1.0)), gpu=float(res_raw.get("gpu", 0.0)))
+    if resources.cpu <= 0 or resources.gpu < 0 or math.isnan(resources.cpu):
+        raise _err(src, "resources", f"cpu must be > 0 and gpu >= 0, got {res_raw}")
+    sampler = raw.get("sampler", "auto")
+    if sampler not in SAMPLERS:
+        raise _err(src, "sampler", f"got {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    m_raw = raw.get("measure") or {}
+    fields = MeasureSettings.__dataclass_fields__
+    bad = set(m_raw) - set(fields)
+    if bad:
+        raise _err(src, f"measure.{sorted(bad)[0]}", f"unknown; accepted: {', '.join(fields)}")
+    base = raw.get("base") or {}
+    bad = set(base) - {"checkpoint", "epochs"}
+    if bad:
+        raise _err(src, f"base.{sorted(bad)[0]}", "unknown; accepted: checkpoint, epochs")
+    return StudySpec(
+        name=raw["name"], model=raw["model"], data=raw["data"],
+        seed=_expect(src, "seed", raw.get("seed", 0), int, "an integer"),
+        base_checkpoint=base.get("checkpoint"), base_epochs=int(base.get("epochs", 60)),
+        space=space, objectives=tuple(objectives), constraints=tuple(constraints), trials=trials,
+        parallelism=parallelism, resources=resources, fleet=raw.get("fleet"), classes=classes,
+        storage=raw.get("storage"), sampler=sampler, measure=MeasureSettings(**m_raw),
+        training=dict(raw.get("training") or {}), source=src,
+    )
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study YAML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study file {str(p)!r} does not exist; give the path to a study.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_study(raw, str(p))

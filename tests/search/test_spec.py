@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepfleet.errors import ConfigError
+from deepfleet.search._spec import load_study, parse_study
+
+GOOD = """
+name: demo
+model: lenet5
+data: digits
+classes: [local, edison]
+space:
+  method: [deepiot, deepiot+fixedpoint]
+  deepiot.target: {low: 0.005, high: 0.1, log: true}
+  deepiot.iterations: 600
+  fixedpoint.bits: [4, 8]
+objectives:
+  - accuracy
+  - {metric: latency_p50, class: edison}
+  - bytes
+constraints:
+  - {metric: accuracy_drop_pp, max: 0.5}
+  - {metric: latency_p90, class: local, max: 5}
+trials: 12
+resources: {cpu: 1, gpu: 0.25}
+"""
+
+
+def test_a_complete_study_file_loads(tmp_path: Path) -> None:
+    p = tmp_path / "study.yaml"
+    p.write_text(GOOD)
+    s = load_study(p)
+    assert s.directions == ["maximize", "minimize", "minimize"]
+    assert [o.label for o in s.objectives] == ["accuracy", "latency_p50@edison", "bytes"]
+    assert s.constraints[1].label == "latency_p90@local<=5"
+    by_name = {p.name: p for p in s.space}
+    assert by_name["deepiot.target"].log and not by_name["deepiot.target"].integer
+    assert by_name["deepiot.iterations"].fixed and by_name["method"].choices == ("deepiot", "deepiot+fixedpoint")
+    assert s.resources.gpu == 0.25 and s.needs_devices
+
+
+def test_defaults_without_space_or_objectives() -> None:
+    s = parse_study({"name": "x", "model": "mlp", "data": "digits"})
+    assert [p.name for p in s.space] == ["method"] and s.space[0].value == "deepiot"
+    assert [o.metric for o in s.objectives] == ["accuracy", "bytes"] and not s.needs_devices
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"epochs": 3}, "epochs: unknown key; accepted keys:"),
+        ({"objectives": ["speed"]}, "unknown metric 'speed'; accepted: accuracy"),
+        ({"objectives": [{"metric": "latency_p50", "class": "pi"}]}, "unknown device class 'pi'"),
+        ({"objectives": [{"metric": "latency_p50"}], "classes": ["a", "b"]}, "add class: one of a, b"),
+        ({"objectives": [{"metric": "bytes", "class": "local"}]}, "does not depend on a device class"),
+        ({"objectives": [{"metric": "bytes", "direction": "up"}]}, "accepted: minimize, maximize"),
+        ({"constraints": [{"metric": "bytes"}]}, "needs max"),
+        ({"space": {"deepiot.target": {"low": 0.5, "high": 0.1}}}, "`low <= high` must hold, but got (low=0.5, high=0.1)"),
+        ({"space": {"deepiot.target": {"low": 0, "high": 0.1, "log": True}}}, "log range needs low > 0"),
+        ({"space": {"x": []}}, "empty list"),
+        ({"sampler": "cmaes"}, "accepted: auto, tpe, nsga2, random"),
+        ({"trials": 0}, "trials: must be >= 1"),
+        ({"resources": {"tpu": 1}}, "resources.tpu: unknown; accepted: cpu, gpu"),
+        ({"measure": {"repeats": 3}}, "measure.repeats: unknown"),
+    ],
+)
+def test_bad_study_files_name_file_key_value_and_what_is_accepted(change: dict, needle: str) -> None:
+    raw = {"name": "x", "model": "mlp", "data": "digits", **change}
+    with pytest.raises(ConfigError) as err:
+        parse_study(raw, "study.yaml")
+    assert str(err.value).startswith("study.yaml: ")
+    assert needle in str(err.value)
+
+
+def test_missing_or_unparsable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_study(bad)

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from deepfleet.errors import ConfigError
+from deepfleet.search._spec import parse_study
+from deepfleet.search._study import INTERRUPTED, apply_params, finished, open_study, pareto, suggest
+
+RAW = {"name": "s", "model": "m", "data": "d", "trials": 4,
+       "space": {"method": ["deepiot", "deepiot+fixedpoint"], "deepiot.target": {"low": 0.01, "high": 0.1, "log": True},
+                 "fixedpoint.bits": {"low": 4, "high": 8}, "deepiot.iterations": 100}}
+
+
+def test_new_study_refuses_to_reuse_and_resume_needs_one(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/s.db"
+    spec = parse_study(RAW)
+    with pytest.raises(ConfigError, match="no study named 's'"):
+        open_study(spec, storage, resume=True)
+    open_study(spec, storage, resume=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        open_study(spec, storage, resume=False)
+
+
+def test_resume_requeues_trials_a_dead_driver_left_running(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/s.db"
+    spec = parse_study(RAW)
+    study, _ = open_study(spec, storage, resume=False)
+    done = study.ask()
+    p_done = suggest(done, spec.space)
+    study.tell(done, [0.9, 1000.0])
+    left = study.ask()  # the driver "dies" here: trial stays RUNNING
+    p_left = suggest(left, spec.space)
+    study2, requeued = open_study(spec, storage, resume=True)
+    assert requeued == [dict(left.params)]
+    assert [t.number for t in finished(study2)] == [0]  # the interrupted one does not count
+    states = {t.number: t.state for t in study2.trials}
+    assert states[left.number] == optuna.trial.TrialState.FAIL
+    assert study2.trials[left.number].user_attrs["fail_reason"] == INTERRUPTED
+    again = study2.ask()  # the requeued trial comes back with the same parameters
+    assert suggest(again, spec.space) == p_left
+    assert p_done  # the finished trial kept its own parameters
+    assert again.params == left.params
+
+
+def test_suggest_covers_choice_range_int_and_fixed() -> None:
+    spec = parse_study(RAW)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    params = suggest(study.ask(), spec.space)
+    assert params["method"] in ("deepiot", "deepiot+fixedpoint")
+    assert 0.01 <= params["deepiot.target"] <= 0.1
+    assert isinstance(params["fixedpoint.bits"], int) and 4 <= params["fixedpoint.bits"] <= 8
+    assert params["deepiot.iterations"] == 100
+    assert apply_params(params)["deepiot"]["iterations"] == 100
+
+
+def test_pareto_excludes_infeasible_trials() -> None:
+    study = optuna.create_study(direction="maximize")
+    for value, violation in ((0.99, 1.0), (0.95, -0.1), (0.90, 0.0)):
+        t = study.ask()
+        t.set_constraint("c", violation)
+        study.tell(t, value)
+    assert [t.values[0] for t in pareto(study)] == [0.95]
