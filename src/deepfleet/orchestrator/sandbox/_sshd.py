@@ -109,22 +109,33 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Sshd:
     """One sshd listener started from ``argv`` (which may enter a namespace and a chroot).
 
-    ``pid_file`` is the host path of the file sshd writes once it listens.
+    ``pid_file`` is the host path of the file sshd writes once it listens; ``join`` lists
+    ``cgroup.procs`` files the process enters before it execs, so that every session it forks
+    is in those groups from the start.
     """
 
     name: str
     argv: list[str]
     pid_file: Path
     log_file: Path
+    join: tuple[str, ...] = ()
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, *, timeout: float = 30.0) -> int:
         """Start sshd and wait until it listens; return the listener's pid."""
         self.pid_file.unlink(missing_ok=True)
+        join = self.join
+
+        def enter_groups() -> None:
+            for procs in join:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
         with open(self.log_file, "ab") as log:
             # Own session: survives the CLI that started it and can be killed as one tree.
             self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=log, start_new_session=True)
+                                          stderr=log, start_new_session=True,
+                                          preexec_fn=enter_groups if join else None)
         try:
             wait_for_file(self.pid_file, timeout=timeout, alive=self.popen,
                           what=f"sshd of {self.name}")
@@ -178,7 +189,7 @@ class LoopbackSshd:
             pid_file=str(self.dir / "sshd.pid"), user=self.user,
             penalties_option=_sshd_version(binary) >= (9, 8),
         ))
-        self.sshd = Sshd(name=name, argv=[binary, "-D", "-f", str(config)],
+        self.sshd = Sshd(name=name, argv=[binary, "-D", "-e", "-f", str(config)],
                          pid_file=self.dir / "sshd.pid", log_file=self.dir / "sshd.log")
 
     @property
