@@ -341,7 +341,12 @@ def _collect(chan: paramiko.Channel, deadline: float) -> tuple[bytes, bytes, int
         while chan.recv_stderr_ready():
             err += chan.recv_stderr(65536)
         if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-            return bytes(out), bytes(err), chan.recv_exit_status()
+            status = chan.recv_exit_status()
+            transport = chan.get_transport()
+            if status == -1 and (transport is None or not transport.is_active()):
+                # Paramiko's -1 means "closed without a status": here, by a dying connection.
+                raise EOFError("the connection closed before the command finished")
+            return bytes(out), bytes(err), status  # -1 with a live link: killed by a signal
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError

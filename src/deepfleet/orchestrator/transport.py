@@ -67,7 +67,7 @@ _STDERR_TAIL_BYTES = 4096
 
 @dataclass(frozen=True, kw_only=True)
 class CommandResult:
-    """Outcome of one finished command: exit status and decoded output."""
+    """Outcome of one finished command: exit status (-1: killed by a signal) and its output."""
 
     argv: tuple[str, ...]
     exit_status: int
@@ -324,7 +324,22 @@ class LocalProcess(RemoteProcess):
                     else:
                         self._selector.unregister(self._popen.stderr)
                     continue
+                if not data:
+                    self._drain_stderr(min(deadline, time.monotonic() + 1.0))
                 return data
+
+    def _drain_stderr(self, deadline: float) -> None:
+        # stdout and stderr are separate pipes: at stdout's EOF the last words on stderr (the
+        # reason it exited) may still be unread.
+        assert self._popen.stderr is not None
+        fd = self._popen.stderr.fileno()
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], remaining)[0]:
+                return
+            data = os.read(fd, 65536)
+            if not data:
+                return
+            self._keep_stderr(data)
 
     def poll(self) -> int | None:
         return self._popen.poll()

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepfleet.errors import DeviceError
+
 __all__ = ["Cgroup", "create", "remove", "why_unavailable"]
 
 _ROOT = Path("/sys/fs/cgroup")
@@ -81,8 +83,14 @@ def create(name: str, *, cpus: float | None) -> Cgroup:
 def remove(group: Cgroup) -> None:
     """Remove the groups (their processes must be gone already). Idempotent."""
     for d in group.dirs:
-        for path in (d, os.path.dirname(d)):  # the shared "deepfleet" parent too, once empty
-            try:
-                os.rmdir(path)
-            except (FileNotFoundError, OSError):
-                pass  # gone already, or the parent still holds another sandbox's group
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise DeviceError(f"sandbox: cannot remove cgroup {d}: {exc.strerror} (processes "
+                              f"left in {d}/cgroup.procs?)") from exc
+        try:
+            os.rmdir(os.path.dirname(d))  # the shared "deepfleet" parent, once empty
+        except OSError:
+            pass  # it still holds another sandbox's group

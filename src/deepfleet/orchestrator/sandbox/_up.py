@@ -110,11 +110,12 @@ def _write_fleet(directory: Path, records: list[dict[str, Any]], key: Path) -> P
 
 
 def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = None,
-       echo: Echo | None = None) -> Path:
+       loopback: bool = False, echo: Echo | None = None) -> Path:
     """Start sandbox devices of the given kinds (default: x86, x86-slow, edison, arm64) and
     return the path of the generated fleet.yaml.
 
-    A sandbox already up in ``state_dir`` is taken down first. Kinds this machine cannot run
+    With ``loopback`` only sshd servers on 127.0.0.1 ports are used, as without root. A sandbox
+    already up in ``state_dir`` is taken down first. Kinds this machine cannot run
     are skipped with a reason (passed to ``echo`` and kept in the state: see
     :func:`deepfleet.orchestrator.sandbox.read_state`). Raises :class:`ConfigError` for an
     unknown kind and :class:`DeviceError` when no device at all could be started.
@@ -135,7 +136,7 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
     def commit() -> None:
         _state.save(directory, state)
 
-    netns_problem = _netns_problem()
+    netns_problem = "127.0.0.1 ports only were asked for" if loopback else _netns_problem()
     if netns_problem:
         say(f"network namespaces unavailable ({netns_problem}): x86 devices use 127.0.0.1 ports")
     runnable: list[tuple[str, Kind]] = []
