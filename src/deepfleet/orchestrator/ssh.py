@@ -333,14 +333,16 @@ def _open_channel(client: paramiko.SSHClient, deadline: float, limit: float) -> 
 
 def _collect(chan: paramiko.Channel, deadline: float) -> tuple[bytes, bytes, int]:
     """Read stdout and stderr together (neither can fill the window and stall the other) until
-    the exit status has arrived; SSH orders all data before it, so nothing is left behind."""
+    both end-of-file and the exit status have arrived. Both are needed: OpenSSH may send the
+    exit status while stderr data is still on its way; EOF comes after the last byte."""
     out, err = bytearray(), bytearray()
     while True:
         while chan.recv_ready():
             out += chan.recv(65536)
         while chan.recv_stderr_ready():
             err += chan.recv_stderr(65536)
-        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+        finished = chan.closed or (chan.eof_received and chan.exit_status_ready())
+        if finished and not chan.recv_ready() and not chan.recv_stderr_ready():
             status = chan.recv_exit_status()
             transport = chan.get_transport()
             if status == -1 and (transport is None or not transport.is_active()):

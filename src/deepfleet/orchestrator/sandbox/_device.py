@@ -19,7 +19,7 @@ from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.sandbox import _cgroup, _netns
 from deepfleet.orchestrator.sandbox._kinds import Kind
 from deepfleet.orchestrator.sandbox._proc import kill_pids, kill_tree, sh, wait_for_file
-from deepfleet.orchestrator.sandbox._roots import unpack_root
+from deepfleet.orchestrator.sandbox._roots import mount_root
 from deepfleet.orchestrator.sandbox._sshd import (
     LoopbackSshd,
     Sshd,
@@ -85,9 +85,10 @@ def start_netns(rec: Record, kind: Kind, *, state_dir: Path, client_public: str,
         root = dev_dir / "root"
         rec.update(root=str(root), emulated=kind.arch != "i386")
         commit()
-        unpack_root(tarball, root)
+        rec["mounts"] = mount_root(tarball, root, dev_dir / "overlay")
+        commit()
         sh(["mount", "-t", "proc", "proc", str(root / "proc")])
-        rec["mounts"] = [str(root / "proc")]
+        rec["mounts"].append(str(root / "proc"))
         commit()
         seen, view = root, "/"  # sshd sees paths inside the root
         argv_tail = ["chroot", str(root), "/usr/sbin/sshd"]
