@@ -89,10 +89,16 @@ def test_edison_cpu_is_capped(sandbox: SandboxState) -> None:
     assert 0.05 < share < 0.35  # quota 0.15 CPU (one busy thread gets all of it)
 
 
-def _power_w(state: SandboxState) -> float:
+def _power_samples(state: SandboxState, count: int) -> list[float]:
+    """``count`` readings of the edison's sensor in watts, 0.1 s apart (read on this machine,
+    so that reading does not itself load the device)."""
     (edison,) = (d for d in state.devices if d.name == "edison-1")
     assert edison.power_dir is not None
-    return int(Path(edison.power_dir, "power1_input").read_text()) / 1e6
+    samples = []
+    for _ in range(count):
+        time.sleep(0.1)
+        samples.append(int(Path(edison.power_dir, "power1_input").read_text()) / 1e6)
+    return samples
 
 
 def test_simulated_power_rises_under_load(sandbox: SandboxState) -> None:
@@ -101,10 +107,10 @@ def test_simulated_power_rises_under_load(sandbox: SandboxState) -> None:
         seen = t.run(["cat", f"{d.energy.path}/name", f"{d.energy.path}/power1_label"])
         assert seen.split() == ["deepfleet_sim", "simulated"]
         time.sleep(0.6)  # let the sensor's 0.3 s window forget our ssh session
-        idle = min(_power_w(sandbox) for _ in range(5) if not time.sleep(0.1))
+        idle = min(_power_samples(sandbox, 5))
         with t.start([d.python, "-c", "while True: pass"]) as load:
             time.sleep(0.8)
-            busy = max(_power_w(sandbox) for _ in range(8) if not time.sleep(0.1))
+            busy = max(_power_samples(sandbox, 8))
             assert load.poll() is None
     assert idle == pytest.approx(0.35, abs=0.1)
     assert busy > idle + 0.3  # 0.65 W more at full use of its CPU quota

@@ -245,7 +245,7 @@ def _device(where: _Where, raw: Mapping[str, Any], base: Path) -> Device:
     user = _str(where, "user", raw["user"], accepted="a user name on the device")
     device_class = _str(where, "class", raw["class"], pattern=_NAME_RE,
                         accepted="a device class name such as x86, edison or arm64")
-    key = _file(where, "key", raw["key"], base)
+    key_path = _file(where, "key", raw["key"], base)
     host_key = raw.get("host_key")
     known_hosts = raw.get("known_hosts")
     if (host_key is None) == (known_hosts is None):
@@ -274,7 +274,7 @@ def _device(where: _Where, raw: Mapping[str, Any], base: Path) -> Device:
         host=host,
         port=_port(where, raw.get("port", 22)),
         user=user,
-        key=key,
+        key=key_path,
         host_key=host_key,
         known_hosts=known_hosts_path,
         python=_str(where, "python", raw.get("python", "python3"),

@@ -84,7 +84,7 @@ def _keyscan_type(key: paramiko.PKey) -> str:
     return "ecdsa" if name.startswith("ecdsa") else name.removeprefix("ssh-")
 
 
-class _VerifyHostKey(paramiko.MissingHostKeyPolicy):
+class _VerifyHostKey(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # untyped base
     """Called by Paramiko for a host key that is not in the loaded known_hosts: accept it only
     if it matches the configured fingerprint; otherwise refuse, saying how to trust it."""
 
@@ -384,7 +384,7 @@ class SSHProcess(RemoteProcess):
             while chan.recv_stderr_ready():
                 self._keep_stderr(chan.recv_stderr(65536))
             if chan.recv_ready():
-                return chan.recv(65536)
+                return bytes(chan.recv(65536))
             if chan.eof_received or chan.closed:
                 return b""
             remaining = deadline - time.monotonic()
