@@ -298,8 +298,8 @@ class SSHTransport(Transport):
     def start(self, argv: list[str] | tuple[str, ...], *, timeout: float = 30.0) -> SSHProcess:
         """Start ``argv`` over one exec channel on a connection of its own.
 
-        The remote shell prints its pid and then ``exec``s the command, so the pid is that of the
-        process and of its process group (sshd makes each session a new session): :meth:`kill`
+        The remote shell prints its pid (after a marker) and then ``exec``s the command, so the
+        pid is that of the process and of its process group (sshd makes each session a new session): :meth:`kill`
         kills the whole group over a second channel.
         """
         argv = tuple(argv)
@@ -309,11 +309,12 @@ class SSHTransport(Transport):
         with _Watchdog(deadline, client.close) as dog:
             try:
                 chan = _open_channel(client, deadline, self.timeouts.channel_open)
-                chan.exec_command("echo $$; exec " + shlex.join(argv))
+                chan.exec_command(f"echo {_PID_MARK}$$; exec " + shlex.join(argv))
                 proc = SSHProcess(self, argv, client, chan)
-                first = proc._readline(deadline)
-                proc.pid = int(first)
-                proc._out_of_step = None
+                line = proc._readline(deadline)
+                while not line.startswith(_PID_MARK.encode()):
+                    line = proc._readline(deadline)  # skip what a chatty ~/.bashrc printed
+                proc.pid = int(line[len(_PID_MARK):])
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 client.close()
                 raise self._lost(exc, dog, what, timeout) from exc
@@ -322,6 +323,10 @@ class SSHTransport(Transport):
                 raise DeviceError(f"{self._where()}: could not start {list(argv)!r}: "
                                   f"{exc}") from exc
         return proc
+
+
+# Precedes the remote shell's pid on the first line a persistent process's channel carries.
+_PID_MARK = "deepfleet-pid:"
 
 
 def _open_channel(client: paramiko.SSHClient, deadline: float, limit: float) -> paramiko.Channel:
