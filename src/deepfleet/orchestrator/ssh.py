@@ -163,9 +163,12 @@ class SSHTransport(Transport):
                 channel_timeout=t.channel_open, allow_agent=False, look_for_keys=False,
             )
             return client
-        except BaseException as exc:
+        except Exception as exc:
             client.close()
             raise self._connect_error(exc, budget) from exc
+        except BaseException:
+            client.close()
+            raise
 
     def _connect_error(self, exc: BaseException, budget: float) -> Exception:
         where = self._where()
@@ -197,7 +200,8 @@ class SSHTransport(Transport):
             return DeviceError(f"{where}: cannot resolve host name {self.device.host!r}: {exc}")
         if isinstance(exc, ConnectionResetError | EOFError | paramiko.SSHException):
             return _Retry(f"{where}: connection dropped during the handshake ({exc!r})")
-        return DeviceError(f"{where}: cannot connect: {exc}")
+        causes = "; ".join(getattr(e, "strerror", None) or repr(e) for e in errors)
+        return DeviceError(f"{where}: cannot connect: {causes}")
 
     def _new_client(self, deadline: float) -> paramiko.SSHClient:
         delays = iter(self.timeouts.reconnect_delays)
