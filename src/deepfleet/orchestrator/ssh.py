@@ -412,10 +412,13 @@ class SSHProcess(RemoteProcess):
         delivered = self.poll() is not None
         if not delivered and self.pid > 0:
             try:
-                result = self._owner.execute(["kill", "-KILL", "--", f"-{self.pid}"],
-                                             timeout=self._owner.timeouts.kill)
-                # Status 1 means "no such process": it ended by itself in the meantime.
-                delivered = result.exit_status in (0, 1)
+                # The group first (the process and anything it started); the pid alone if it is
+                # not a group leader; "gone already" also counts as delivered.
+                result = self._owner.execute(
+                    ["sh", "-c", 'kill -KILL -- "-$1" 2>/dev/null || kill -KILL "$1" 2>/dev/null'
+                     ' || ! kill -0 "$1" 2>/dev/null', "kill", str(self.pid)],
+                    timeout=self._owner.timeouts.kill)
+                delivered = result.exit_status == 0
             except DeviceError as exc:
                 log.warning("could not kill pid %s on %s: %s", self.pid, self.device, exc)
         self._client.close()

@@ -218,7 +218,8 @@ class Transport(abc.ABC):
                 stdin: bytes | None = None) -> CommandResult:
         """Run ``argv`` to completion and return its result whatever the exit status; raise
         :class:`DeviceError` if the device cannot be reached or the command outlives
-        ``timeout`` seconds."""
+        ``timeout`` seconds. (Over SSH a timed-out command is not killed: its pipes close, so it
+        ends when it next writes. Use :meth:`start` for anything that must be killable.)"""
 
     @abc.abstractmethod
     def start(self, argv: list[str] | tuple[str, ...], *, timeout: float = 30.0) -> RemoteProcess:

@@ -177,7 +177,8 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
             continue
         rec["started"] = True
         commit()
-        say(f"started {name} ({kind.description}) at {rec['user']}@{rec['host']}:{rec['port']} "
+        what = "sshd on a 127.0.0.1 port, as this user" if netns_problem else kind.description
+        say(f"started {name} ({what}) at {rec['user']}@{rec['host']}:{rec['port']} "
             f"in {time.monotonic() - start:.1f} s")
     if not records:
         raise DeviceError("sandbox: no device could be started: " + "; ".join(
