@@ -133,3 +133,13 @@ def test_hung_process_times_out_then_is_killed(transport: Transport) -> None:
     # answers kill -0, so poll briefly).
     gone = "for i in $(seq 50); do kill -0 \"$1\" 2>/dev/null || exit 0; sleep 0.1; done; exit 1"
     assert transport.execute(["sh", "-c", gone, "probe", str(proc.pid)]).exit_status == 0
+
+
+def test_missing_program_fails_at_start_or_first_request(transport: Transport) -> None:
+    # Locally the exec fails at once; over SSH the shell starts and then reports it.
+    with pytest.raises(DeviceError, match=r"no-such-program-xyz.*(not found|No such file)"):
+        proc = transport.start(["no-such-program-xyz", "--flag"])
+        try:
+            proc.request({"op": "hello"}, timeout=10)
+        finally:
+            proc.kill()

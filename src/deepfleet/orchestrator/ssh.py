@@ -236,6 +236,8 @@ class SSHTransport(Transport):
         client.close()
 
     def close(self) -> None:
+        """Close this transport's connection; processes from :meth:`start` have their own and
+        live until killed."""
         with self._lock:
             client, self._client, self._sftp = self._client, None, None
         if client is not None:

@@ -99,6 +99,9 @@ def start_netns(rec: Record, kind: Kind, *, state_dir: Path, client_public: str,
         if binary is None:
             raise DeviceError("sandbox: sshd not found (install openssh-server)")
         argv_tail = [binary]
+        # This machine's sshd separates privileges in /run/sshd, which nothing creates at boot
+        # on machines without systemd.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         rec.update(python=_device_python(), workdir=str(dev_dir / "work"))
     files = {"key": "etc/ssh/ssh_host_ed25519_key", "auth": "etc/ssh/deepfleet_authorized_keys",
              "config": "etc/ssh/deepfleet_sshd_config", "pid": "run/deepfleet-sshd.pid"}

@@ -168,7 +168,7 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
             else:
                 _device.start_netns(rec, kind, state_dir=directory, client_public=client_public,
                                     tarball=tarball, commit=commit)
-        except DeviceError as exc:
+        except (DeviceError, OSError) as exc:  # OSError: a cgroup or sysfs write refused
             _device.teardown(rec)
             records.remove(rec)
             state["skipped"][name] = str(exc)
