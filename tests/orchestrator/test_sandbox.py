@@ -117,7 +117,7 @@ def test_simulated_power_rises_under_load(sandbox: SandboxState) -> None:
 
 
 def test_slow_link_is_slow(sandbox: SandboxState) -> None:
-    payload = os.urandom(256 * 1024)
+    payload = os.urandom(384 * 1024)
     times = {}
     for name in ("x86-1", "x86-slow-1"):
         with open_transport(device(sandbox, name)) as t:
@@ -125,8 +125,8 @@ def test_slow_link_is_slow(sandbox: SandboxState) -> None:
             start = time.monotonic()
             assert t.run(["wc", "-c"], stdin=payload, timeout=60).strip() == str(len(payload))
             times[name] = time.monotonic() - start
-    assert times["x86-slow-1"] > 0.8  # 2 Mbit/s: 256 KiB needs ~1 s
-    assert times["x86-1"] < times["x86-slow-1"] / 3
+    assert times["x86-slow-1"] > 1.2  # 2 Mbit/s: 384 KiB need at least 1.5 s, whatever the load
+    assert times["x86-1"] < times["x86-slow-1"] / 2  # it is the link, not a busy machine
 
 
 def test_cut_link_times_out_naming_the_device_then_recovers(sandbox: SandboxState) -> None:
