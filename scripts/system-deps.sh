@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the sandbox fleet use. Idempotent; a no-op for what is present.
 # Without root it only reports what is missing (the tests then skip what needs it, and say so).
+#   openssh-server/-client  real sshd servers for the fleet tests (apt does not start the service)
+#   iproute2, nftables      network namespaces, veth, tc tbf/htb, random-drop loss rules
+#   qemu-user-static, binfmt-support, arch-test   run arm64/armhf roots through binfmt_misc
+#   mmdebstrap, zstd        build the Debian device roots and cache them as tar.zst
+#   util-linux              setarch (i686 personality for the Edison stand-in), nsenter
+#   procps                  ps/pgrep, handy when a sandbox device misbehaves
+#   python3-numpy           the x86 sandbox devices run Debian's python3 + numpy, like the roots
 set -euo pipefail
-pkgs=(openssh-server openssh-client iproute2)
+pkgs=(openssh-server openssh-client iproute2 nftables qemu-user-static binfmt-support
+      mmdebstrap arch-test zstd util-linux procps ca-certificates python3-numpy)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -29,8 +29,10 @@ def main() -> None:
 
 def _register() -> None:
     from deepfleet.cli._compress import compress
+    from deepfleet.cli._fleet import fleet
 
     main.add_command(compress)
+    main.add_command(fleet)
 
 
 _register()

@@ -1,0 +1,128 @@
+"""The fleet file: valid files load; every kind of mistake is a ConfigError that names it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepfleet.errors import ConfigError
+from deepfleet.orchestrator.fleet import LOCAL_DEVICE, EnergySpec, load_fleet, local_fleet
+
+FP = "SHA256:" + "A" * 43
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "id").write_text("key")
+    (tmp_path / "kh").write_text("")
+    return tmp_path
+
+
+def write(directory: Path, text: str) -> Path:
+    path = directory / "fleet.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = f"""
+defaults:
+  user: root
+  key: id
+devices:
+  - name: edison-1
+    host: 10.0.0.7
+    class: edison
+    known_hosts: kh
+    energy: {{source: hwmon, path: /sys/class/hwmon/hwmon2, sample_hz: 50}}
+    tags: [lab, slow]
+    simulated: true
+  - name: pi-1
+    host: pi.lan
+    port: 2222
+    user: pi
+    class: arm64
+    host_key: {FP}
+    python: /usr/bin/python3.11
+    workdir: /opt/df
+    energy: {{source: command, command: "ina219 --bus 1"}}
+"""
+
+
+def test_good_file_loads_with_defaults_and_relative_paths(files: Path) -> None:
+    fleet = load_fleet(write(files, GOOD))
+    assert fleet.names == ("edison-1", "pi-1")
+    edison, pi = fleet["edison-1"], fleet["pi-1"]
+    assert edison.user == "root" and edison.port == 22 and edison.key == files / "id"
+    assert edison.known_hosts == files / "kh" and edison.host_key is None
+    assert edison.energy == EnergySpec(source="hwmon", path="/sys/class/hwmon/hwmon2",
+                                       sample_hz=50.0)
+    assert edison.tags == ("lab", "slow") and edison.simulated == "simulated"
+    assert edison.workdir == "~/.deepfleet" and edison.python == "python3"
+    assert pi.user == "pi" and pi.port == 2222 and pi.host_key == FP
+    assert pi.energy.command == ("ina219", "--bus", "1")
+    assert fleet.of_class("arm64") == (pi,)
+    with pytest.raises(ConfigError, match="no device named 'nope'.*edison-1, pi-1"):
+        fleet["nope"]
+
+
+def test_local_fleet_is_this_machine_without_ssh() -> None:
+    fleet = local_fleet()
+    assert fleet.names == ("local",) and fleet.path is None
+    assert LOCAL_DEVICE.is_local and LOCAL_DEVICE.python == sys.executable
+
+
+BASE = "name: d1\n    host: h\n    user: u\n    key: id\n    class: x86\n    known_hosts: kh"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # each case: the YAML under `devices:`, and what the message must contain
+        (f"  - {BASE}\n    colour: red", r"device 'd1': key 'colour': got 'red'.*only the keys"),
+        (f"  - {BASE}\n    port: 70000", r"key 'port': got 70000 \(int\).*1 to 65535"),
+        (f"  - {BASE}\n    port: '22'", r"key 'port': got '22' \(str\)"),
+        (f"  - {BASE}\n    port: true", r"key 'port': got True"),
+        (f"  - {BASE}\n  - {BASE}", r"devices\[1\].name': got 'd1'.*not used by another"),
+        (f"  - {BASE.replace('key: id', 'key: missing')}",
+         r"key 'key': got 'missing'.*does not exist"),
+        (f"  - {BASE}\n    host_key: {FP}", r"exactly one of host_key .* or known_hosts"),
+        (f"  - {BASE.replace('known_hosts: kh', 'host_key: MD5:aa')}",
+         r"key 'host_key': got 'MD5:aa'.*SHA256:"),
+        (f"  - {BASE.replace('user: u', 'user: 5')}", r"key 'user': got 5 \(int\)"),
+        (f"  - {BASE.replace('    class: x86', '')}", r"key 'class': got nothing.*required"),
+        (f"  - {BASE}\n    energy: {{source: rapl2}}",
+         r"'energy.source': got 'rapl2'.*auto, rapl, hwmon, power_supply, command, none"),
+        (f"  - {BASE}\n    energy: {{source: command}}", r"'energy.command'.*exactly when"),
+        (f"  - {BASE}\n    energy: {{source: hwmon, sample_hz: 0}}", r"'energy.sample_hz'"),
+        (f"  - {BASE}\n    tags: lab", r"key 'tags': got 'lab'.*list"),
+        (f"  - {BASE.replace('name: d1', 'name: bad/name')}", r"devices\[0\].name': got 'bad/name'"),
+        ("  - just-a-string", r"devices\[0\]': got 'just-a-string'"),
+    ],
+)
+def test_bad_entries_name_file_device_key_value(files: Path, body: str, expected: str) -> None:
+    path = write(files, "devices:\n" + body + "\n")
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_fleet(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("devices: [\n", r"not valid YAML"),
+        ("- a\n- b\n", r"\(top level\)': got \['a', 'b'\]"),
+        ("devices: []\n", r"key 'devices': got \[\].*non-empty list"),
+        ("device: []\n", r"key 'device'.*only the top-level keys"),
+        ("defaults: {name: x}\ndevices: [{}]\n", r"key 'defaults'"),
+    ],
+)
+def test_bad_top_level(files: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_fleet(write(files, text))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read the fleet file"):
+        load_fleet(tmp_path / "nope.yaml")
