@@ -37,11 +37,11 @@ DEFAULT_OUT = HERE / "results" / "compress.json"
 # 500 iterations up to 0.825) is compressed into the same 3000-iteration budget: every 230.
 PAPER = {"schedule": "paper", "distill": 0.0, "tau_every": 230}
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "paper": (PAPER, {"kd_alpha": 0.0}),
-    "paper+kd-finetune": (PAPER, {}),
-    "target": ({"distill": 0.0}, {"kd_alpha": 0.0}),
-    "target+kd-finetune": ({"distill": 0.0}, {}),
-    "target+kd-search+kd-finetune": ({}, {}),  # the default
+    "paper": (PAPER, {}),
+    "paper+kd-finetune": (PAPER, {"kd_alpha": 0.7}),
+    "target": ({"distill": 0.0}, {}),
+    "target+kd-search": ({}, {}),  # the default
+    "target+kd-search+kd-finetune": ({}, {"kd_alpha": 0.7}),
 }
 
 
