@@ -1219,20 +1219,23 @@ def make_input(input_shape, batch, seed):
 class EnergySource(object):
     """A power meter. ``read()`` returns watts (``kind`` "power") or a cumulative counter in
     joules (``kind`` "energy"); it raises OSError/ValueError when the sensor cannot be read.
-    ``sim_hint`` is a note when the sensor itself says that it is simulated."""
+    ``sim_hint`` is a note when the sensor itself says that it is simulated. ``lag_s`` is how
+    long a reading trails the load: a sensor that averages over a window (hwmon's
+    ``update_interval``) reports a change only after it; the agent shifts its window by that."""
 
     source = None
     kind = "power"
     path = None
     sensor = None
     sim_hint = None
+    lag_s = 0.0
 
     def read(self):
         raise NotImplementedError
 
     def describe(self):
         return {"source": self.source, "path": self.path, "sensor": self.sensor,
-                "kind": self.kind, "simulated": self.sim_hint is not None}
+                "kind": self.kind, "simulated": self.sim_hint is not None, "lag_s": self.lag_s}
 
 
 def _sensor_dirs(root, has_sensor):
@@ -1301,6 +1304,9 @@ class HwmonSource(EnergySource):
         if name == SIM_HWMON_NAME or os.path.exists(os.path.join(directory, "SIMULATED")) \
                 or "simulated" in label:
             self.sim_hint = "hwmon %s says it is simulated" % (name,)
+        interval_ms = _read_number(os.path.join(directory, "update_interval"))
+        if interval_ms is not None and interval_ms > 0:
+            self.lag_s = min(2.0, interval_ms / 1000.0)  # bounded: a bogus value must not stall
         self.read()  # fail now, not during the measurement
 
     def read(self):
@@ -1530,7 +1536,9 @@ class Sampler(threading.Thread):
             self.first.set()
             next_t = time.perf_counter()
             while True:
-                next_t = max(next_t + self.period, time.perf_counter())  # late: no catch-up burst
+                # Keep the schedule (a sample delayed by the GIL is followed by a prompt one)
+                # but never burst to catch up on more than one missed period.
+                next_t = max(next_t + self.period, time.perf_counter() - self.period)
                 if self._halt.wait(max(0.0, next_t - time.perf_counter())):
                     self._sample()
                     return
@@ -1545,8 +1553,26 @@ class Sampler(threading.Thread):
         self.join()
 
 
-def integrate(samples, kind):
-    """(joules, seconds) over the span of ``samples``: trapezoids of watts, or a counter's rise."""
+def _clip(samples, start, end):
+    """``samples`` restricted to [start, end], with values interpolated at the two ends."""
+    def at(t):
+        for (t0, v0), (t1, v1) in zip(samples, samples[1:]):
+            if t0 <= t <= t1:
+                return v0 if t1 == t0 else v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+        return None
+    start, end = max(start, samples[0][0]), min(end, samples[-1][0])
+    if end <= start:
+        return []
+    inner = [s for s in samples if start < s[0] < end]
+    return [(start, at(start))] + inner + [(end, at(end))]
+
+
+def integrate(samples, kind, start=None, end=None):
+    """(joules, seconds) over [start, end] (default: the samples' span): trapezoids of watts,
+    or a counter's rise."""
+    if len(samples) >= 2 and (start is not None or end is not None):
+        samples = _clip(samples, samples[0][0] if start is None else start,
+                        samples[-1][0] if end is None else end)
     if len(samples) < 2:
         return None, 0.0
     seconds = samples[-1][0] - samples[0][0]
@@ -1559,7 +1585,12 @@ def integrate(samples, kind):
 
 
 def sample_idle(source, hz, seconds):
-    """Mean idle power in W over ``seconds`` with the agent doing nothing, or (None, error)."""
+    """(mean idle power W or None, samples, error) over ``seconds`` with the agent idle.
+
+    Waits ``source.lag_s`` first, so that the sensor's averaging window no longer holds the
+    agent's own work (loading the model, the previous request).
+    """
+    time.sleep(source.lag_s)
     sampler = Sampler(source, hz)
     sampler.start()
     time.sleep(seconds)
@@ -1593,7 +1624,7 @@ ESTIMATE_BASIS = ("operation-count estimate, not a measurement: batch x MACs x (
 # ---------------------------------------------------------------------------- requests
 
 
-def energy_result(spec, source, note, idle, sampler, runs, estimate_mj):
+def energy_result(spec, source, note, idle, sampler, window, runs, estimate_mj):
     """The ``energy`` object of a measure response.
 
     ``kind``: "measured" (a real sensor), "simulated" (a sensor that is a model: labelled so by
@@ -1633,10 +1664,14 @@ def energy_result(spec, source, note, idle, sampler, runs, estimate_mj):
     out["idle_samples"] = idle_n
     samples = sampler.samples
     out["samples"] = len(samples)
-    joules, span = integrate(samples, source.kind)
-    if len(samples) > 1 and span > 0:
-        out["sample_hz_achieved"] = _finite((len(samples) - 1) / span, 3)
+    if len(samples) > 1 and samples[-1][0] > samples[0][0]:
+        out["sample_hz_achieved"] = _finite((len(samples) - 1) / (samples[-1][0] - samples[0][0]), 3)
+    # The timed runs' window, shifted by the sensor's lag (see EnergySource.lag_s).
+    joules, span = integrate(samples, source.kind, window[0] + source.lag_s, window[1] + source.lag_s)
+    if span > 0:
         out["window_s"] = _finite(span, 6)
+    if span < 0.5 * (window[1] - window[0]):
+        joules = None  # the samples do not cover the runs: no number rather than a wrong one
     error = sampler.error or idle_err
     if error is None and joules is None:
         error = "no samples during the timed runs"
@@ -1659,9 +1694,10 @@ def measure(req, cache):
 
     Order: load (cached by hash) -> threads and affinity -> readings before -> thermal settle
     -> idle power -> warm-up -> timed runs with the energy sampler running -> readings after.
-    Response fields, besides ok/op/id/agent_ms: agent_version, protocol, machine, artifact,
-    artifact_hash, model_cached, load_ms, backend, backend_file_sha256, batch, input_shape, seed,
-    params, macs, weights_bytes, model (from manifest.json), threads_requested, threads
+    Response fields, besides ok/op/id/agent_ms: agent_version, protocol, machine, python, numpy,
+    artifact, artifact_hash, model_cached, load_ms, backend, backend_file_sha256, batch,
+    input_shape, seed, model, compressor (its method), params, macs, weights_bytes (from
+    manifest.json), threads_requested, threads
     (in effect, null if unknown), threads_note, blas_library, affinity, warmup, min_runs,
     max_runs, min_seconds, max_seconds, stop_reason (ci | minimum | max_runs | max_seconds),
     timed_s, gc_disabled, runs, latencies_ms (every timed run, in order), p50_ms, p90_ms,
@@ -1721,14 +1757,16 @@ def measure(req, cache):
             # first: with collection off nothing can trigger one, and a full collection costs
             # ~10 ms, more than everything else this request adds to the model's runs.
             gc.disable()
-        t = time.perf_counter()
+        t_timed = time.perf_counter()
         try:
             lat, reason = timed_runs(backend.run, x, spec)
         finally:
-            timed_ms = (time.perf_counter() - t) * 1e3
+            t_end = time.perf_counter()
+            timed_ms = (t_end - t_timed) * 1e3
             if gc_was_enabled:
                 gc.enable()
             if sampler is not None:
+                time.sleep(source.lag_s)  # the sensor still owes the last runs' readings
                 sampler.stop()
         temp_after = max_temp(thermal_path)
         freq_after = cpu_freq_state(cpus)
@@ -1738,12 +1776,15 @@ def measure(req, cache):
             os.sched_setaffinity(0, old_affinity)
     runs = len(lat)
     estimate = estimate_energy_mj(manifest, spec["batch"])
-    energy = energy_result(spec["energy"], source, energy_note, idle, sampler, runs, estimate)
+    energy = energy_result(spec["energy"], source, energy_note, idle, sampler, (t_timed, t_end), runs,
+                           estimate)
     resp = {
         "ok": True,
         "agent_version": AGENT_VERSION,
         "protocol": PROTOCOL_VERSION,
         "machine": platform.machine(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
         "artifact": os.path.abspath(os.path.expanduser(spec["artifact"])),
         "artifact_hash": digest,
         "model_cached": cached,
@@ -1754,6 +1795,8 @@ def measure(req, cache):
         "input_shape": list(backend.input_shape),
         "seed": spec["seed"],
         "model": manifest.get("model"),
+        "compressor": (manifest.get("compressor") or {}).get("method")
+        if isinstance(manifest.get("compressor"), dict) else None,
         "params": manifest.get("params"),
         "macs": manifest.get("macs"),
         "weights_bytes": manifest.get("weights_bytes"),

@@ -7,7 +7,7 @@ reads it through its real hwmon code path (``energy: {"source": "hwmon", "path":
     DIR/hwmon0/name             deepfleet_sim      (the agent marks readings from it simulated)
     DIR/hwmon0/power1_label     simulated
     DIR/hwmon0/power1_input     microwatts, replaced atomically ``hz`` times a second
-    DIR/hwmon0/update_interval  milliseconds between updates (as real hwmon devices report)
+    DIR/hwmon0/update_interval  the averaging window in ms (as an INA2xx driver reports it)
     DIR/hwmon0/SIMULATED        how the number is made
 
 Power = ``idle_w + active_w * utilisation``. Utilisation is the CPU time used over the last
@@ -117,7 +117,8 @@ def run(out: str | os.PathLike[str], counter: Callable[[], float], *, cpus: floa
     hwmon.mkdir(parents=True, exist_ok=True)
     _write(hwmon / "name", SIM_NAME + "\n")
     _write(hwmon / "power1_label", "simulated\n")
-    _write(hwmon / "update_interval", f"{round(1000 / hz)}\n")
+    # A reading reflects the last window_s: that, not 1/hz, is how long it trails the load.
+    _write(hwmon / "update_interval", f"{round(1000 * max(window_s, 1 / hz))}\n")
     _write(hwmon / "SIMULATED", f"power1_input = ({idle_w} W + {active_w} W x CPU utilisation of "
                                 f"{cpus} CPUs over {window_s} s) in microwatts; CPU time from "
                                 f"{source}\n")
