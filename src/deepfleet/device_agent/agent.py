@@ -904,17 +904,17 @@ def settle_temperature(thermal):
     while True:
         time.sleep(poll)
         now = time.monotonic()
+        if now - t0 >= thermal["settle_max_s"]:
+            break
         temp = max_temp(thermal["path"])
         if temp is None:
-            break  # the zone went away: nothing to wait for
+            continue  # a failed read (some zones refuse reads at times): the bound still holds
         history.append((now, temp))
         while len(history) > 2 and history[1][0] <= now - window:
             history.pop(0)
         temps = [v for _, v in history]
         if now - t0 >= window and max(temps) - min(temps) <= thermal["tolerance_c"]:
             settled = True
-            break
-        if now - t0 >= thermal["settle_max_s"]:
             break
     return {"settle_s": round(time.monotonic() - t0, 3), "settled": settled,
             "temp_c": history[-1][1]}

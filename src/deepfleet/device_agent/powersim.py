@@ -119,7 +119,8 @@ def run(out: str | os.PathLike[str], counter: Callable[[], float], *, cpus: floa
     _write(hwmon / "power1_label", "simulated\n")
     # A reading reflects the last window_s: that, not 1/hz, is how long it trails the load.
     _write(hwmon / "update_interval", f"{round(1000 * max(window_s, 1 / hz))}\n")
-    _write(hwmon / "SIMULATED", f"power1_input = ({idle_w} W + {active_w} W x CPU utilisation of "
+    _write(hwmon / "SIMULATED", "a simulated power sensor (deepfleet powersim), not a meter: "
+                                f"power1_input = ({idle_w} W + {active_w} W x CPU utilisation of "
                                 f"{cpus} CPUs over {window_s} s) in microwatts; CPU time from "
                                 f"{source}\n")
     history = collections.deque([(time.monotonic(), counter())])
