@@ -56,8 +56,8 @@ def test_threads_in_effect_are_reported_not_assumed(agent: AgentProcess, tiny_ar
     assert r["threads_requested"] == threads
     if blas["settable"]:
         assert r["threads"] == threads, r["threads_note"]
-    else:
-        assert "could not set" in r["threads_note"]
+    elif r["threads"] != threads:  # e.g. 2 asked of a single-threaded reference BLAS
+        assert "could not set" in r["threads_note"] and r["threads"] in (None, 1)
 
 
 def test_ci_rule_stops_a_stable_model_long_before_its_bounds(agent: AgentProcess,

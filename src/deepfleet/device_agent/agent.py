@@ -986,6 +986,8 @@ def set_blas_threads(n):
     b = blas_control()
     if b["set"] is None:
         threads, note = blas_threads()
+        if threads == n:
+            return threads, note  # e.g. 1 asked of the single-threaded reference BLAS
         return threads, "could not set %d threads: %s" % (n, note)
     b["set"](int(n))
     got = int(b["get"]())
