@@ -172,7 +172,16 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[[], AgentProcess]]:
 
 @pytest.fixture
 def agent(start_agent: Callable[[], AgentProcess]) -> AgentProcess:
+    """A fresh agent for this test (use it when the test ends or breaks the agent)."""
     return start_agent()
+
+
+@pytest.fixture(scope="module")
+def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent for a whole module, for tests that leave it serving (saves a start per test)."""
+    a = AgentProcess(tmp_path_factory.mktemp("agent"))
+    yield a
+    a.close()
 
 
 @pytest.fixture
