@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,11 +106,26 @@ def test_stopping_rule_respects_its_bounds(agent: AgentProcess, tiny_artifact: A
         assert r["runs"] == 400  # met at the first check, which comes at the minimum
 
 
-def test_affinity_pin_applies_and_is_restored(agent: AgentProcess, tiny_artifact: Artifact) -> None:
+def _thread_affinities(pid: int) -> set[tuple[int, ...]]:
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return {tuple(sorted(os.sched_getaffinity(t))) for t in tids}
+
+
+def test_affinity_pin_applies_to_every_thread_and_is_restored(agent: AgentProcess,
+                                                              tiny_artifact: Artifact) -> None:
     before = agent.request({"op": "hello"})["affinity"]
-    r = _measure(agent, tiny_artifact, cpus=[before[0]], min_runs=5, min_seconds=0)
-    assert r["affinity"] == [before[0]]
+    if len(before) < 2:
+        pytest.skip("needs two CPUs to see a pin")
+    req = {"op": "measure", "artifact": str(tiny_artifact.path), "cpus": [before[0]], "threads": 2,
+           "min_runs": 5, "min_seconds": 0.6, "ci_target": None, "energy": NO_ENERGY}
+    agent.send_raw((json.dumps(req) + "\n").encode())
+    time.sleep(0.3)  # mid-run: the BLAS worker threads must be pinned too, not only the caller
+    during = _thread_affinities(agent.pid)
+    r = json.loads(agent.read_line())
+    assert r["ok"] and r["affinity"] == [before[0]]
+    assert during == {(before[0],)}
     assert agent.request({"op": "hello"})["affinity"] == before
+    assert _thread_affinities(agent.pid) == {tuple(before)}
     bad = agent.request({"op": "measure", "artifact": str(tiny_artifact.path), "cpus": [4096]})
     assert bad["ok"] is False and bad["kind"] == "bad_request" and "4096" in bad["error"]
 
@@ -186,6 +204,15 @@ def test_external_meter_command(agent: AgentProcess, tiny_artifact: Artifact,
     assert e["idle_power_w"] == pytest.approx(watts, rel=0.05)
     assert e["active_power_w"] == pytest.approx(watts, rel=0.05)
     assert abs(e["energy_per_inference_mj"]) < 0.05 * watts * e["window_s"] / r["runs"] * 1e3
+
+
+def test_idle_s_zero_reports_gross_energy_and_no_idle_power(agent: AgentProcess,
+                                                           tiny_artifact: Artifact) -> None:
+    r = _measure(agent, tiny_artifact, min_runs=5, min_seconds=0.3, ci_target=None,
+                 energy={"source": "command", "command": ["echo", "3.0"], "idle_s": 0})
+    e = r["energy"]
+    assert e["idle_power_w"] is None and "not subtracted" in e["note"]
+    assert e["energy_per_inference_mj"] == pytest.approx(3.0 * e["window_s"] / r["runs"] * 1e3)
 
 
 def test_a_failing_meter_command_is_refused(agent: AgentProcess, tiny_artifact: Artifact) -> None:

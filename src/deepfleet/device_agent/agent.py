@@ -835,6 +835,25 @@ def cpu_affinity():
     return list(range(os.cpu_count() or 1))
 
 
+def set_affinity(cpus):
+    """Pin every thread of this process (BLAS workers included) to ``cpus``.
+
+    ``os.sched_setaffinity(0, ...)`` pins only the calling thread on Linux; OpenBLAS's worker
+    threads already exist, so each task of the process is pinned by its thread id.
+    """
+    cpus = set(cpus)
+    os.sched_setaffinity(0, cpus)  # first: raises on a bad set before anything changed
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass  # the thread ended meanwhile
+
+
 def cpu_freq_state(cpus):
     """{"governor", "freq_mhz", "freq_source"} of ``cpus``: cpufreq, else /proc/cpuinfo's MHz.
 
@@ -1680,7 +1699,9 @@ def energy_result(spec, source, note, idle, sampler, window, runs, estimate_mj):
     if error is not None:
         out["error"] = error
         return out
-    net = joules - idle_w * span
+    if idle_w is None:  # idle_s = 0
+        out["note"] = "idle_s = 0: gross energy (idle power not measured, not subtracted)"
+    net = joules - (idle_w or 0.0) * span
     out["kind"] = "simulated" if out["simulated"] else "measured"
     out["net_energy_j"] = _finite(net)
     out["active_power_w"] = _finite(joules / span, 6)
@@ -1718,7 +1739,7 @@ def measure(req, cache):
     if spec["cpus"] is not None:
         old_affinity = cpu_affinity()
         try:
-            os.sched_setaffinity(0, spec["cpus"])
+            set_affinity(spec["cpus"])
         except (OSError, ValueError, AttributeError) as exc:
             raise AgentError("bad_request", "'cpus' %r cannot be used here (%s); this process may "
                              "run on %s" % (spec["cpus"], exc, old_affinity)) from None
@@ -1737,11 +1758,9 @@ def measure(req, cache):
         settle_ms = (time.perf_counter() - t) * 1e3
         temp_before = max_temp(thermal_path)
         t = time.perf_counter()
-        idle = (None, 0, None)
+        idle = (None, 0, None)  # idle_s = 0: the caller asked for gross energy
         if source is not None and spec["energy"]["idle_s"] > 0:
             idle = sample_idle(source, spec["energy"]["sample_hz"], spec["energy"]["idle_s"])
-        elif source is not None:
-            idle = (0.0, 0, None)  # idle_s = 0: the caller asked for gross energy
         idle_ms = (time.perf_counter() - t) * 1e3
         x = backend.prepare(make_input(backend.input_shape, spec["batch"], spec["seed"]))
         t = time.perf_counter()
@@ -1775,7 +1794,7 @@ def measure(req, cache):
         load_after = os.getloadavg()
     finally:
         if old_affinity is not None:
-            os.sched_setaffinity(0, old_affinity)
+            set_affinity(old_affinity)
     runs = len(lat)
     estimate = estimate_energy_mj(manifest, spec["batch"])
     energy = energy_result(spec["energy"], source, energy_note, idle, sampler, (t_timed, t_end), runs,
