@@ -8,17 +8,27 @@ namespaces) skip with the reason.
 
 from __future__ import annotations
 
+import json
 import os
+import selectors
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import deepfleet.device_agent.agent as agent_module
+from deepfleet.artifact import Artifact, write_artifact
+from deepfleet.compressors._export import export_graph
 from deepfleet.data import Dataset, load_data
+from deepfleet.device_agent import powersim
 from deepfleet.models import build_model
 from deepfleet.orchestrator.fleet import Device
 from deepfleet.orchestrator.sandbox import LoopbackSshd, SandboxState, down, read_state, up
@@ -149,3 +159,131 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxState]:
     assert state is not None, "\n".join(lines)
     yield state
     down(directory)
+
+
+
+# ---------------------------------------------------------------------------- device agent
+
+AGENT_FILE = Path(agent_module.__file__)
+TINY_SHAPE = (3, 16)
+
+
+def tiny_model() -> nn.Module:
+    """Conv1d -> ReLU -> Linear on (3, 16) samples: ~40 µs per numpy run, stable latency."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14, 5)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """A real artifact of :func:`tiny_model` (export_graph + write_artifact). Do not modify it:
+    copy it (``shutil.copytree``, keeping the directory name) to corrupt it."""
+    model = tiny_model()
+    ex = export_graph(model, TINY_SHAPE)
+    manifest = {"model": "tiny", "params": ex.params, "macs": ex.macs,
+                "input_shape": list(TINY_SHAPE), "compressor": {"method": "none"}}
+    return write_artifact(tmp_path_factory.mktemp("artifacts"), ex.graph, ex.arrays, manifest)
+
+
+class AgentProcess:
+    """``python agent.py serve`` as a subprocess, spoken to in JSON lines.
+
+    A test-only client (the orchestrator's transport is the real one): ``request(obj)`` sends
+    one line and returns the parsed reply, failing the test after ``timeout`` seconds.
+    """
+
+    def __init__(self, cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(AGENT_FILE), "serve"], cwd=cwd, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.pid = self.proc.pid
+        self._sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self._buf = b""
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def read_line(self, timeout: float = 60.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sel.select(left):
+                raise TimeoutError(f"agent gave no reply within {timeout} s")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise EOFError(f"agent exited ({self.proc.wait()}): {self.stderr()}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def request(self, obj: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        self.send_raw((json.dumps(obj) + "\n").encode())
+        reply = json.loads(self.read_line(timeout))
+        assert isinstance(reply, dict)
+        return reply
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._sel.close()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[[], AgentProcess]]:
+    """Factory of running agents (killed at teardown)."""
+    agents: list[AgentProcess] = []
+
+    def start() -> AgentProcess:
+        agents.append(AgentProcess(tmp_path))
+        return agents[-1]
+
+    yield start
+    for a in agents:
+        a.close()
+
+
+@pytest.fixture
+def agent(start_agent: Callable[[], AgentProcess]) -> AgentProcess:
+    """A fresh agent for this test (use it when the test ends or breaks the agent)."""
+    return start_agent()
+
+
+@pytest.fixture(scope="module")
+def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent for a whole module, for tests that leave it serving (saves a start per test)."""
+    a = AgentProcess(tmp_path_factory.mktemp("agent"))
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def start_powersim(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``start_powersim(pids=[...], **options)`` runs powersim.py as its own process and returns
+    the directory to give the agent as ``energy.path`` (stopped at teardown)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(**options: Any) -> Path:
+        out = tmp_path / f"sim{len(procs)}"
+        procs.append(powersim.spawn(out, **options))
+        return out
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(10)

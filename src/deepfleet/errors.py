@@ -15,6 +15,7 @@ __all__ = [
     "UnsupportedLayerError",
     "DeviceError",
     "ArtifactError",
+    "ResultsError",
 ]
 
 
@@ -44,3 +45,7 @@ class DeviceError(DeepfleetError):
 
 class ArtifactError(DeepfleetError):
     """An artifact directory that is missing, corrupt (hash mismatch) or of an unknown version."""
+
+
+class ResultsError(DeepfleetError):
+    """A results dataset that is missing or unreadable, or a row that breaks the results schema."""
