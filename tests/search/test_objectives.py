@@ -56,6 +56,6 @@ def test_predictor_recovers_a_linear_cost_and_judges_by_margin() -> None:
 
 
 def test_training_points_group_rows_by_artifact() -> None:
-    rows = [{"artifact": "x", "device_class": "a", "macs": 10, "params": 5, "p50_ms": v} for v in (1.0, 3.0, 2.0)]
-    rows.append({"artifact": "x", "device_class": "b", "macs": 10, "params": 5, "p50_ms": 9.0})
+    rows = [{"artifact_hash": "x", "device_class": "a", "macs": 10, "params": 5, "p50_ms": v} for v in (1.0, 3.0, 2.0)]
+    rows.append({"artifact_hash": "x", "device_class": "b", "macs": 10, "params": 5, "p50_ms": 9.0})
     assert training_points(rows, "a", "p50_ms") == [{"macs": 10, "params": 5, "p50_ms": 2.0}]

@@ -32,6 +32,10 @@ def _register() -> None:
     from deepfleet.cli._fleet import fleet
 
     main.add_command(compress)
+    from deepfleet.cli._search import demo, search
+
+    main.add_command(search)
+    main.add_command(demo)
     main.add_command(fleet)
 
 

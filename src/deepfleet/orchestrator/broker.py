@@ -40,6 +40,7 @@ class _Device:
 class _Waiter:
     holder: str
     future: asyncio.Future[str] = field(repr=False)
+    exclude: frozenset[str] = frozenset()
 
 
 class DeviceBroker:
@@ -60,14 +61,18 @@ class DeviceBroker:
         return d.name
 
     def _dispatch(self, cls: str) -> None:
+        """Serve waiters in arrival order; one that excludes every free device keeps its place."""
         queue = self.waiting.get(cls)
-        while queue:
-            free = [d for d in self._usable(cls) if d.holder is None]
-            if not free:
-                return
-            w = queue.popleft()
+        if not queue:
+            return
+        for w in list(queue):
             if w.future.done():  # timed out meanwhile
+                queue.remove(w)
                 continue
+            free = [d for d in self._usable(cls) if d.holder is None and d.name not in w.exclude]
+            if not free:
+                continue
+            queue.remove(w)
             # the least used free device: spreads work over a class fairly
             w.future.set_result(self._grant(min(free, key=lambda d: (d.leases, d.name)), w.holder))
 
@@ -80,16 +85,20 @@ class DeviceBroker:
             return f"all devices of class {cls!r} are down ({details})"
         return None
 
-    async def acquire(self, device_class: str, holder: str, timeout_s: float = 3600.0) -> str:
+    async def acquire(self, device_class: str, holder: str, timeout_s: float = 3600.0,
+                      exclude: tuple[str, ...] = ()) -> str:
         """Lease a device of ``device_class`` (first come, first served); return its name.
 
+        ``exclude`` names devices this holder must not get (e.g. already measured on).
         Raises DeviceError when the class has no usable device or the wait times out.
         """
         reason = self._down_reason(device_class)
         if reason:
             raise DeviceError(reason)
+        if not [d for d in self._usable(device_class) if d.name not in exclude]:
+            raise DeviceError(f"no other usable device of class {device_class!r} (excluding {', '.join(exclude)})")
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(device_class, deque()).append(_Waiter(holder, fut))
+        self.waiting.setdefault(device_class, deque()).append(_Waiter(holder, fut, frozenset(exclude)))
         self._dispatch(device_class)
         try:
             return await asyncio.wait_for(fut, timeout_s)
@@ -144,3 +153,34 @@ class DeviceBroker:
 
 
 BrokerActor = ray.remote(num_cpus=0)(DeviceBroker)
+
+
+@ray.remote(num_cpus=0)
+def measure_on_class(
+    broker: Any, actors: dict[str, Any], job: dict[str, Any]
+) -> dict[str, Any]:
+    """Measure ``job['artifact']`` on ``job['devices']`` distinct devices of ``job['device_class']``.
+
+    Each device is leased from ``broker``; a device that fails is released as failed (its
+    failure row is already written) and the measurement is re-queued on another device of the
+    class, up to ``job['attempts']`` failures. Returns ``{"rows": [...], "errors": [...]}``;
+    ``errors`` is non-empty when fewer devices than asked could measure.
+    """
+    cls, want = job["device_class"], int(job.get("devices", 1))
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    used: list[str] = []
+    while len(used) < want and len(errors) < int(job.get("attempts", 3)):
+        try:
+            name = ray.get(broker.acquire.remote(cls, job["holder"], job.get("lease_timeout_s", 3600.0), tuple(used)))
+        except DeviceError as exc:
+            errors.append(str(exc))
+            break
+        try:
+            rows += ray.get(actors[name].measure.remote(job["artifact"], job["settings"], job.get("trial"), job.get("model")))
+            used.append(name)
+            ray.get(broker.release.remote(name, True))
+        except DeviceError as exc:
+            errors.append(str(exc))
+            ray.get(broker.release.remote(name, False, str(exc)[:300]))
+    return {"rows": rows, "errors": errors if len(used) < want else [], "devices": used}

@@ -24,7 +24,6 @@ machine without SSH.
 
 from __future__ import annotations
 
-import platform
 import re
 import shlex
 import sys
@@ -131,16 +130,12 @@ class Fleet:
         return tuple(d for d in self.devices if d.device_class == device_class)
 
 
-def _local_class() -> str:
-    machine = platform.machine().lower()
-    return {"x86_64": "x86", "amd64": "x86", "i686": "x86", "i386": "x86",
-            "aarch64": "arm64", "arm64": "arm64", "armv7l": "armhf"}.get(machine, machine)
-
-
 #: The built-in device: this machine, the running interpreter (it has numpy), no SSH.
 LOCAL_DEVICE = Device(
     name="local",
-    device_class=_local_class(),
+    # Its own class: this machine also runs the driver and the training, so its timings must not
+    # pool with a fleet's devices; each row still records the architecture.
+    device_class="local",
     python=sys.executable,
     energy=EnergySpec(source="auto"),
     tags=("local",),

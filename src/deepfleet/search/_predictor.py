@@ -67,8 +67,9 @@ def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric
     """Per artifact of one class: its features and the median measured value."""
     by_artifact: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r.get("error") or r.get("device_class") != device_class or r.get(metric_field) is None:
+        if (r.get("error") or r.get("reference") or r.get("device_class") != device_class
+                or r.get(metric_field) is None):
             continue
-        a = by_artifact.setdefault(r["artifact"], {"values": [], **{f: r[f] for f in FEATURES}})
+        a = by_artifact.setdefault(r["artifact_hash"], {"values": [], **{f: r[f] for f in FEATURES}})
         a["values"].append(float(r[metric_field]))
     return [{**{f: a[f] for f in FEATURES}, metric_field: statistics.median(a["values"])} for a in by_artifact.values()]

@@ -94,6 +94,7 @@ class MeasureSettings:
     max_seconds: float = 10.0
     batch: int = 1
     threads: int = 1
+    devices: int = 1  # distinct devices per class each candidate is measured on (class median)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,72 @@
+"""``deepfleet search study.yaml`` and ``deepfleet demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _print_front(summary: dict[str, Any]) -> None:
+    labels = summary["objectives"]
+    front = summary["pareto"]
+    click.echo(f"\nPareto front of study {summary['study']!r} ({len(front)} trial(s), "
+               f"{summary['trials'].get('complete', 0)} complete, {summary['trials'].get('fail', 0)} failed):")
+    head = f"{'trial':>6}  " + "  ".join(f"{lab:>18}" for lab in labels) + "  params"
+    click.echo(head)
+    for rec in front:
+        vals = "  ".join(f"{rec['values'][lab]:>18.6g}" for lab in labels)
+        click.echo(f"{rec['trial']:>6}  {vals}  {json.dumps(rec['params'], sort_keys=True)}")
+    if not front:
+        click.echo("  (no feasible trial: loosen the constraints or run more trials)")
+    click.echo(f"\nresults (Parquet): {summary['results']}\nstudy storage:     {summary['storage']}"
+               f"\nsummary:           {Path(summary['run_dir']) / 'summary.json'}"
+               f"\nreport:            deepfleet report {summary['run_dir']}")
+
+
+@click.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--trials", type=int, default=None, help="Trials to run (overrides the study file).")
+@click.option("--address", default=None, help="Ray cluster address (HOST:PORT); default: a local Ray.")
+@click.option("--storage", default=None, help="Optuna storage URL; default: sqlite in the run directory.")
+@click.option("--resume", is_flag=True, help="Continue the study: keep finished trials, rerun interrupted ones.")
+@click.option("--fleet", "fleet", default=None, help="Fleet file (overrides the study file); default: the local device.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Run directory; default runs/<study name>.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def search(study_file: str, trials: int | None, address: str | None, storage: str | None, resume: bool,
+           fleet: str | None, out: str | None, as_json: bool) -> None:
+    """Search compression settings with Optuna on Ray, measuring candidates on devices."""
+    from deepfleet.orchestrator.search_driver import Search
+    from deepfleet.search._spec import load_study
+
+    spec = load_study(study_file)
+    if trials is not None and trials < 1:
+        from deepfleet.errors import ConfigError
+
+        raise ConfigError(f"--trials must be >= 1, but got {trials}")
+    run_dir = Path(out) if out else Path("runs") / spec.name
+    summary = Search(spec, run_dir=run_dir, address=address, storage=storage, resume=resume, trials=trials,
+                     fleet=fleet, progress=not as_json).run()
+    if as_json:
+        click.echo(json.dumps(summary, default=str, sort_keys=True))
+    else:
+        _print_front(summary)
+
+
+@click.command()
+@click.option("--trials", type=int, default=10, show_default=True)
+@click.option("--out", "out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+@click.option("--fleet", "fleet", default=None, help="Fleet file; default: the sandbox fleet if it is up, else the local device.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
+def demo(trials: int, out: str, fleet: str | None, resume: bool) -> None:
+    """The embedded default: a small search on lenet5 / digits (local Ray, SQLite, local device)."""
+    from deepfleet.orchestrator.demo import demo_spec
+    from deepfleet.orchestrator.search_driver import Search
+
+    spec, fleet_path, note = demo_spec(trials=trials, fleet=fleet)
+    click.echo(f"deepfleet demo: {note}", err=True)
+    summary = Search(spec, run_dir=Path(out), resume=resume, fleet=fleet_path).run()
+    _print_front(summary)
