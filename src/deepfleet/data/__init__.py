@@ -31,15 +31,38 @@ def data_names() -> list[str]:
     return list(_BUILTIN)
 
 
+_CACHE_VERSION = 1  # bump when a built-in data set's preparation changes
+_FIELDS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
+
+
 @functools.lru_cache(maxsize=4)
 def _builtin(name: str) -> Dataset:
+    """A built-in data set, prepared once and kept as .npz in the deepfleet cache.
+
+    Preparing digits imports scikit-learn (seconds on a busy worker) and sensing is generated;
+    every Ray worker of a search would pay that again without the cache.
+    """
+    base = os.environ.get("DEEPFLEET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deepfleet")
+    path = os.path.join(base, "data", f"{name}-v{_CACHE_VERSION}.npz")
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as npz:
+            meta = npz["meta"].item().split("\n", 2)
+            return Dataset(name=name, **{k: npz[k] for k in _FIELDS}, num_classes=int(meta[0]),
+                           fingerprint=meta[1], description=meta[2])
     if name == "digits":
         from deepfleet.data._digits import load_digits28
 
-        return load_digits28()
-    from deepfleet.data._sensing import load_sensing
+        ds = load_digits28()
+    else:
+        from deepfleet.data._sensing import load_sensing
 
-    return load_sensing()
+        ds = load_sensing()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    meta = np.array(f"{ds.num_classes}\n{ds.fingerprint}\n{ds.description}")
+    np.savez(tmp, meta=meta, **{k: getattr(ds, k) for k in _FIELDS})
+    os.replace(tmp, path)  # atomic: parallel workers never read half a file
+    return ds
 
 
 def load_data(spec: str) -> Dataset:
