@@ -21,7 +21,7 @@ system-deps:
 	bash scripts/system-deps.sh
 
 demo: venv
-	$(BIN)/deepfleet compress lenet5 --data digits
+	$(BIN)/deepfleet demo
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q
