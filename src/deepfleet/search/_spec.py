@@ -42,7 +42,8 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 _TOP = {
     "name", "model", "data", "seed", "base", "space", "objectives", "constraints", "trials",
-    "parallelism", "resources", "fleet", "classes", "storage", "sampler", "measure", "training",
+    "parallelism", "resources", "fleet", "classes", "storage", "sampler", "sampler_seed", "measure",
+    "training",
 }
 
 
@@ -121,6 +122,7 @@ class StudySpec:
     classes: tuple[str, ...] = ("local",)
     storage: str | None = None
     sampler: str = "auto"
+    sampler_seed: int | None = None  # default: seed
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     training: dict[str, Any] = field(default_factory=dict)  # e.g. finetune_epochs
     source: str = "<dict>"
@@ -263,6 +265,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
         space=space, objectives=tuple(objectives), constraints=tuple(constraints), trials=trials,
         parallelism=parallelism, resources=resources, fleet=raw.get("fleet"), classes=classes,
         storage=raw.get("storage"), sampler=sampler, measure=MeasureSettings(**m_raw),
+        sampler_seed=_expect(src, "sampler_seed", raw["sampler_seed"], int, "an integer") if "sampler_seed" in raw else None,
         training=dict(raw.get("training") or {}), source=src,
     )
 

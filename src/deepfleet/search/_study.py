@@ -21,13 +21,14 @@ INTERRUPTED = "interrupted: the driver stopped before this trial finished; it is
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     """TPE (multi-objective capable, constant liar for parallel asks), NSGA-II or random."""
+    seed = spec.sampler_seed if spec.sampler_seed is not None else spec.seed
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(4, spec.parallelism * 2))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, spec.parallelism * 2))
     # few trials: start the model after a quarter of the budget rather than Optuna's fixed 10
     startup = max(3, min(10, spec.trials // 4))
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup, constant_liar=True,
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True,
                                       multivariate=True)
 
 
