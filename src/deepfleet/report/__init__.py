@@ -59,5 +59,5 @@ def build_report(path: str | os.PathLike[str], *, study: str | None = None,
     names = output_paths(html_path)
     html = render_html(report, tables_dir=names.tables.name)
     markdown = render_markdown(report, html_name=html_path.name, tables_dir=names.tables.name)
-    files = write_all(html_path, html, markdown, {t.name: t.frame for t in report.tables})
+    files = write_all(html_path, html, markdown, {t.name: t.frame for t in report.tables if t.csv})
     return files, report

@@ -24,6 +24,7 @@ from deepfleet.report._analysis import (
     ok_rows,
     pareto_points,
 )
+from deepfleet.report._format import paper_table1
 from deepfleet.report._load import RunData
 
 __all__ = ["FOCUS_LIMIT", "Figure", "Report", "Section", "Table", "build"]
@@ -37,6 +38,7 @@ class Table:
     caption: str
     frame: pd.DataFrame
     html_rows: int = 40  # the HTML shows this many rows; the CSV always has all
+    csv: bool = True  # False: a text view of another table (which has the CSV)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,10 @@ def _table1_section(entries: list[dict[str, Any]], max_drop: float, absent: list
     if frame["chosen_artifact"].isna().all():
         absent.append(f"no candidate qualifies as chosen on any class (limit {max_drop:g} pp)")
     return Section("table1", "Table 1: original vs compressed (per model and device class)",
-                   notes=notes, tables=[Table("table1", "size, latency and energy", frame)])
+                   notes=notes, tables=[
+                       Table("table1_paper", "original → compressed (reduction), as in DeepIoT's "
+                             "Table 1", paper_table1(frame), csv=False),
+                       Table("table1", "the same numbers, one column each", frame)])
 
 
 def _pareto_section(entries: list[dict[str, Any]], max_drop: float) -> Section | None:

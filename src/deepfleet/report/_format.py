@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["MISSING", "energy_kind_of", "format_value"]
+__all__ = ["MISSING", "energy_kind_of", "format_value", "paper_table1"]
 
 MISSING = "–"
 _KINDS = ("measured", "simulated", "estimated")
@@ -61,3 +61,41 @@ def format_value(column: str, value: Any, *, short_hash: bool = False) -> str:
 _COUNTS = {"runs", "devices", "artifacts", "checks", "trial", "chosen_trial", "params", "bytes",
            "units_before", "units_after", "params_before", "params_after", "common_artifacts",
            "devices_max", "samples_median", "batch"}
+
+
+def _change(original: Any, compressed: Any, reduction: Any, column: str) -> str:
+    """'orig → comp (−x %)' in the style of DeepIoT's Table 1."""
+    o, c = format_value(column, original), format_value(column, compressed)
+    if c == MISSING:
+        return o if o == MISSING else f"{o} → {MISSING}"
+    r = "" if pd.isna(reduction) else f" (−{reduction:.1f} %)" if reduction >= 0 else f" (+{-reduction:.1f} %)"
+    return f"{o} → {c}{r}"
+
+
+def paper_table1(table1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 laid out like the paper's: one text cell per quantity, 'original → compressed
+    (reduction)'. Energy keeps one column per kind, named with its kind in capitals."""
+    rows = []
+    for r in table1.to_dict("records"):
+        row = {"model": r["model"], "device class": r["device_class"],
+               "size (MB)": _change(r["size_original_mb"], r["size_compressed_mb"],
+                                    r["size_reduction_pct"], "size_mb"),
+               "p50 latency (ms)": _change(r["latency_p50_original_ms"],
+                                           r["latency_p50_compressed_ms"],
+                                           r["latency_reduction_pct"], "latency_ms")}
+        for kind in _KINDS:
+            if f"energy_{kind}_original_mj" in r:
+                row[f"energy {kind.upper()} (mJ)"] = _change(
+                    r[f"energy_{kind}_original_mj"], r[f"energy_{kind}_compressed_mj"],
+                    r[f"energy_{kind}_reduction_pct"], "energy_mj")
+        drop = r["accuracy_drop_pp"]
+        row["validation accuracy"] = (
+            f"{format_value('accuracy', r['accuracy_val_original'])} → "
+            f"{format_value('accuracy', r['accuracy_val_compressed'])}"
+            + ("" if pd.isna(drop) else f" (−{drop:.2f} pp)"))
+        row["test accuracy (reported only)"] = (
+            f"{format_value('accuracy', r['accuracy_test_original'])} → "
+            f"{format_value('accuracy', r['accuracy_test_compressed'])}")
+        row["chosen trial"] = format_value("trial", r["chosen_trial"])
+        rows.append(row)
+    return pd.DataFrame(rows)

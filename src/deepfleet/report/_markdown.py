@@ -11,8 +11,14 @@ from deepfleet.report._format import format_value
 
 __all__ = ["render_markdown"]
 
-# The tables worth reading in a summary; the rest are in the HTML and the CSV files.
-_SUMMARY_TABLES = ("table1", "rank_agreement", "unit_variation_summary", "drift")
+# The tables worth reading in a summary (name -> heading); the rest are in the HTML and CSVs.
+_SUMMARY_TABLES = {
+    "table1_paper": "Table 1: original → compressed (reduction)",
+    "rank_agreement": "Do device classes rank candidates alike?",
+    "unit_variation_summary": "Unit-to-unit variation (CV of p50 across a class's devices)",
+    "latency_by_device": "Latency per device",
+    "drift": "Drift checks (reference rows)",
+}
 _MD_ROWS = 20
 
 
@@ -47,8 +53,12 @@ def render_markdown(report: Report, *, html_name: str, tables_dir: str) -> str:
             "", "Energy columns name their kind (measured, simulated, estimated); kinds are never "
             "combined.", ""]
     by_name = {t.name: t for t in report.tables}
-    for name in _SUMMARY_TABLES:
+    for name, heading in _SUMMARY_TABLES.items():
         if name in by_name:
-            t = by_name[name]
-            out += [f"## {name.replace('_', ' ')}: {t.caption}", "", markdown_table(t.frame)]
+            frame = by_name[name].frame
+            if name == "latency_by_device" and not frame.empty:  # the headline columns only
+                frame = frame[["device_class", "device", "role", "runs", "p50_ms", "p90_ms",
+                               "p99_ms", "energy_measured_mj", "energy_simulated_mj",
+                               "energy_estimated_mj"]]
+            out += [f"## {heading}", "", markdown_table(frame)]
     return "\n".join(out)

@@ -89,7 +89,9 @@ def pareto_png(pts: pd.DataFrame, *, title: str, baseline: Mapping[str, Any] | N
 def latency_box_png(stats: pd.DataFrame, *, title: str) -> bytes:
     """Box plot per (device, role) from precomputed percentiles (``latency_table`` rows):
     box q1..q3, line p50, whiskers p1..p99, a dot at p90."""
-    stats = stats.sort_values(["role", "device"], kind="stable")
+    # the original model first, then the chosen one(s), each over the devices in name order
+    stats = stats.assign(_first=stats["role"] != "original").sort_values(
+        ["_first", "role", "device"], kind="stable")
     boxes = [{"label": f"{d}\n{r}", "med": p50, "q1": q1, "q3": q3, "whislo": p1, "whishi": p99,
               "fliers": []}
              for d, r, p50, q1, q3, p1, p99 in zip(stats["device"], stats["role"], stats["p50_ms"],
