@@ -33,9 +33,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def _maybe_log(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
-    """Log scale when the positive values span more than 20x (compressed models often do)."""
+    """Log scale when the positive values span more than 8x (compressed models often do)."""
     v = values[np.isfinite(values) & (values > 0)]
-    if len(v) and v.max() / v.min() > 20:
+    if len(v) and v.max() / v.min() > 8:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
@@ -87,29 +87,35 @@ def pareto_png(pts: pd.DataFrame, *, title: str, baseline: Mapping[str, Any] | N
 
 
 def latency_box_png(stats: pd.DataFrame, *, title: str) -> bytes:
-    """Box plot per (device, role) from precomputed percentiles (``latency_table`` rows):
-    box q1..q3, line p50, whiskers p1..p99, a dot at p90."""
-    # the original model first, then the chosen one(s), each over the devices in name order
-    stats = stats.assign(_first=stats["role"] != "original").sort_values(
-        ["_first", "role", "device"], kind="stable")
-    boxes = [{"label": f"{d}\n{r}", "med": p50, "q1": q1, "q3": q3, "whislo": p1, "whishi": p99,
-              "fliers": []}
-             for d, r, p50, q1, q3, p1, p99 in zip(stats["device"], stats["role"], stats["p50_ms"],
-                                                   stats["q1_ms"], stats["q3_ms"], stats["p1_ms"],
-                                                   stats["p99_ms"])]
-    fig = Figure(figsize=(max(5.0, 0.75 * len(boxes) + 1.5), 3.8), layout="constrained")
-    ax = fig.subplots()
-    ax.bxp(boxes, showfliers=False, patch_artist=True,
-           boxprops={"facecolor": "#c6dbef", "edgecolor": "#2171b5"},
-           medianprops={"color": "#d62728", "lw": 1.5})
-    ax.scatter(np.arange(1, len(boxes) + 1), stats["p90_ms"], marker="_", s=80, c="black",
-               label="p90", zorder=4)
-    _maybe_log(ax, stats[["p1_ms", "p99_ms"]].to_numpy(dtype=float).ravel(), axis="y")
-    ax.set_ylabel("latency per run (ms)")
-    ax.tick_params(axis="x", labelsize=7, rotation=60)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title + "  (box: q1-q3, whiskers: p1-p99)", fontsize=10)
+    """Box plots from precomputed percentiles (``latency_table`` rows), one panel per role
+    (artifact) with its own scale, one box per device: box q1..q3, line p50, whiskers p1..p99,
+    a tick at p90. Separate panels because a compressed model is often 10x faster than the
+    original: on a shared axis its boxes would be flat lines."""
+    roles = sorted(set(stats["role"]), key=lambda r: (r != "original", r))  # original first
+    cols = min(3, len(roles))
+    nrows = math.ceil(len(roles) / cols)
+    devices = stats.groupby("role")["device"].nunique().max()
+    fig = Figure(figsize=(cols * max(3.2, 0.55 * devices + 1.4), 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, role in zip(axes, roles):
+        g = stats.loc[stats["role"] == role].sort_values("device", kind="stable")
+        boxes = [{"label": d, "med": p50, "q1": q1, "q3": q3, "whislo": p1, "whishi": p99,
+                  "fliers": []}
+                 for d, p50, q1, q3, p1, p99 in zip(g["device"], g["p50_ms"], g["q1_ms"],
+                                                    g["q3_ms"], g["p1_ms"], g["p99_ms"])]
+        ax.bxp(boxes, showfliers=False, patch_artist=True,
+               boxprops={"facecolor": "#c6dbef", "edgecolor": "#2171b5"},
+               medianprops={"color": "#d62728", "lw": 1.5})
+        ax.scatter(np.arange(1, len(boxes) + 1), g["p90_ms"], marker="_", s=80, c="black",
+                   label="p90", zorder=4)
+        ax.set_title(role if len(role) < 40 else role[:37] + "...", fontsize=9)
+        ax.set_ylabel("latency per run (ms)")
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    for ax in axes[len(roles):]:
+        ax.set_visible(False)
+    fig.suptitle(title + "  (box: q1-q3, whiskers: p1-p99)", fontsize=10)
     return _png(fig)
 
 
@@ -171,14 +177,25 @@ def objectives_png(candidates: pd.DataFrame, chosen_trials: set[int]) -> bytes |
     return _png(fig)
 
 
-def drift_png(reference: pd.DataFrame) -> bytes:
-    """p50 of the drift-check rows against time, one line per (device, reference artifact)."""
+def _binned(times: np.ndarray, values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``bins`` points: consecutive runs of checks replaced by their medians."""
+    if len(times) <= bins:
+        return times, values
+    chunks = np.array_split(np.arange(len(times)), bins)
+    return (np.array([times[c[len(c) // 2]] for c in chunks]),
+            np.array([np.median(values[c]) for c in chunks]))
+
+
+def drift_png(reference: pd.DataFrame, max_points: int = 150) -> bytes:
+    """p50 of the drift-check rows against time, one line per (device, reference artifact);
+    a line with more than ``max_points`` checks shows medians of consecutive checks."""
     fig = Figure(figsize=(8.0, 3.6), layout="constrained")
     ax = fig.subplots()
     for (device, h), g in reference.groupby(["device", "artifact_hash"], sort=True):
         g = g.sort_values("started_at")
-        ax.plot(g["started_at"].dt.tz_localize(None), g["p50_ms"], marker=".", lw=1,
-                label=f"{device} ({h[:8]})")
+        t, v = _binned(g["started_at"].dt.tz_localize(None).to_numpy(),
+                       g["p50_ms"].to_numpy(dtype=float), max_points)
+        ax.plot(t, v, marker=".", ms=3, lw=1, label=f"{device} ({h[:8]})")
     ax.set_ylabel("reference p50 (ms)")
     ax.set_xlabel("time (UTC)")
     ax.grid(alpha=0.3)

@@ -256,7 +256,11 @@ def artifacts_table(results: pd.DataFrame, roles: Mapping[str, str],
                            for h, ref in zip(hashes, out["reference"])])
     out.insert(4, "trial", hashes.map(trial).astype("Float64").astype("Int64"))
     out["manifest"] = hashes.map(lambda h: h in manifests)
-    return out.drop(columns=["reference"])
+    # what a reader looks for first: the original and chosen models, then drift references
+    rank = out["role"].map(lambda r: 0 if r == "original" else 1 if r.startswith("chosen")
+                           else 2 if r == "reference" else 3)
+    out = out.assign(_rank=rank).sort_values(["_rank", "trial", "artifact_hash"], kind="stable")
+    return out.drop(columns=["reference", "_rank"]).reset_index(drop=True)
 
 
 def energy_sources_table(results: pd.DataFrame) -> pd.DataFrame:
