@@ -23,19 +23,19 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--window-size=1280,1600")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def search_run(tmp_path_factory: pytest.TempPathFactory) -> RunInfo:
     """A small search: 3 classes (simulated / estimated / measured energy), 9 devices, 24 trials,
     drift checks and failures: about 230 rows."""
     return make_run(tmp_path_factory.mktemp("search"), trials=24)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def search_report(search_run: RunInfo) -> tuple[ReportFiles, Report]:
     return build_report(search_run.root)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def measure_run(tmp_path_factory: pytest.TempPathFactory) -> RunInfo:
     """A 'deepfleet measure' run: results only (no candidates, no artifacts)."""
     info = make_run(tmp_path_factory.mktemp("measure"), trials=5, candidates=False,
@@ -44,7 +44,7 @@ def measure_run(tmp_path_factory: pytest.TempPathFactory) -> RunInfo:
     return info
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def measure_report(measure_run: RunInfo) -> tuple[ReportFiles, Report]:
     return build_report(measure_run.root)
 

@@ -136,7 +136,8 @@ def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repe
                            "val_accuracy": 0.985})
     info.baseline_hash = base.digest
     info.reference_hash = _hash(rng)
-    plan = [(None, base.digest, 1.0, 0.985)]  # (trial, hash, keep fraction, val accuracy)
+    # (trial, hash, keep fraction, val accuracy); trial None: the baseline
+    plan: list[tuple[int | None, str, float, float]] = [(None, base.digest, 1.0, 0.985)]
     cand_rows = [candidate_row(
         study=study, kind="baseline", outcome="baseline", model="lenet5", data="digits",
         artifact_hash=base.digest, accuracy_val=0.985, accuracy_test=0.981, accuracy_drop_pp=0.0,

@@ -94,7 +94,8 @@ def test_chosen_is_fastest_feasible_within_the_validation_drop() -> None:
     front = set(pts.loc[pts["front_latency"], "artifact_hash"])
     assert "good" in front and "breaks-constraint" not in front and "failed" not in front
     # a looser limit accepts the faster, less accurate one
-    assert choose(pts, 1.5)[0]["artifact_hash"] == "fast-but-inaccurate"
+    looser, _ = choose(pts, 1.5)
+    assert looser is not None and looser["artifact_hash"] == "fast-but-inaccurate"
 
 
 def test_ties_go_to_accuracy_then_bytes_then_trial() -> None:
@@ -105,7 +106,8 @@ def test_ties_go_to_accuracy_then_bytes_then_trial() -> None:
         {"trial": 0, "artifact_hash": "d", "accuracy_val": 0.978, "bytes": 10},
     ])
     pts = pareto_points(cands, _per_class({"a": 5.0, "b": 5.0, "c": 5.0, "d": 5.0}), "pi", "m")
-    assert choose(pts, 0.5)[0]["artifact_hash"] == "b"
+    chosen, _ = choose(pts, 0.5)
+    assert chosen is not None and chosen["artifact_hash"] == "b"
 
 
 def test_nothing_chosen_says_why() -> None:

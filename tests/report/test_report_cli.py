@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,22 @@ def test_variation_ranking_layers_and_drift(search_report: tuple[ReportFiles, An
     assert report.absent == []
 
 
-def test_rewriting_replaces_the_tables_folder(search_run: RunInfo, tmp_path: Path) -> None:
-    out = tmp_path / "r.html"
-    build_report(search_run.root, out=out)
-    (tmp_path / "r_tables" / "stale.csv").write_text("old\n")
-    build_report(search_run.root, out=out, max_drop_pp=2.0)
-    assert not (tmp_path / "r_tables" / "stale.csv").exists()
+def _copy_report(files: ReportFiles, directory: Path) -> Path:
+    """A copy of an existing report in ``directory`` (as ``report.*``): cheaper than a build."""
+    shutil.copy(files.html, directory / "report.html")
+    shutil.copy(files.markdown, directory / "report.md")
+    shutil.copytree(files.tables, directory / "report_tables")
+    return directory / "report.html"
+
+
+def test_rewriting_replaces_the_tables_folder(measure_run: RunInfo, measure_report: tuple[ReportFiles, Any],
+                                              tmp_path: Path) -> None:
+    out = _copy_report(measure_report[0], tmp_path)
+    (tmp_path / "report_tables" / "stale.csv").write_text("old\n")
+    build_report(measure_run.root, out=out, max_drop_pp=2.0)
+    assert not (tmp_path / "report_tables" / "stale.csv").exists()
     assert "2 pp (validation split)" in out.read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r.md", "r_tables"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md", "report_tables"]
 
 
 # ---------------------------------------------------------------------------- a measure run
@@ -227,9 +236,9 @@ def test_bad_input_is_one_error_line_status_2_and_nothing_written(
 
 
 def test_a_failure_while_writing_leaves_no_half_written_report(
-        search_run: RunInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "report.html"
-    build_report(search_run.root, out=out)
+        measure_run: RunInfo, measure_report: tuple[ReportFiles, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _copy_report(measure_report[0], tmp_path)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     calls = {"n": 0}
     real = pd.DataFrame.to_csv
@@ -242,6 +251,6 @@ def test_a_failure_while_writing_leaves_no_half_written_report(
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", failing_to_csv)
     with pytest.raises(OSError, match="No space left"):
-        build_report(search_run.root, out=out, max_drop_pp=3.0)
+        build_report(measure_run.root, out=out, max_drop_pp=3.0)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # the earlier report, byte for byte; no temporary files left

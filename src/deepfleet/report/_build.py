@@ -194,7 +194,7 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
 def _table1_section(entries: list[dict[str, Any]], max_drop: float, absent: list[str]) -> Section:
     notes = [CHOSEN_RULE.replace("MAX_DROP", f"{max_drop:g}"),
              "Original = the study's baseline candidate (the uncompressed model). Latency is the "
-             "class p50 per run of `batch` samples; energy is per run too, one column per kind "
+             "class p50 per run of batch samples (batch 1: one inference); energy is per run too, one column per kind "
              "(measured, simulated, estimated): kinds are never combined."]
     if not entries:
         return Section("table1", "Table 1: original vs compressed", notes=[

@@ -43,7 +43,7 @@ def format_value(column: str, value: Any, *, short_hash: bool = False) -> str:
     if isinstance(value, numbers.Integral) or (
             isinstance(value, numbers.Real) and float(value).is_integer()
             and ("rows" in column or column in _COUNTS)):
-        return f"{int(value):,}"
+        return f"{int(float(value)):,}"
     v = float(value)
     if math.isinf(v):
         return "∞" if v > 0 else "-∞"

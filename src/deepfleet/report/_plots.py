@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from deepfleet.report._analysis import ENERGY_COLUMNS
 
@@ -37,6 +38,12 @@ def _maybe_log(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
     v = values[np.isfinite(values) & (values > 0)]
     if len(v) and v.max() / v.min() > 8:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        # plain numbers at 1-2-5 steps: matplotlib's default minor labels (2x10^0, 3x10^0, ...)
+        # collide on a narrow panel
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        target.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+        target.set_minor_formatter(NullFormatter())
 
 
 def _pareto_panel(ax: Axes, pts: pd.DataFrame, column: str, front: str, label: str,
@@ -60,7 +67,8 @@ def _pareto_panel(ax: Axes, pts: pd.DataFrame, column: str, front: str, label: s
                    zorder=6)
     if accuracy_floor is not None:
         ax.axhline(accuracy_floor, ls="--", c="#555555", lw=0.8, label="accuracy limit")
-    _maybe_log(ax, x[np.isfinite(x)])
+    base_x = float(baseline.get(column, math.nan)) if baseline is not None else math.nan
+    _maybe_log(ax, np.append(x, base_x))  # the original is often 10x off to the right
     ax.set_xlabel(label)
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
