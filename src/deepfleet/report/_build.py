@@ -105,7 +105,15 @@ def _choices(run: RunData, per_class: pd.DataFrame, classes: list[str], max_drop
     return entries, cands
 
 
-def _roles(entries: list[dict[str, Any]], per_device: pd.DataFrame) -> tuple[dict[str, str], str | None]:
+def _labels(results: pd.DataFrame) -> dict[str, str]:
+    """hash -> 'model/compressor hash8' from the rows, for artifacts no candidate names."""
+    first = results.groupby("artifact_hash")[["model_name", "compressor"]].first()
+    return {h: "/".join(str(v) for v in (m, c) if isinstance(v, str)) + f" {h[:8]}"
+            for h, m, c in zip(first.index, first["model_name"], first["compressor"])}
+
+
+def _roles(entries: list[dict[str, Any]], per_device: pd.DataFrame, labels: dict[str, str]
+           ) -> tuple[dict[str, str], str | None]:
     """hash -> role label for the artifacts the latency section focuses on, and a note when
     they had to be picked by how often they were measured (nothing was chosen)."""
     roles: dict[str, str] = {}
@@ -125,7 +133,7 @@ def _roles(entries: list[dict[str, Any]], per_device: pd.DataFrame) -> tuple[dic
     for _, g in per_device.groupby("device_class", sort=True):
         counts = g.groupby("artifact_hash")["rows"].sum().sort_values(ascending=False, kind="stable")
         for h in counts.index[:FOCUS_LIMIT]:
-            roles.setdefault(h, f"artifact {h[:8]}")
+            roles.setdefault(h, labels.get(h, f"artifact {h[:8]}").strip())
         if len(counts) > FOCUS_LIMIT:
             note = (f"no chosen candidate: showing the {FOCUS_LIMIT} most-measured artifacts of "
                     "each class (all artifacts are in the artifacts table and CSV files)")
@@ -164,7 +172,7 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
     classes = sorted(set(ok_rows(results)["device_class"]))
     absent = list(run.absent)
     entries, cands = _choices(run, per_class, classes, max_drop_pp)
-    roles, focus_note = _roles(entries, per_device)
+    roles, focus_note = _roles(entries, per_device, _labels(results))
     chosen_by_class = {e["device_class"]: (e["chosen"] or {}).get("artifact_hash") for e in entries}
     sections = [
         _table1_section(entries, max_drop_pp, absent),
