@@ -125,3 +125,14 @@ def test_drop_is_computed_from_the_baseline_when_not_stored() -> None:
     drops = cands.set_index("artifact_hash")["drop_pp"]
     assert drops["a"] == pytest.approx(0.5) and drops["b"] == pytest.approx(0.1)  # stored wins
     assert math.isclose(drops["base"], 0.0, abs_tol=1e-12)
+
+
+def test_limits_are_inclusive_despite_floating_point() -> None:
+    """Seen on a real demo run: 0.98 - 0.975 is 0.5000000000000004 pp, still within 0.5 pp."""
+    cands = _cands([{"trial": 0, "artifact_hash": "a", "accuracy_val": 0.975,
+                     "accuracy_drop_pp": 100 * (0.98 - 0.975),
+                     "constraints_json": json.dumps({"latency_p50@pi<=3": 3.0000000000000004 - 3})}])
+    assert cands.loc[1, "drop_pp"] > 0.5  # the premise: the float lands above the limit
+    pts = pareto_points(cands, _per_class({"a": 1.0}), "pi", "m")
+    chosen, reason = choose(pts, 0.5)
+    assert chosen is not None and chosen["artifact_hash"] == "a", reason

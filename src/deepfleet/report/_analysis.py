@@ -49,6 +49,9 @@ CHOSEN_RULE = (
     "the Pareto front (validation accuracy vs p50 latency) of the feasible candidates."
 )
 _METRICS = ["p50_ms", "p90_ms", "p99_ms", *ENERGY_COLUMNS.values()]
+# Limits are inclusive, and accuracies are ratios of counts: 100 * (0.98 - 0.975) is
+# 0.5000000000000004 in floating point, which must still pass a 0.5 pp limit.
+_EPS = 1e-9
 
 
 def _is(series: pd.Series, value: object) -> pd.Series:
@@ -96,7 +99,7 @@ def _constraints_ok(text: object) -> bool:
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return True
     values = json.loads(str(text))
-    return all(v is not None and float(v) <= 0 for v in values.values())
+    return all(v is not None and float(v) <= _EPS for v in values.values())
 
 
 def candidate_frame(candidates: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +143,7 @@ def choose(points: pd.DataFrame, max_drop_pp: float) -> tuple[dict[str, Any] | N
     eligible = points.loc[points["feasible"].astype(bool)]
     if eligible.empty:
         return None, "no feasible candidate (every one failed or broke a constraint)"
-    eligible = eligible.loc[eligible["drop_pp"] <= max_drop_pp]
+    eligible = eligible.loc[eligible["drop_pp"] <= max_drop_pp + _EPS]
     if eligible.empty:
         best = points.loc[points["feasible"].astype(bool), "drop_pp"].min()
         return None, (f"no feasible candidate within {max_drop_pp:g} pp of validation accuracy "

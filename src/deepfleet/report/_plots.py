@@ -116,6 +116,8 @@ def latency_box_png(stats: pd.DataFrame, *, title: str) -> bytes:
                medianprops={"color": "#d62728", "lw": 1.5})
         ax.scatter(np.arange(1, len(boxes) + 1), g["p90_ms"], marker="_", s=80, c="black",
                    label="p90", zorder=4)
+        # heavy tails (a busy device: p99 20x the median) would squash the box on a linear axis
+        _maybe_log(ax, g[["p1_ms", "p99_ms"]].to_numpy(dtype=float).ravel(), axis="y")
         ax.set_title(role if len(role) < 40 else role[:37] + "...", fontsize=9)
         ax.set_ylabel("latency per run (ms)")
         ax.tick_params(axis="x", labelsize=7, rotation=45)
