@@ -114,6 +114,19 @@ def agent_response(rng: np.random.Generator, *, artifact_hash: str, p50_ms: floa
     return resp
 
 
+def measurement_rows(study: str, n: int = 3, **override: Any) -> list[dict[str, Any]]:
+    """``n`` real measurement rows of one artifact on device pi4-1, fields overridable (e.g.
+    ``schema_version`` to fake rows of another version)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        resp = agent_response(rng, artifact_hash="ab" * 32, p50_ms=10.0, runs=20,
+                              spec=DEFAULT_CLASSES["pi4"], params=1000, macs=10_000,
+                              started=T0 + dt.timedelta(seconds=i))
+        rows.append(measurement_row(resp, study=study, device="pi4-1", device_class="pi4") | override)
+    return rows
+
+
 def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repeats: int = 1,
              runs: int = 30, classes: dict[str, ClassSpec] | None = None,
              candidates: bool = True, reference_every: int = 10, failures: int = 2,

@@ -10,13 +10,13 @@ import pytest
 from deepfleet.errors import ResultsError
 from deepfleet.orchestrator.results import SCHEMA_VERSION, write_results
 from deepfleet.report import _load
-from tests.report.test_report_cli import _rows
+from tests.report.runs import measurement_rows
 
 
 def test_rows_of_an_older_version_are_upgraded_when_an_upgrade_is_known(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     old = SCHEMA_VERSION - 1
-    write_results(tmp_path / "results", _rows("s", 2) + _rows("s", 3, schema_version=old))
+    write_results(tmp_path / "results", measurement_rows("s", 2) + measurement_rows("s", 3, schema_version=old))
 
     def upgrade(frame: pd.DataFrame) -> pd.DataFrame:
         # e.g. a column renamed or re-scaled between versions; here: mark the rows
@@ -32,7 +32,7 @@ def test_rows_of_an_older_version_are_upgraded_when_an_upgrade_is_known(
 
 
 def test_locate_finds_the_parts_of_a_run_from_either_directory(tmp_path: Path) -> None:
-    write_results(tmp_path / "results", _rows("s", 1))
+    write_results(tmp_path / "results", measurement_rows("s", 1))
     (tmp_path / "candidates").mkdir()
     for given in (tmp_path, tmp_path / "results"):
         loc = _load.locate(given)

@@ -3,13 +3,11 @@ input (one error line, status 2, no half-written report)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,25 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from deepfleet.cli import main
-from deepfleet.orchestrator.results import SCHEMA_VERSION, measurement_row, write_results
+from deepfleet.orchestrator.results import SCHEMA_VERSION, write_results
 from deepfleet.report import ReportFiles, build_report
-from tests.report.runs import DEFAULT_CLASSES, T0, RunInfo, agent_response
+from tests.report.runs import DEFAULT_CLASSES, RunInfo, measurement_rows
 
 
 def _report(*args: str) -> Any:
     return CliRunner().invoke(main, ["report", *args])
-
-
-def _rows(study: str, n: int = 3, **override: Any) -> list[dict[str, Any]]:
-    """``n`` real measurement rows of one artifact on device pi4-1 (fields overridable)."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        resp = agent_response(rng, artifact_hash="ab" * 32, p50_ms=10.0, runs=20,
-                              spec=DEFAULT_CLASSES["pi4"], params=1000, macs=10_000,
-                              started=T0 + dt.timedelta(seconds=i))
-        rows.append(measurement_row(resp, study=study, device="pi4-1", device_class="pi4") | override)
-    return rows
 
 
 def _report_files(directory: Path) -> list[str]:
@@ -168,25 +154,25 @@ def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: Ru
 
 
 def _old_schema(root: Path) -> None:
-    write_results(root / "results", _rows("s"))
-    write_results(root / "results", _rows("s", schema_version=SCHEMA_VERSION - 1))
+    write_results(root / "results", measurement_rows("s"))
+    write_results(root / "results", measurement_rows("s", schema_version=SCHEMA_VERSION - 1))
 
 
 def _old_file_layout(root: Path) -> None:
     """A file as an older writer might have left it: version 0, a column of another type (no
     writer of that version exists any more, so it is written with pyarrow directly)."""
-    write_results(root / "results", _rows("s"))
+    write_results(root / "results", measurement_rows("s"))
     folder = root / "results" / "study=s" / "device=pi4-1"
     pq.write_table(pa.table({"schema_version": pa.array([0], pa.int16()),
                              "p50_ms": pa.array(["12.5 ms"])}), folder / "part-old.parquet")
 
 
 def _newer_schema(root: Path) -> None:
-    write_results(root / "results", _rows("s", schema_version=SCHEMA_VERSION + 1))
+    write_results(root / "results", measurement_rows("s", schema_version=SCHEMA_VERSION + 1))
 
 
 def _two_studies(root: Path) -> None:
-    write_results(root / "results", _rows("alpha") + _rows("beta"))
+    write_results(root / "results", measurement_rows("alpha") + measurement_rows("beta"))
 
 
 def _empty(root: Path) -> None:
