@@ -8,9 +8,12 @@
 #   util-linux              setarch (i686 personality for the Edison stand-in), nsenter
 #   procps                  ps/pgrep, handy when a sandbox device misbehaves
 #   python3-numpy           the x86 sandbox devices run Debian's python3 + numpy, like the roots
+#   chromium, chromium-driver  headless browser tests of the HTML report (Selenium drives
+#                           /usr/bin/chromedriver; nothing is downloaded)
 set -euo pipefail
 pkgs=(openssh-server openssh-client iproute2 nftables qemu-user-static binfmt-support
-      mmdebstrap arch-test zstd util-linux procps ca-certificates python3-numpy)
+      mmdebstrap arch-test zstd util-linux procps ca-certificates python3-numpy
+      chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -30,6 +30,7 @@ def main() -> None:
 def _register() -> None:
     from deepfleet.cli._compress import compress
     from deepfleet.cli._fleet import fleet
+    from deepfleet.cli._report import report
 
     main.add_command(compress)
     from deepfleet.cli._search import demo, search
@@ -37,6 +38,7 @@ def _register() -> None:
     main.add_command(search)
     main.add_command(demo)
     main.add_command(fleet)
+    main.add_command(report)
 
 
 _register()

@@ -1,0 +1,242 @@
+"""``deepfleet report`` through the real command line: files written, what they hold, and bad
+input (one error line, status 2, no half-written report)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from deepfleet.cli import main
+from deepfleet.orchestrator.results import SCHEMA_VERSION, write_results
+from deepfleet.report import ReportFiles, build_report
+from tests.report.runs import DEFAULT_CLASSES, RunInfo, measurement_rows
+
+
+def _report(*args: str) -> Any:
+    return CliRunner().invoke(main, ["report", *args])
+
+
+def _report_files(directory: Path) -> list[str]:
+    """What a report run left in ``directory``: outputs and temporary folders alike."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(("report", ".report")))
+
+
+# ---------------------------------------------------------------------------- a search run
+
+
+def test_cli_writes_html_markdown_csv_and_prints_where(search_run: RunInfo, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "fleet.html"
+    result = _report(str(search_run.root), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"html     {out} (" in result.output
+    assert f"summary  {out.with_suffix('.md')}" in result.output
+    assert f"tables   {tmp_path / 'out' / 'fleet_tables'}/ (" in result.output
+    html = out.read_text()
+    # self-contained: every src/href is inline data or an in-page anchor
+    refs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert refs and all(r.startswith(("data:", "#")) for r in refs), set(refs) - {""}
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    assert html.count('<img class="plot"') >= 8
+    assert 1e5 < out.stat().st_size < 3e6
+    md = out.with_suffix(".md").read_text()
+    assert "## Table 1" in md and "energy SIMULATED (mJ)" in md and "VALIDATION accuracy" in md
+    csvs = {p.name for p in (tmp_path / "out" / "fleet_tables").glob("*.csv")}
+    assert {"table1.csv", "latency_by_device.csv", "rank_agreement.csv", "unit_variation_summary.csv",
+            "layers.csv", "energy_sources.csv", "drift.csv", "agents.csv", "artifacts.csv",
+            "temperatures.csv", "failures.csv", "pareto_points.csv"} <= csvs
+
+
+def test_table1_follows_the_chosen_rule(search_report: tuple[ReportFiles, Any], search_run: RunInfo) -> None:
+    files, _ = search_report
+    t1 = pd.read_csv(files.tables / "table1.csv")
+    pts = pd.read_csv(files.tables / "pareto_points.csv")
+    per_class = pd.read_csv(files.tables / "per_class_metrics.csv")
+    assert sorted(t1["device_class"]) == sorted(DEFAULT_CLASSES)
+    for row in t1.to_dict("records"):
+        cls = pts.loc[pts["device_class"] == row["device_class"]]
+        eligible = cls.loc[cls["feasible"] & (cls["drop_pp"] <= 0.5)]
+        chosen = cls.loc[cls["trial"] == row["chosen_trial"]].iloc[0]
+        assert chosen["feasible"] and chosen["drop_pp"] <= 0.5 and chosen["outcome"] == "measured"
+        assert chosen["p50_ms"] == eligible["p50_ms"].min() == row["latency_p50_compressed_ms"]
+        assert chosen["front_latency"]  # on the feasible Pareto front
+        base = per_class.loc[(per_class["artifact_hash"] == search_run.baseline_hash)
+                             & (per_class["device_class"] == row["device_class"])].iloc[0]
+        assert row["latency_p50_original_ms"] == pytest.approx(base["p50_ms"])
+        assert row["latency_reduction_pct"] == pytest.approx(
+            100 * (1 - row["latency_p50_compressed_ms"] / row["latency_p50_original_ms"]))
+        assert row["size_original_mb"] == pytest.approx(1.72432)
+        # the infeasible trial 2 (too many bytes) and the failed trials are never chosen
+        assert row["chosen_trial"] not in (0, 1, 2)
+
+
+def test_energy_numbers_carry_their_kind_and_stay_apart(search_report: tuple[ReportFiles, Any]) -> None:
+    files, _ = search_report
+    t1 = pd.read_csv(files.tables / "table1.csv").set_index("device_class")
+    energy_cols = [c for c in t1.columns if "energy" in c]
+    assert energy_cols and all(re.match(r"energy_(measured|simulated|estimated)_", c) for c in energy_cols)
+    # x86 has a real sensor, edison a simulated one, pi4 none: each number in its kind's column
+    assert t1.loc["x86", "energy_measured_original_mj"] > 0
+    assert pd.isna(t1.loc["x86", "energy_simulated_original_mj"])
+    assert t1.loc["edison", "energy_simulated_original_mj"] > 0
+    assert pd.isna(t1.loc["edison", "energy_measured_original_mj"])
+    assert pd.isna(t1.loc["pi4", ["energy_measured_original_mj", "energy_simulated_original_mj"]]).all()
+    assert (t1["energy_estimated_original_mj"] > 0).all()
+    sources = pd.read_csv(files.tables / "energy_sources.csv")
+    assert set(sources["energy_kind"]) == {"measured", "simulated", "estimated"}
+    assert sources.groupby(["device", "energy_kind"]).size().max() == 1
+
+
+def test_variation_ranking_layers_and_drift(search_report: tuple[ReportFiles, Any]) -> None:
+    files, report = search_report
+    cv = pd.read_csv(files.tables / "unit_variation_summary.csv").set_index("device_class")
+    # the synthetic units differ by 4 % steps: a CV of a few %, not 0 and not 50
+    assert ((cv["cv_p50_median_pct"] > 1) & (cv["cv_p50_median_pct"] < 10)).all()
+    rank = pd.read_csv(files.tables / "rank_agreement.csv")
+    assert len(rank) == 3 and (rank["kendall_tau_b"] > 0.8).all() and (rank["common_artifacts"] >= 20).all()
+    layers = pd.read_csv(files.tables / "layers.csv")
+    assert list(layers["layer"][:4]) == ["conv1", "conv2", "fc1", "fc2"]
+    assert (layers["units_after"] <= layers["units_before"]).all()
+    drift = pd.read_csv(files.tables / "drift.csv")
+    assert len(drift) == 9 and (drift["checks"] >= 2).all()
+    devices = pd.read_csv(files.tables / "devices.csv").set_index("device")
+    # units are 4 % apart by construction: the slowest edison reads slower than the fastest
+    assert devices.loc["edison-3", "relative_p50"] > devices.loc["edison-1", "relative_p50"]
+    assert report.absent == []
+
+
+def _copy_report(files: ReportFiles, directory: Path) -> Path:
+    """A copy of an existing report in ``directory`` (as ``report.*``): cheaper than a build."""
+    shutil.copy(files.html, directory / "report.html")
+    shutil.copy(files.markdown, directory / "report.md")
+    shutil.copytree(files.tables, directory / "report_tables")
+    return directory / "report.html"
+
+
+def test_rewriting_replaces_the_tables_folder(measure_run: RunInfo, measure_report: tuple[ReportFiles, Any],
+                                              tmp_path: Path) -> None:
+    out = _copy_report(measure_report[0], tmp_path)
+    (tmp_path / "report_tables" / "stale.csv").write_text("old\n")
+    build_report(measure_run.root, out=out, max_drop_pp=2.0)
+    assert not (tmp_path / "report_tables" / "stale.csv").exists()
+    assert "2 pp (validation split)" in out.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md", "report_tables"]
+
+
+# ---------------------------------------------------------------------------- a measure run
+
+
+def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: RunInfo) -> None:
+    result = _report(str(measure_run.root / "results"))  # the dataset itself works too
+    assert result.exit_code == 0, result.output
+    assert "absent: no candidate rows" in result.output
+    assert "absent: no artifacts/ directory" in result.output
+    out = measure_run.root / "report.html"  # next to results/, never inside it
+    html = out.read_text()
+    assert "Not in this report, and why" in html and "Table 1: original vs compressed" in html
+    tables = measure_run.root / "report_tables"
+    assert not (tables / "table1.csv").exists()
+    lat = pd.read_csv(tables / "latency_by_device.csv")
+    assert set(lat["device"]) == {f"{c}-{i + 1}" for c, s in DEFAULT_CLASSES.items()
+                                  for i in range(s.devices)}
+    assert ((lat["p50_ms"] <= lat["p90_ms"]) & (lat["p90_ms"] <= lat["p99_ms"])).all()
+    assert html.count('<img class="plot"') == len(DEFAULT_CLASSES) + 1  # boxes per class + drift
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _old_schema(root: Path) -> None:
+    write_results(root / "results", measurement_rows("s"))
+    write_results(root / "results", measurement_rows("s", schema_version=SCHEMA_VERSION - 1))
+
+
+def _old_file_layout(root: Path) -> None:
+    """A file as an older writer might have left it: version 0, a column of another type (no
+    writer of that version exists any more, so it is written with pyarrow directly)."""
+    write_results(root / "results", measurement_rows("s"))
+    folder = root / "results" / "study=s" / "device=pi4-1"
+    pq.write_table(pa.table({"schema_version": pa.array([0], pa.int16()),
+                             "p50_ms": pa.array(["12.5 ms"])}), folder / "part-old.parquet")
+
+
+def _newer_schema(root: Path) -> None:
+    write_results(root / "results", measurement_rows("s", schema_version=SCHEMA_VERSION + 1))
+
+
+def _two_studies(root: Path) -> None:
+    write_results(root / "results", measurement_rows("alpha") + measurement_rows("beta"))
+
+
+def _empty(root: Path) -> None:
+    (root / "results").mkdir(parents=True)
+
+
+def _not_a_run(root: Path) -> None:
+    (root / "notes").mkdir(parents=True)
+
+
+@pytest.mark.parametrize(("make", "args", "expected"), [
+    (None, [], r"no run directory at .*: it does not exist"),
+    (_empty, [], r"results dataset at .*results is empty \(no Parquet files\)"),
+    (_not_a_run, [], r"is neither a run directory \(with results/\) nor a results dataset"),
+    (_old_schema, [], rf"holds rows of schema version {SCHEMA_VERSION - 1} \(e\.g\. .*part-.*\.parquet\);"
+                      rf" this deepfleet reads version {SCHEMA_VERSION} and knows no upgrade"),
+    (_old_file_layout, [], r"schema version 0 \(e\.g\. .*part-old\.parquet\)"),
+    (_newer_schema, [], rf"schema version {SCHEMA_VERSION + 1} .*newer .* upgrade deepfleet"),
+    (_two_studies, [], r"hold 2 studies \(alpha, beta\); choose one with --study"),
+    (_two_studies, ["--study", "gamma"], r"study 'gamma' is not in .*; studies there: alpha, beta"),
+    (_two_studies, ["--max-drop", "-1"], r"--max-drop must be >= 0"),
+    (_two_studies, ["--study", "alpha", "--out", "{root}/results/r.html"],
+     r"is inside the results dataset"),
+], ids=["missing", "empty", "not-a-run", "old-schema", "old-file-layout", "newer-schema", "no-study-chosen", "unknown-study",
+        "negative-drop", "out-inside-results"])
+def test_bad_input_is_one_error_line_status_2_and_nothing_written(
+        tmp_path: Path, make: Any, args: list[str], expected: str) -> None:
+    root = tmp_path / "run"
+    if make is not None:
+        make(root)
+    # an earlier report must survive a failed one untouched
+    (tmp_path / "report.html").write_text("earlier report")
+    out = tmp_path / "report.html"
+    args = [a.replace("{root}", str(root)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    result = _report(str(root), *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deepfleet: error: "), result.stderr
+    assert re.search(expected, lines[0]), lines[0]
+    assert result.stdout == ""
+    assert _report_files(tmp_path) == ["report.html"]
+    assert (tmp_path / "report.html").read_text() == "earlier report"
+    if root.exists():
+        assert not [p for p in root.rglob("*") if "report" in p.name]
+
+
+def test_a_failure_while_writing_leaves_no_half_written_report(
+        measure_run: RunInfo, measure_report: tuple[ReportFiles, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _copy_report(measure_report[0], tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    calls = {"n": 0}
+    real = pd.DataFrame.to_csv
+
+    def failing_to_csv(self: pd.DataFrame, *a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:  # some CSV files written, the page and summary too
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", failing_to_csv)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(measure_run.root, out=out, max_drop_pp=3.0)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # the earlier report, byte for byte; no temporary files left
