@@ -28,17 +28,14 @@ def main() -> None:
 
 
 def _register() -> None:
+    # Imported here, not at the top: each command module pulls in its own dependencies lazily.
     from deepfleet.cli._compress import compress
     from deepfleet.cli._fleet import fleet
     from deepfleet.cli._report import report
-
-    main.add_command(compress)
     from deepfleet.cli._search import demo, search
 
-    main.add_command(search)
-    main.add_command(demo)
-    main.add_command(fleet)
-    main.add_command(report)
+    for command in (compress, search, demo, fleet, report):
+        main.add_command(command)
 
 
 _register()
