@@ -59,7 +59,7 @@ def _ray_restart(num_cpus: int) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
 
 
 def throughput(trials: int) -> dict[str, Any]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from deepfleet.orchestrator.candidates import read_candidates
@@ -28,19 +28,21 @@ def _free_port() -> int:
 
 
 def _kill_cluster(port: int) -> None:
-    """Kill this cluster's processes only (`ray stop` would kill every Ray on the machine)."""
+    """Kill this cluster's processes only (`ray stop` would kill every Ray on the machine):
+    each of them names the cluster's GCS port on its command line."""
     marks = (f":{port}", f"port={port}")
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(m in cmd for m in marks) and p.pid != os.getpid():
-            victims.append(p)
-    for p in victims:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
         try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=10)
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone already
+        if any(m in cmd for m in marks):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 @pytest.fixture

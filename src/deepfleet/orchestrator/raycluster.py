@@ -56,7 +56,9 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, quiet:
         check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local": always a fresh Ray of our own. A bare ray.init() would join any cluster a
+        # `ray start` left recorded in /tmp/ray, and hang for minutes if that one is dead.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return ray.cluster_resources()
 
 
