@@ -9,6 +9,16 @@ from typing import Any
 import click
 
 
+def _interruptible(run: Any, resume_hint: str) -> dict[str, Any]:
+    """Run; on Ctrl-C say what is kept and how to continue, instead of a traceback."""
+    try:
+        return run()  # type: ignore[no-any-return]
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished trials and every measured row are kept; continue with: "
+                   f"{resume_hint}", err=True)
+        raise SystemExit(130) from None
+
+
 def _print_front(summary: dict[str, Any]) -> None:
     labels = summary["objectives"]
     front = summary["pareto"]
@@ -48,8 +58,10 @@ def search(study_file: str, trials: int | None, address: str | None, storage: st
 
         raise ConfigError(f"--trials must be >= 1, but got {trials}")
     run_dir = Path(out) if out else Path("runs") / spec.name
-    summary = Search(spec, run_dir=run_dir, address=address, storage=storage, resume=resume, trials=trials,
-                     fleet=fleet, progress=not as_json).run()
+    search_ = Search(spec, run_dir=run_dir, address=address, storage=storage, resume=resume, trials=trials,
+                     fleet=fleet, progress=not as_json)
+    summary = _interruptible(search_.run, f"deepfleet search {study_file} --resume"
+                             + (f" --out {out}" if out else ""))
     if as_json:
         click.echo(json.dumps(summary, default=str, sort_keys=True))
     else:
@@ -68,5 +80,6 @@ def demo(trials: int, out: str, fleet: str | None, resume: bool) -> None:
 
     spec, fleet_path, note = demo_spec(trials=trials, fleet=fleet)
     click.echo(f"deepfleet demo: {note}", err=True)
-    summary = Search(spec, run_dir=Path(out), resume=resume, fleet=fleet_path).run()
+    summary = _interruptible(Search(spec, run_dir=Path(out), resume=resume, fleet=fleet_path).run,
+                             f"deepfleet demo --resume --out {out}")
     _print_front(summary)

@@ -177,7 +177,7 @@ class Search:
                    + (" (cached)" if base["cached"] else ""))
         for params in requeued:
             view.event(f"resume: re-running interrupted trial with {params}")
-        pending: dict[Any, _Job] = {}  # ref -> (kind, trial, class)
+        pending: dict[Any, _Job] = {}
         live: dict[int, _Trial] = {}
         t_start = time.monotonic()
         first_measure: float | None = None
@@ -195,6 +195,9 @@ class Search:
                     if cand is not None:
                         view.event(f"trial {t.trial.number}: training reused from an earlier run")
                         self._trained(t, cand, study, broker, actors, pending, view)
+                        if not t.waiting_classes:  # judged or measured already: done now
+                            self._finish(t, study, view)
+                            live.pop(t.trial.number, None)
                     else:
                         job = {"model": spec.model, "data": spec.data, "seed": spec.seed, "params": t.params,
                                "training": spec.training, "threads": max(1, int(spec.resources.cpu))}
@@ -203,11 +206,6 @@ class Search:
                 if not live and done_count >= self.budget:
                     break
                 if not pending:
-                    if live:  # trials waiting on nothing: finish them (should not happen)
-                        for t in list(live.values()):
-                            self._finish(t, study, view)
-                            live.pop(t.trial.number, None)
-                        continue
                     break
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in ready:
