@@ -27,15 +27,20 @@ MARGIN_S = 30.0  # beyond the agent's own worst case for a measure request
 
 
 def energy_request(device: Device) -> dict[str, Any]:
-    """The agent's ``energy`` settings for ``device`` (a simulated sensor keeps its label)."""
+    """The agent's ``energy`` settings for ``device``.
+
+    A sensor that the fleet file marks simulated (``energy.simulated``) is passed on as such, so
+    the agent labels its readings ``simulated``. The device's own ``simulated`` note (an
+    emulated CPU, a shaped link) says nothing about the sensor and is not passed.
+    """
     e = device.energy
     out: dict[str, Any] = {"source": e.source, "sample_hz": e.sample_hz}
     if e.path:
         out["path"] = e.path
     if e.command:
         out["command"] = list(e.command)
-    if device.simulated and e.source not in ("none",):
-        out["simulated"] = device.simulated
+    if e.simulated:
+        out["simulated"] = e.simulated
     return out
 
 
