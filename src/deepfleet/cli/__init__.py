@@ -30,9 +30,11 @@ def main() -> None:
 def _register() -> None:
     from deepfleet.cli._compress import compress
     from deepfleet.cli._fleet import fleet
+    from deepfleet.cli._measure import measure
 
     main.add_command(compress)
     main.add_command(fleet)
+    main.add_command(measure)
 
 
 _register()
