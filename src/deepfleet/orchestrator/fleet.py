@@ -316,7 +316,11 @@ def load_fleet(path: str | Path) -> Fleet:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the fleet file: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        # PyYAML's message spans several lines; an error is one line (the CLI prints it as such).
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from exc
     if not isinstance(data, Mapping):
         raise top.error("(top level)", data, "a mapping with 'devices' and optional 'defaults'")
     for key in data:
