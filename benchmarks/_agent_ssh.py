@@ -146,10 +146,12 @@ def run_lenet(summary: dict[str, Any], *, cpu: int) -> dict[str, Any]:
     """Compressed vs original lenet5 p50 (and energy) per device, batch 1 and 64."""
     arts = {"compressed": Path(summary["artifact"]), "original": Path(summary["artifact_original"])}
     load_start = _loadavg()
+    compress = {k: summary.get(k) for k in (
+        "params_before", "params_after", "macs_before", "macs_after", "accuracy_before",
+        "accuracy_after", "bytes_before", "bytes_after", "layers", "seconds")}
     out: dict[str, Any] = {"artifacts": {k: v.name for k, v in arts.items()},
-                           "params": {"original": summary.get("params_before"),
-                                      "compressed": summary.get("params_after")},
-                           "settings": {**PINNED, "cpus": [cpu]}, "devices": {}}
+                           "compress": compress, "settings": {**PINNED, "cpus": [cpu]},
+                           "devices": {}}
     with tempfile.TemporaryDirectory() as tmp:
         devices, note, state = _lenet_devices(Path(tmp))
         out["sandbox_note"] = note
