@@ -178,3 +178,22 @@ def test_a_device_that_fails_gives_failure_rows_and_the_others_still_measure(
     assert len(failed) == 2 and failed["error"].notna().all() and failed["p50_ms"].isna().all()
     assert (failed["artifact_hash"] == tiny_artifact.digest).all()
     assert pd.isna(failed["drift"]).all() and (failed["model_name"] == "tiny").all()
+
+
+def test_ctrl_c_lets_each_device_finish_its_measurement_and_start_no_other(
+        local_device: Device, tiny_artifact: Artifact, tmp_path: Path) -> None:
+    import signal
+    import threading
+    import time
+
+    slow = {**QUICK_REQUEST, "max_runs": 10**6, "min_seconds": 0.5, "max_seconds": 0.5}
+    root = tmp_path / "results"
+    timer = threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,))
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()  # inside the block: the interrupt can only land where it is expected
+        measure_many([local_device], [tiny_artifact.path] * 20, results_root=root,
+                     settings=MeasureSettings(request=slow, reference_every=0))
+    assert time.monotonic() - start < 10  # 20 x 0.5 s were asked for
+    df = read_results(root)
+    assert 1 <= len(df) < 20 and df["error"].isna().all() and (df["runs"] > 0).all()

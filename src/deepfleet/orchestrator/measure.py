@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ class _Context:
     tracker: ReferenceTracker
     reference: Artifact | None
     emit: Callable[[Outcome], None]
+    stop: threading.Event  # set on Ctrl-C: each device finishes its current measurement only
 
 
 def _now() -> dt.datetime:
@@ -206,6 +207,8 @@ def _device_work(ctx: _Context, session: DeviceSession,
     name = session.device.name
     unreachable: str | None = None
     for given, art in artifacts:
+        if ctx.stop.is_set():
+            break
         started = _now()
         try:
             if unreachable is not None:
@@ -267,7 +270,9 @@ def measure_many(
     closed here. ``on_outcome`` is called (one call at a time) as each outcome is recorded.
 
     Returns the outcomes of every device, in device order, each device's in measured order
-    (reference measurements included, with ``reference=True``). Raises ConfigError or
+    (reference measurements included, with ``reference=True``). On KeyboardInterrupt each
+    device finishes (and records) its current measurement, starts no other, and the interrupt
+    is raised again. Raises ConfigError or
     ArtifactError, before contacting any device or writing anything, for a missing or corrupt
     artifact, a duplicate device name, an empty study or bad settings.
     """
@@ -292,7 +297,7 @@ def measure_many(
     ctx = _Context(root=Path(results_root), study=study, trial=trial, settings=settings,
                    tracker=tracker if tracker is not None else ReferenceTracker(),
                    reference=reference_artifact() if settings.reference_every else None,
-                   emit=emit)
+                   emit=emit, stop=threading.Event())
 
     def one_device(device: Device) -> list[Outcome]:
         if sessions is None:
@@ -305,5 +310,15 @@ def measure_many(
 
     with ThreadPoolExecutor(max_workers=min(len(devices), MAX_PARALLEL_DEVICES),
                             thread_name_prefix="measure") as pool:
-        per_device = list(pool.map(one_device, devices))
+        futures = [pool.submit(one_device, d) for d in devices]
+        try:
+            pending = set(futures)
+            while pending:  # short waits: a wait without a timeout does not see Ctrl-C
+                pending = wait(pending, timeout=0.2).not_done
+            per_device = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            # Rows of finished measurements are on disk already; let each device finish the
+            # one it is on (its row is written too) and start no other, then stop.
+            ctx.stop.set()
+            raise
     return [o for outcomes in per_device for o in outcomes]
