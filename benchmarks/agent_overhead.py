@@ -1,7 +1,9 @@
-"""Benchmark of the device agent (issue: device agent and fleet), local part. Prints and saves JSON.
+"""Benchmark of the device agent (issue: device agent and fleet). Prints and saves JSON.
 
-Starts ``agent.py serve`` as a subprocess on this machine (the built-in ``local`` device) and
-measures, over the JSON-lines pipe:
+Parts (``--parts``, comma list; each is merged into the JSON file under its own key):
+
+``local``: starts ``agent.py serve`` as a subprocess on this machine (the built-in ``local``
+device) and measures, over the JSON-lines pipe:
 
 * ``startup``   spawn to first ``hello`` reply (what a device session pays once);
 * ``ping``      round trip of the cheapest request (the protocol's own cost), p50 / p90;
@@ -13,15 +15,31 @@ measures, over the JSON-lines pipe:
                 times with the default stopping rule (CI of the median within 2 %): the p50s,
                 their coefficient of variation, and each run's CI width, runs and stop reason.
 
-Another engineer adds the SSH part (the same figures over a Paramiko channel).
+``ssh``: the same agent through a :class:`DeviceSession` over loopback SSH (an sshd on
+127.0.0.1 started here, verified host key, Paramiko):
 
-    PYTHONPATH=src python benchmarks/agent_overhead.py [--requests 200] [--repeats 5]
+* ``first_contact_s``  connect + deploy agent.py into an empty work dir + start + ``hello``;
+  ``reconnect_s`` the same when agent.py is already there (hash check only);
+* ``ping_ms``      round trip of ``ping`` over the channel;
+* ``overhead_ms``  per-measurement overhead of the persistent session: ``DeviceSession.measure``
+                   wall time minus the model's own runs (warm-up + timed latencies);
+* ``repeat``       as for local, over SSH, threads pinned (1 BLAS thread, one CPU).
+
+``lenet5``: p50 of the compressed lenet5 against the original (the two artifacts of one
+``deepfleet compress lenet5 --data digits`` run, given by ``--lenet-summary``, the JSON it
+prints) on the local device and on sandbox devices (x86 in a namespace, and the Edison
+stand-in with its simulated sensor), batch 1 and batch 64, threads pinned, CI stopping rule.
+The sandbox part needs root; without it only the local device is measured.
+
+    PYTHONPATH=src python benchmarks/agent_overhead.py [--parts local,ssh,lenet5]
+        [--requests 200] [--repeats 5] [--lenet-summary compress.json] [--cpu 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -153,16 +171,40 @@ def run(requests: int, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="local,ssh", help="comma list of local, ssh, lenet5")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu", type=int, default=None,
+                        help="CPU to pin the SSH and lenet5 measurements to (default: the last)")
+    parser.add_argument("--lenet-summary", type=Path, default=None,
+                        help="JSON printed by `deepfleet compress lenet5 --data digits --json`")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    result = run(args.requests, args.repeats)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - {"local", "ssh", "lenet5"})
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; accepted: local, ssh, lenet5")
+    if "lenet5" in parts and args.lenet_summary is None:
+        parser.error("--parts lenet5 needs --lenet-summary (the JSON of `deepfleet compress "
+                     "lenet5 --data digits --json`)")
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-    merged["local"] = result  # the SSH part goes next to it under its own key
-    args.out.write_text(json.dumps(merged, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    for part in parts:
+        if part == "local":
+            result = run(args.requests, args.repeats)
+        elif part == "ssh":
+            from _agent_ssh import run_ssh  # type: ignore[import-not-found]
+
+            result = run_ssh(requests=args.requests, repeats=args.repeats, cpu=cpu)
+        else:
+            from _agent_ssh import run_lenet  # type: ignore[import-not-found]
+
+            result = run_lenet(json.loads(args.lenet_summary.read_text()), cpu=cpu)
+        # Re-read before each write: parts may run in separate invocations.
+        merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+        merged[part] = result
+        args.out.write_text(json.dumps(merged, indent=1) + "\n")
+        print(json.dumps({part: result}, indent=1))
 
 
 if __name__ == "__main__":

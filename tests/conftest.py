@@ -8,6 +8,7 @@ namespaces) skip with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import selectors
@@ -30,9 +31,11 @@ from deepfleet.compressors._export import export_graph
 from deepfleet.data import Dataset, load_data
 from deepfleet.device_agent import powersim
 from deepfleet.models import build_model
-from deepfleet.orchestrator.fleet import Device
+from deepfleet.orchestrator.device import DeviceSession
+from deepfleet.orchestrator.fleet import LOCAL_DEVICE, Device
 from deepfleet.orchestrator.sandbox import LoopbackSshd, SandboxState, down, read_state, up
 from deepfleet.orchestrator.sandbox._sshd import keygen, sshd_binary
+from deepfleet.orchestrator.ssh import Timeouts
 
 ZOO_SHAPES = {
     "mlp": (1, 28, 28),
@@ -287,3 +290,46 @@ def start_powersim(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     for p in procs:
         p.terminate()
         p.wait(10)
+
+
+# ---------------------------------------------------------------------------- sessions, faults
+
+#: Short SSH timeouts for tests that break links and devices on purpose.
+FAST_TIMEOUTS = Timeouts(connect=3, banner=3, auth=3, channel_open=3, kill=3,
+                         reconnect_delays=(0.1, 0.2))
+
+#: A quick measure request (5 runs, no settling, no energy sampling): agent overhead, not a
+#: benchmark.
+QUICK_REQUEST: dict[str, Any] = {"warmup": 1, "min_runs": 5, "max_runs": 5, "min_seconds": 0,
+                                 "max_seconds": 5, "ci_target": None,
+                                 "thermal": {"settle_max_s": 0}, "energy": {"source": "none"}}
+
+
+@pytest.fixture
+def fast_session() -> Callable[[Device], DeviceSession]:
+    """A session factory with short timeouts: a lost device fails a test in seconds."""
+
+    def make(device: Device) -> DeviceSession:
+        return DeviceSession(device, timeouts=FAST_TIMEOUTS, hello_timeout_s=30,
+                             deadline_margin_s=2)
+
+    return make
+
+
+@pytest.fixture
+def local_device(tmp_path: Path) -> Device:
+    """The built-in local device with a private work directory (not ~/.deepfleet)."""
+    return dataclasses.replace(LOCAL_DEVICE, workdir=str(tmp_path / "local-work"))
+
+
+@pytest.fixture(scope="session")
+def python_without_numpy(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real Python interpreter that cannot import numpy (a fresh venv without packages)."""
+    import venv
+
+    directory = tmp_path_factory.mktemp("venv-no-numpy")
+    venv.EnvBuilder(with_pip=False).create(directory)
+    python = str(directory / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import numpy"], capture_output=True)
+    assert probe.returncode != 0, "the fresh venv unexpectedly has numpy"
+    return python

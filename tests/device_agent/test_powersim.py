@@ -36,8 +36,10 @@ def test_power_follows_the_cpu_use_of_the_given_pids(
     cold = start_powersim(pids=[idle], idle_w=0.5, active_w=2.0, hz=20, window_s=0.2)
     time.sleep(0.6)
     assert _power_w(cold) == pytest.approx(0.5, abs=0.01)
-    # A shared 2-CPU machine may not give the spinner a whole CPU; it gets a good part of one.
-    assert 0.5 + 0.5 <= _power_w(hot) <= 0.5 + 2.0
+    # A shared 2-CPU machine may not give the spinner a whole CPU (under a load of 14 it got
+    # 45 % of one), but it always gets a visible share, and the idle process none.
+    assert 0.5 + 2.0 * 0.2 <= _power_w(hot) <= 0.5 + 2.0
+    assert _power_w(hot) > _power_w(cold) + 0.3
     hw = hot / "hwmon0"
     assert (hw / "name").read_text().strip() == powersim.SIM_NAME == "deepfleet_sim"
     assert (hw / "power1_label").read_text().strip() == "simulated"

@@ -67,6 +67,22 @@ def test_good_file_loads_with_defaults_and_relative_paths(files: Path) -> None:
         fleet["nope"]
 
 
+def test_energy_simulated_note_loads_and_reaches_the_agent_request(files: Path) -> None:
+    from deepfleet.orchestrator.device import energy_request
+
+    body = (f"  - {BASE}\n    energy: {{source: hwmon, path: /s, simulated: model of CPU time}}\n"
+            f"  - {BASE.replace('name: d1', 'name: d2')}\n    energy: {{source: hwmon, "
+            "simulated: true}\n    simulated: qemu\n"
+            f"  - {BASE.replace('name: d1', 'name: d3')}\n    simulated: qemu\n")
+    fleet = load_fleet(write(files, "devices:\n" + body))
+    assert fleet["d1"].energy.simulated == "model of CPU time"
+    assert fleet["d2"].energy.simulated == "simulated sensor"
+    assert energy_request(fleet["d1"]) == {"source": "hwmon", "path": "/s", "sample_hz": 10.0,
+                                           "simulated": "model of CPU time"}
+    # An emulated CPU says nothing about the sensor: a real sensor's energy stays measured.
+    assert fleet["d3"].energy.simulated is None and "simulated" not in energy_request(fleet["d3"])
+
+
 def test_local_fleet_is_this_machine_without_ssh() -> None:
     fleet = local_fleet()
     assert fleet.names == ("local",) and fleet.path is None
@@ -96,6 +112,10 @@ BASE = "name: d1\n    host: h\n    user: u\n    key: id\n    class: x86\n    kno
          r"'energy.source': got 'rapl2'.*auto, rapl, hwmon, power_supply, command, none"),
         (f"  - {BASE}\n    energy: {{source: command}}", r"'energy.command'.*exactly when"),
         (f"  - {BASE}\n    energy: {{source: hwmon, sample_hz: 0}}", r"'energy.sample_hz'"),
+        (f"  - {BASE}\n    energy: {{source: hwmon, simulated: 3}}",
+         r"'energy.simulated': got 3 \(int\).*true/false or a note"),
+        (f"  - {BASE}\n    energy: {{source: none, simulated: true}}",
+         r"'energy.simulated': got True.*source is 'none'"),
         (f"  - {BASE}\n    tags: lab", r"key 'tags': got 'lab'.*list"),
         (f"  - {BASE.replace('name: d1', 'name: bad/name')}", r"devices\[0\].name': got 'bad/name'"),
         ("  - just-a-string", r"devices\[0\]': got 'just-a-string'"),

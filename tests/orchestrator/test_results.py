@@ -161,3 +161,21 @@ def test_timestamps_are_utc_and_must_carry_a_time_zone() -> None:
     row = failure_row(study="s", device="d", device_class="c", artifact_hash="h", error="e",
                       started_at="2026-01-01T01:00:00+01:00")
     assert row["started_at"] == dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def test_version_1_files_without_drift_read_back_with_null_drift(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    write_results(root, [_row(drift=0.04)])
+    # A file as SCHEMA_VERSION 1 wrote it: no drift column, schema_version 1.
+    old = RESULTS_SCHEMA.remove(RESULTS_SCHEMA.get_field_index("drift"))
+    row = {k: v for k, v in _row(measurement_id="old").items() if k != "drift"}
+    row["schema_version"] = 1
+    part = root / "study=s1" / "device=dev-1" / "part-v1.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=old).drop_columns(["study", "device"]),
+                   part)
+    frame = read_results(root)
+    assert SCHEMA_VERSION == 2 and list(frame.columns) == RESULTS_SCHEMA.names
+    df = frame.set_index("measurement_id")
+    assert df.loc["old", "schema_version"] == 1 and pd.isna(df.loc["old", "drift"])
+    new = df[df.index != "old"].iloc[0]
+    assert new["schema_version"] == 2 and new["drift"] == pytest.approx(0.04)

@@ -73,8 +73,10 @@ def test_fleet_file_says_what_is_simulated(sandbox: SandboxState) -> None:
     edison, arm64, x86 = (device(sandbox, n) for n in ("edison-1", "arm64-1", "x86-1"))
     assert edison.device_class == "edison" and edison.energy.source == "hwmon"
     assert edison.energy.path == "/var/lib/deepfleet/sim-hwmon/hwmon0"
-    assert edison.simulated is not None and "SIMULATED" in edison.simulated
+    assert edison.simulated is not None and "0.15 CPU" in edison.simulated
+    assert edison.energy.simulated is not None and "SIMULATED" in edison.energy.simulated
     assert arm64.simulated is not None and "qemu" in arm64.simulated
+    assert arm64.energy.simulated is None  # an emulated CPU is not a simulated sensor
     assert x86.simulated is None and x86.energy.source == "none"
     assert x86.known_hosts is not None and x86.known_hosts.read_text().count("ssh-ed25519") == 4
 

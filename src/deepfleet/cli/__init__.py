@@ -31,10 +31,11 @@ def _register() -> None:
     # Imported here, not at the top: each command module pulls in its own dependencies lazily.
     from deepfleet.cli._compress import compress
     from deepfleet.cli._fleet import fleet
+    from deepfleet.cli._measure import measure
     from deepfleet.cli._report import report
     from deepfleet.cli._search import demo, search
 
-    for command in (compress, search, demo, fleet, report):
+    for command in (compress, search, demo, fleet, measure, report):
         main.add_command(command)
 
 

@@ -1,15 +1,91 @@
-"""``deepfleet fleet ...``: the device fleet. For now the sandbox: ``fleet sandbox up|down``."""
+"""``deepfleet fleet ...``: the device fleet: ``fleet check`` and ``fleet sandbox up|down``."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from deepfleet.orchestrator.check import DeviceCheck
+    from deepfleet.orchestrator.fleet import Device
 
 
 @click.group()
 def fleet() -> None:
     """Devices that measure candidate models."""
+
+
+def select_devices(fleet_file: Path | None, names: str | None) -> list[Device]:
+    """The devices of ``fleet_file`` (the built-in ``local`` device without one), or those of
+    them named in the comma-separated ``names``. Raises ConfigError for a malformed fleet file
+    or an unknown name (the message lists the known ones)."""
+    from deepfleet.errors import ConfigError
+    from deepfleet.orchestrator.fleet import load_fleet, local_fleet
+
+    fleet = load_fleet(fleet_file) if fleet_file is not None else local_fleet()
+    if names is None:
+        return list(fleet)
+    wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+    if not wanted:
+        raise ConfigError(f"--devices: got {names!r}, an empty list; known devices: "
+                          f"{', '.join(fleet.names)}")
+    return [fleet[n] for n in wanted]
+
+
+# Shared by `fleet check` and `measure`.
+fleet_option = click.option(
+    "--fleet", "fleet_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Fleet file (fleet.yaml). Default: the built-in 'local' device (this machine, no SSH).")
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _check_table(checks: list[DeviceCheck]) -> list[str]:
+    header = ("DEVICE", "CLASS", "REACHABLE", "ARCH", "PYTHON", "NUMPY", "ENERGY", "SIMULATED")
+    rows = [header] + [(c.device, c.device_class, "yes" if c.reachable else "NO", _cell(c.arch),
+                        _cell(c.python), _cell(c.numpy), _cell(c.energy), _cell(c.simulated))
+                       for c in checks]
+    # The last column (free text) is not padded.
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return ["  ".join([*(r[i].ljust(widths[i]) for i in range(len(widths))), r[-1]]).rstrip()
+            for r in rows]
+
+
+@fleet.command("check")
+@fleet_option
+@click.option("--devices", default=None, metavar="NAME,NAME,...",
+              help="Only these devices of the fleet file.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per device instead of "
+                                                       "the table.")
+def fleet_check(fleet_file: Path | None, devices: str | None, as_json: bool) -> None:
+    """Contact every device in parallel: deploy and start the agent, and show what it finds.
+
+    One row per device: reachable, architecture, Python, numpy, where energy readings come
+    from, and what is simulated. Each unreachable device gets an error line on stderr naming
+    it and the cause; the exit status is then 1 (2 for a bad fleet file or device name).
+    """
+    from deepfleet.orchestrator.check import check_devices
+
+    checks = check_devices(select_devices(fleet_file, devices))
+    if as_json:
+        for c in checks:
+            click.echo(json.dumps(c.to_dict(), sort_keys=True))
+    else:
+        for line in _check_table(checks):
+            click.echo(line)
+    failed = [c for c in checks if not c.reachable]
+    for c in failed:
+        click.echo(f"deepfleet: error: {c.error}", err=True)
+    if failed:
+        click.echo(f"deepfleet: {len(failed)} of {len(checks)} device(s) unreachable: "
+                   f"{', '.join(c.device for c in failed)}", err=True)
+        sys.exit(1)
 
 
 @fleet.group()

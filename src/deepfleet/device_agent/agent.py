@@ -41,7 +41,10 @@ import traceback
 import numpy as np
 
 # 0.2.0: the serve protocol (hello/ping/measure/infer/bye), energy sources, BLAS thread control.
-AGENT_VERSION = "0.2.0"
+# 0.2.1: faster conv (as_strided windows, one im2col matmul, no moveaxis copy) and pooling (one
+#        axis at a time over strided slices, not a reduction over a window view): same outputs,
+#        different timings (lenet5 batch 1 about 3x faster).
+AGENT_VERSION = "0.2.1"
 GRAPH_FORMAT = "deepfleet-graph"
 GRAPH_VERSION = 1
 ARTIFACT_FILES = ("graph.json", "weights.npz", "manifest.json")
@@ -106,29 +109,38 @@ def _pad_spatial(x, pads, value=0.0):
 
 
 def _windows(x, kernel, stride, dilation):
-    """Sliding windows over the trailing spatial axes: (B, C, *out, *kernel)."""
-    nd = len(kernel)
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
-    sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
-    sl += tuple(slice(None, None, d) for d in dilation)
-    return win[sl]
+    """Sliding windows over the trailing spatial axes: a read-only view (B, C, *out, *kernel).
+
+    Built with as_strided directly: sliding_window_view + slicing gives the same view but
+    costs ~10 us of Python per call, a tenth of a small model's whole run.
+    """
+    spatial, steps = x.shape[2:], x.strides[2:]
+    out = tuple((n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(spatial, kernel, stride, dilation))
+    if min(out) < 1:
+        raise ValueError("window %s (dilation %s) is larger than the input %s"
+                         % (list(kernel), list(dilation), list(spatial)))
+    strides = (x.strides[:2] + tuple(st * s for st, s in zip(steps, stride))
+               + tuple(st * d for st, d in zip(steps, dilation)))
+    return np.lib.stride_tricks.as_strided(x, x.shape[:2] + out + tuple(kernel), strides,
+                                           writeable=False)
 
 
 def op_conv(inputs, a, w):
     x = _pad_spatial(inputs[0], a["padding"])
     W = w["weight"]  # (O, C, *k)
     nd = W.ndim - 2
-    if nd == 1 and a["stride"] == [1] and a["dilation"] == [1]:
-        win = _windows(x, W.shape[2:], [1], [1])
-    else:
-        win = _windows(x, W.shape[2:], a["stride"], a["dilation"])
-    # (B, C, *out, *k) x (O, C, *k) -> (B, *out, O)
-    out = np.tensordot(win, W, axes=([1] + list(range(2 + nd, 2 + 2 * nd)), list(range(1, 2 + nd))))
-    out = np.moveaxis(out, -1, 1)
+    win = _windows(x, W.shape[2:], a["stride"], a["dilation"])  # (B, C, *out, *k), a view
+    batch, out_shape = win.shape[0], win.shape[2:2 + nd]
+    # im2col with the columns ordered (C, *k) x (B, *out), so that one matmul gives (O, B, *out):
+    # for batch 1 that is already the output layout, and no copy of the result is needed (a
+    # tensordot would give (B, *out, O) and need a moveaxis copy). The window copy is the same.
+    perm = [1] + list(range(2 + nd, 2 + 2 * nd)) + [0] + list(range(2, 2 + nd))
+    cols = win.transpose(perm).reshape(W[0].size, -1)
+    out = W.reshape(W.shape[0], -1) @ cols  # (O, C*k) @ (C*k, B*out)
     if "bias" in w:
-        out = out + w["bias"].reshape((1, -1) + (1,) * nd)
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out += w["bias"][:, None]
+    out = out.reshape((W.shape[0], batch) + tuple(out_shape))
+    return np.ascontiguousarray(out.swapaxes(0, 1), dtype=np.float32)
 
 
 def op_linear(inputs, a, w):
@@ -145,39 +157,54 @@ def op_affine(inputs, a, w):
     return x * w["scale"].reshape(shape) + w["shift"].reshape(shape)
 
 
-def _pool(x, a, reduce, pad_value):
+def _pool(x, a, combine, pad_value):
+    """Pool with ``combine`` (np.maximum or np.add) over each window of the kernel.
+
+    Max and sum over a box are separable, so the windows are folded one spatial axis at a time:
+    along an axis with kernel k, the k strided slices that hold each window's k elements are
+    combined (k - 1 whole-array ufunc calls; 2 for a 2x2 kernel in all). A reduction over a
+    window view instead runs element by element in numpy: 20x slower for LeNet's pools.
+    """
     k, s, p, d = a["kernel"], a["stride"], a["padding"], a.get("dilation", [1] * len(a["kernel"]))
     nd = len(k)
     spatial = x.shape[2:]
-    extra = []
+    extra, outs = [], []
     for i in range(nd):
         n = spatial[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1
         out = (n + (s[i] - 1 if a.get("ceil_mode") else 0)) // s[i] + 1
         if a.get("ceil_mode") and (out - 1) * s[i] >= spatial[i] + p[i]:
             out -= 1  # torch: the last window must start inside the input or left padding
+        outs.append(out)
         extra.append(max(0, (out - 1) * s[i] + d[i] * (k[i] - 1) + 1 - (spatial[i] + 2 * p[i])))
-    if not any(p) and not any(extra) and k == s and all(di == 1 for di in d) and all(
-        n % ki == 0 for n, ki in zip(spatial, k)
-    ):  # fast path: non-overlapping windows tile the input
-        shape = x.shape[:2] + tuple(v for n, ki in zip(spatial, k) for v in (n // ki, ki))
-        return reduce(x.reshape(shape), tuple(range(3, 3 + 2 * nd, 2)))
-    width = [(0, 0), (0, 0)] + [(pi, pi + e) for pi, e in zip(p, extra)]
-    xp = np.pad(x, width, mode="constant", constant_values=pad_value)
-    win = _windows(xp, k, s, d)
-    return reduce(win, tuple(range(-nd, 0)))
+    if any(p) or any(extra):
+        width = [(0, 0), (0, 0)] + [(pi, pi + e) for pi, e in zip(p, extra)]
+        x = np.pad(x, width, mode="constant", constant_values=pad_value)
+    result, fresh = x, False
+    for axis in range(nd):
+        ki, si, di, n = k[axis], s[axis], d[axis], outs[axis]
+        head = (slice(None),) * (2 + axis)
+        parts = [result[head + (slice(o * di, o * di + (n - 1) * si + 1, si),)] for o in range(ki)]
+        if ki == 1:
+            result = parts[0]  # only a stride (a view): copied below if nothing else happens
+            continue
+        acc = combine(parts[0], parts[1])
+        for part in parts[2:]:
+            combine(acc, part, out=acc)
+        result, fresh = acc, True
+    return result if fresh else result.copy()
 
 
 def op_max_pool(inputs, a, w):
-    return _pool(inputs[0], a, np.max, -np.inf)
+    return _pool(inputs[0], a, np.maximum, -np.inf)
 
 
 def op_avg_pool(inputs, a, w):
     x = inputs[0]
     if a.get("count_include_pad", True) or not any(a["padding"]):
-        out = _pool(x, a, np.sum, 0.0)
+        out = _pool(x, a, np.add, 0.0)
         return (out / float(np.prod(a["kernel"]))).astype(np.float32)
     ones = np.ones((1, 1) + x.shape[2:], dtype=np.float32)
-    return (_pool(x, a, np.sum, 0.0) / _pool(ones, a, np.sum, 0.0)).astype(np.float32)
+    return (_pool(x, a, np.add, 0.0) / _pool(ones, a, np.add, 0.0)).astype(np.float32)
 
 
 def op_adaptive_pool(inputs, a, w):

@@ -27,31 +27,45 @@ MARGIN_S = 30.0  # beyond the agent's own worst case for a measure request
 
 
 def energy_request(device: Device) -> dict[str, Any]:
-    """The agent's ``energy`` settings for ``device`` (a simulated sensor keeps its label)."""
+    """The agent's ``energy`` settings for ``device``.
+
+    A sensor that the fleet file marks simulated (``energy.simulated``) is passed on as such, so
+    the agent labels its readings ``simulated``. The device's own ``simulated`` note (an
+    emulated CPU, a shaped link) says nothing about the sensor and is not passed.
+    """
     e = device.energy
     out: dict[str, Any] = {"source": e.source, "sample_hz": e.sample_hz}
     if e.path:
         out["path"] = e.path
     if e.command:
         out["command"] = list(e.command)
-    if device.simulated and e.source not in ("none",):
-        out["simulated"] = device.simulated
+    if e.simulated:
+        out["simulated"] = e.simulated
     return out
 
 
-def measure_deadline(req: dict[str, Any]) -> float:
-    """Seconds a ``measure`` request may take: the agent's own worst case plus a margin."""
+def measure_deadline(req: dict[str, Any], margin_s: float = MARGIN_S) -> float:
+    """Seconds a ``measure`` request may take: the agent's own worst case plus ``margin_s``."""
     thermal = req.get("thermal") or {}
     energy = req.get("energy") or {}
     return (float(thermal.get("settle_max_s", 30.0)) + float(energy.get("idle_s", 0.5))
-            + float(req.get("max_seconds", 30.0)) + 2 * float(req.get("min_seconds", 1.0)) + MARGIN_S)
+            + float(req.get("max_seconds", 30.0)) + 2 * float(req.get("min_seconds", 1.0)) + margin_s)
 
 
 class DeviceSession:
-    """The agent on one device. Not thread-safe: one request at a time (a device is exclusive)."""
+    """The agent on one device. Not thread-safe: one request at a time (a device is exclusive).
 
-    def __init__(self, device: Device, **transport_options: Any) -> None:
+    ``hello_timeout_s`` bounds starting the agent (upload check, Python + numpy start, hello);
+    ``deadline_margin_s`` is added to a measure request's own worst case (see
+    :func:`measure_deadline`) before the request counts as hung. ``transport_options`` go to
+    :func:`~deepfleet.orchestrator.transport.open_transport` (e.g. SSH ``timeouts``).
+    """
+
+    def __init__(self, device: Device, *, hello_timeout_s: float = HELLO_TIMEOUT_S,
+                 deadline_margin_s: float = MARGIN_S, **transport_options: Any) -> None:
         self.device = device
+        self.hello_timeout_s = hello_timeout_s
+        self.deadline_margin_s = deadline_margin_s
         self._options = transport_options
         self._transport: Transport | None = None
         self._proc: RemoteProcess | None = None
@@ -95,14 +109,19 @@ class DeviceSession:
             return self.hello
         self._reset()
         transport = open_transport(self.device, **self._options)
+        proc: RemoteProcess | None = None
+        timeout = self.hello_timeout_s
         try:
-            up = transport.upload_if_changed(AGENT_FILE, f"{self.device.workdir.rstrip('/')}/agent.py")
+            up = transport.upload_if_changed(AGENT_FILE, f"{self.device.workdir.rstrip('/')}/agent.py",
+                                              timeout=timeout)
             self._workdir = up.path.rsplit("/", 1)[0]
-            proc = transport.start([self.device.python, up.path, "serve"], timeout=HELLO_TIMEOUT_S)
-            hello = proc.request({"op": "hello", "energy": energy_request(self.device)}, timeout=HELLO_TIMEOUT_S)
-        except DeviceError:
+            proc = transport.start([self.device.python, up.path, "serve"], timeout=timeout)
+            hello = proc.request({"op": "hello", "energy": energy_request(self.device)}, timeout=timeout)
+        except DeviceError as exc:
+            if proc is not None:
+                proc.kill()
             transport.close()
-            raise
+            raise self._explain(exc) from exc
         if not hello.get("ok"):
             proc.kill()
             transport.close()
@@ -112,12 +131,27 @@ class DeviceSession:
         return hello
 
     # -- work
+    def _explain(self, exc: DeviceError) -> DeviceError:
+        """A clearer error for the start-up failures that have one known cause and fix."""
+        text = str(exc)
+        if "No module named 'numpy'" in text:
+            return DeviceError(
+                f"device {self.device.name!r}: the interpreter {self.device.python!r} has no numpy, "
+                "which the agent needs (Python >= 3.8 with numpy): install it on the device "
+                "(Debian: apt install python3-numpy) or set `python:` in fleet.yaml to an "
+                f"interpreter that has it. ({text})")
+        return exc
+
     def _upload_artifact(self, artifact: Path) -> str:
         assert self._transport is not None
         remote = f"{self._workdir}/artifacts/{artifact.name}"
-        for name in ARTIFACT_FILES:
-            if self._transport.upload_if_changed(artifact / name, f"{remote}/{name}").uploaded:
-                self.uploads += 1
+        try:
+            for name in ARTIFACT_FILES:
+                if self._transport.upload_if_changed(artifact / name, f"{remote}/{name}").uploaded:
+                    self.uploads += 1
+        except DeviceError:
+            self._reset()  # the link may be gone: do not trust the agent's connection either
+            raise
         return remote
 
     def request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -144,10 +178,11 @@ class DeviceSession:
         t0 = time.perf_counter()
         self.connect()
         req["artifact"] = f"{self._workdir}/artifacts/{artifact.name}"
-        resp = self.request(req, timeout=measure_deadline(req))
+        deadline = measure_deadline(req, self.deadline_margin_s)
+        resp = self.request(req, timeout=deadline)
         if not resp.get("ok") and resp.get("kind") in ("artifact_missing", "artifact_corrupt"):
             self._upload_artifact(artifact)  # first sight of this artifact, or a damaged copy
-            resp = self.request(req, timeout=measure_deadline(req))
+            resp = self.request(req, timeout=deadline)
         if not resp.get("ok"):
             raise DeviceError(
                 f"device {self.device.name!r}: measuring {artifact.name[:12]} failed "

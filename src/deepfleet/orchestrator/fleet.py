@@ -14,6 +14,11 @@ that every device inherits unless it sets them itself::
         energy: {source: hwmon, path: /sys/class/hwmon/hwmon0, sample_hz: 50}
         tags: [lab-a]
 
+``energy.simulated`` (true, or a note) marks a sensor that is a model rather than a meter, such
+as the sandbox's simulated hwmon device: every row measured with it has ``energy_kind``
+``simulated`` and carries the note. ``simulated`` on the device itself says what else is not
+real (an emulated CPU, a shaped link).
+
 Everything is validated on load: an unknown key, a wrong type, a duplicate name, a bad port or a
 missing key file raises :class:`~deepfleet.errors.ConfigError` naming the file, the device, the
 key, the bad value and what is accepted. Relative paths are relative to the fleet file.
@@ -61,12 +66,15 @@ class EnergySpec:
     ``source`` is one of :data:`ENERGY_SOURCES`; ``path`` optionally pins the sensor (a powercap,
     hwmon or power_supply directory on the device); ``command`` is the argv of an external meter
     (required for, and only allowed with, ``source: command``); ``sample_hz`` is the sampling rate.
+    ``simulated`` is a note when the sensor is a model, not a meter (the agent then labels its
+    energy ``simulated``); None for a real sensor.
     """
 
     source: str = "auto"
     path: str | None = None
     command: tuple[str, ...] | None = None
     sample_hz: float = 10.0
+    simulated: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +161,7 @@ def local_fleet() -> Fleet:
 
 _DEVICE_KEYS = ("name", "host", "port", "user", "key", "host_key", "known_hosts", "class",
                 "python", "workdir", "energy", "tags", "simulated")
-_ENERGY_KEYS = ("source", "path", "command", "sample_hz")
+_ENERGY_KEYS = ("source", "path", "command", "sample_hz", "simulated")
 
 
 class _Where:
@@ -226,7 +234,21 @@ def _energy(where: _Where, value: object) -> EnergySpec:
     hz = value.get("sample_hz", 10.0)
     if isinstance(hz, bool) or not isinstance(hz, int | float) or not 0 < hz <= 10_000:
         raise where.error("energy.sample_hz", hz, "a number of samples per second in (0, 10000]")
-    return EnergySpec(source=source, path=path, command=command, sample_hz=float(hz))
+    simulated = _note(where, "energy.simulated", value.get("simulated"), "simulated sensor")
+    if simulated is not None and source == "none":
+        raise where.error("energy.simulated", value.get("simulated"),
+                          "no simulated note when energy.source is 'none' (nothing is read)")
+    return EnergySpec(source=source, path=path, command=command, sample_hz=float(hz),
+                      simulated=simulated)
+
+
+def _note(where: _Where, key: str, value: object, default: str) -> str | None:
+    """A ``simulated`` value: true gives ``default``, false or nothing gives None."""
+    if value is True:
+        return default
+    if value is False or value is None:
+        return None
+    return _str(where, key, value, accepted="true/false or a note saying what is simulated")
 
 
 def _device(where: _Where, raw: Mapping[str, Any], base: Path) -> Device:
@@ -255,14 +277,7 @@ def _device(where: _Where, raw: Mapping[str, Any], base: Path) -> Device:
     tags = raw.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
         raise where.error("tags", tags, "a list of non-empty strings")
-    simulated = raw.get("simulated")
-    if simulated is True:
-        simulated = "simulated"
-    elif simulated is False:
-        simulated = None
-    elif simulated is not None:
-        simulated = _str(where, "simulated", simulated,
-                         accepted="true/false or a note saying what is simulated")
+    simulated = _note(where, "simulated", raw.get("simulated"), "simulated")
     return Device(
         name=where.device or "",
         device_class=device_class,
@@ -296,7 +311,11 @@ def load_fleet(path: str | Path) -> Fleet:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the fleet file: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        # PyYAML's message spans several lines; an error is one line (the CLI prints it as such).
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from exc
     if not isinstance(data, Mapping):
         raise top.error("(top level)", data, "a mapping with 'devices' and optional 'defaults'")
     for key in data:

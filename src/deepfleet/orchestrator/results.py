@@ -44,7 +44,10 @@ __all__ = [
     "write_results",
 ]
 
-SCHEMA_VERSION = 1
+# 2: the ``drift`` column. Files written at version 1 lack it; they read back with drift null
+# (the dataset is read with RESULTS_SCHEMA, which fills a column a file lacks with nulls), and
+# their rows keep schema_version 1, so a reader can tell "not recorded" from "no drift".
+SCHEMA_VERSION = 2
 ENERGY_KINDS = ("measured", "simulated", "estimated")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -58,6 +61,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("device", pa.string(), False),  # partition
     ("trial", pa.int64(), True),  # Optuna trial number; null outside a search
     ("reference", pa.bool_(), False),  # a drift-check row (a fixed reference artifact)
+    # The device's latest reference p50 relative to its first in this run, minus 1 (+0.05: the
+    # device runs the reference 5 % slower than at the start); null: no reference measured.
+    ("drift", pa.float64(), True),
     ("device_class", pa.string(), False),
     ("arch", pa.string(), True),  # platform.machine() on the device
     ("simulated", pa.string(), True),  # what is not real (emulated CPU, simulated sensor)
@@ -170,11 +176,13 @@ def measurement_row(
     simulated: str | None = None,
     artifact_bytes: int | None = None,
     model_name: str | None = None,
+    drift: float | None = None,
 ) -> dict[str, Any]:
     """One results row from a successful agent ``measure`` response (a dict).
 
     ``simulated`` is the device's own note (e.g. the fleet file's); a simulated energy sensor
-    adds its note. ``model_name`` overrides the manifest's ``model``. Raises ResultsError if
+    adds its note. ``model_name`` overrides the manifest's ``model``. ``drift`` is the device's
+    reference drift when this was measured (see the column's comment). Raises ResultsError if
     ``result`` is not a successful measure response.
     """
     if not result.get("ok") or "latencies_ms" not in result:
@@ -221,6 +229,7 @@ def measurement_row(
         "agent_version": result.get("agent_version"),
         "device_python": result.get("python"),
         "device_numpy": result.get("numpy"),
+        "drift": drift,
         "error": None,
     })
     for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "p50_ci_low_ms",
@@ -351,8 +360,9 @@ def read_results(root: str | os.PathLike[str], study: str | None = None) -> pd.D
     Columns are RESULTS_SCHEMA's, in its order, with every row's partition values restored:
     strings use pandas' string dtype, integers nullable ``Int*`` dtypes, timestamps UTC,
     ``latencies_ms``/``affinity`` hold numpy arrays. A dataset with no rows (or none for
-    ``study``) gives an empty frame with those columns. Raises ResultsError when ``root`` does
-    not exist or a file is unreadable.
+    ``study``) gives an empty frame with those columns. Rows written by an older schema version
+    have nulls in the columns added since (their ``schema_version`` says which). Raises
+    ResultsError when ``root`` does not exist or a file is unreadable.
     """
     table = read_table(root, study)
     frame = table.to_pandas(types_mapper=_pandas_type)

@@ -6,9 +6,10 @@ qemu-user, and a device behind a slow, lossy link. It returns the path of a gene
 :func:`down` removes everything. :func:`cut_link`, :func:`stop_device` and friends inject faults.
 
 Module map: ``_kinds`` (what each kind is), ``_roots`` (Debian roots and their cache), ``_netns``
-(namespaces and links), ``_cgroup`` (CPU quota and CPU time), ``_powersim`` (the simulated
-sensor process), ``_sshd`` (keys, config, servers), ``_device`` (one device's lifetime),
-``_state`` (the record ``down`` reads), ``_up`` (up/down), ``_faults``.
+(namespaces and links), ``_cgroup`` (CPU quota and CPU time), ``_sshd`` (keys, config,
+servers), ``_device`` (one device's lifetime), ``_state`` (the record ``down`` reads), ``_up``
+(up/down), ``_faults``. The simulated power sensor is :mod:`deepfleet.device_agent.powersim`,
+run in its cgroup-counter mode.
 """
 
 from deepfleet.orchestrator.sandbox._faults import cut_link, heal_link, start_device, stop_device

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from deepfleet.device_agent import powersim
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.sandbox import _cgroup, _netns
 from deepfleet.orchestrator.sandbox._kinds import Kind
@@ -35,7 +36,9 @@ Record = dict[str, Any]
 # Processes that must outlive this call (sshd, power simulator) but that we started: holding
 # their Popen objects avoids "still running" warnings when they would be garbage-collected.
 _DAEMONS: list[subprocess.Popen[bytes]] = []
-_POWERSIM = Path(__file__).with_name("_powersim.py")
+# The one power simulator (also used by the agent's tests), run on this machine in its cgroup
+# counter mode: the device's own CPU time drives its simulated power.
+_POWERSIM = Path(powersim.__file__)
 _SIM_DIR = "var/lib/deepfleet/sim-hwmon"  # inside a root; the device sees /var/lib/...
 
 
@@ -136,15 +139,18 @@ def _start_power(rec: Record, kind: Kind, group: _cgroup.Cgroup, out: Path,
         popen = subprocess.Popen(
             [sys.executable, str(_POWERSIM), "--usage", group.usage_file, "--out", str(out),
              "--cpus", str(group.cpus or 1.0), "--idle-w", str(power.idle_w),
-             "--active-w", str(power.active_w), "--hz", str(power.sample_hz)],
+             "--active-w", str(power.active_w), "--hz", str(power.sample_hz),
+             "--window-s", str(power.window_s)],
             stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
     _DAEMONS.append(popen)
     rec.update(power_pid=popen.pid, power_dir=str(out / "hwmon0"))
     commit()
     wait_for_file(out / "hwmon0" / "power1_input", timeout=15, alive=popen,
                   what="the power simulator")
+    # The fleet file says the sensor is simulated, so every row measured with it says so even
+    # if the agent did not recognise the simulator's own marks.
     rec["energy"] = {"source": "hwmon", "path": (device_view or str(out)) + "/hwmon0",
-                     "sample_hz": power.sample_hz}
+                     "sample_hz": power.sample_hz, "simulated": power.note}
     commit()
 
 
@@ -187,7 +193,7 @@ def teardown(rec: Record) -> None:
     """Undo everything the record says was created. Idempotent; raises DeviceError if a mount
     cannot be removed (the device directory is then left in place, never deleted under it)."""
     pid = rec.get("power_pid")
-    if pid and "_powersim" in _cmdline(pid):
+    if pid and _POWERSIM.name in _cmdline(pid):
         kill_pids([pid])
     stop_processes(rec)
     if rec.get("netns"):

@@ -20,11 +20,23 @@ class Link:
 
 @dataclass(frozen=True, kw_only=True)
 class Power:
-    """A simulated hwmon power sensor: ``idle_w + active_w * CPU utilisation``."""
+    """A simulated hwmon power sensor: ``idle_w + active_w * CPU utilisation``.
+
+    ``window_s`` is the utilisation averaging window: a CPU quota runs the device in bursts
+    (15 ms of every 100 ms period at 0.15 CPU), which a window shorter than a few periods would
+    see as "full" or "idle".
+    """
 
     idle_w: float
     active_w: float
     sample_hz: float
+    window_s: float = 0.3
+
+    @property
+    def note(self) -> str:
+        """The fleet file's ``energy.simulated``: what the sensor's number is."""
+        return (f"hwmon power sensor SIMULATED from the device's CPU time ({self.idle_w} W idle "
+                f"+ {self.active_w} W x utilisation over {self.window_s} s), not a meter")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +75,9 @@ KINDS: dict[str, Kind] = {
                          "simulated hwmon power sensor",
              arch="i386", personality="i686", cpus=0.15,
              power=Power(idle_w=0.35, active_w=0.65, sample_hz=20.0),
+             # The sensor's own note is Power.note (fleet.yaml energy.simulated).
              simulated="i386 root on an x86-64 CPU capped at 0.15 CPU (stands in for a 500 MHz "
-                       "Atom); hwmon power sensor SIMULATED from CPU time (0.35 W idle + 0.65 W "
-                       "x utilisation)"),
+                       "Atom)"),
         Kind(name="arm64", device_class="arm64",
              description="Debian arm64 root emulated by qemu-user (functional truth only)",
              arch="arm64",
