@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,28 +46,38 @@ def _kill_cluster(port: int) -> None:
                 pass
 
 
+def _ray_start(args: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run([RAY, "start", *args], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, f"ray start {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+
+
 @pytest.fixture
-def two_node_cluster(tmp_path: Path) -> Iterator[str]:
+def two_node_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Head and worker as separate `ray start` processes, with token authentication as on a
+    real cluster (Ray >= 2.59 turns it on for `ray start --head`): every node and the driver
+    share one token, as cluster.yaml arranges with its file mount."""
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token)}
     common = ["--num-cpus=1", "--disable-usage-stats"]
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                       check=True, capture_output=True, env=env, timeout=180)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common],
-                       check=True, capture_output=True, env=env, timeout=180)
-        yield f"127.0.0.1:{port}"
+        _ray_start(["--head", f"--port={port}", "--include-dashboard=false", *common], env)
+        _ray_start([f"--address=127.0.0.1:{port}", *common], env)
+        yield f"127.0.0.1:{port}", env
     finally:
         _kill_cluster(port)
 
 
-def test_search_runs_on_a_two_node_ray_cluster(tmp_path: Path, two_node_cluster: str) -> None:
+def test_search_runs_on_a_two_node_ray_cluster(tmp_path: Path, two_node_cluster) -> None:
+    address, env = two_node_cluster
     # 1 CPU per node and 1 CPU per trial: two trials at once must use both nodes
     study = write_study(tmp_path, name="cluster", trials=2, parallelism=2)
-    proc = run_search(tmp_path, str(study), "--address", two_node_cluster, "--out", "run", "--json")
+    proc = run_search(tmp_path, str(study), "--address", address, "--out", "run", "--json", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert summary["trials"]["complete"] == 2
+    assert summary["trials"]["complete"] == 2, summary["devices"]
     assert summary["ray_resources"]["CPU"] == 2.0
     cands = read_candidates(tmp_path / "run" / "candidates", study="cluster")
     nodes = set(cands[cands["kind"] == "candidate"]["node"])

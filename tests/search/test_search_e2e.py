@@ -37,9 +37,11 @@ def write_study(tmp: Path, **overrides: object) -> Path:
     return path
 
 
-def run_search(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_search(tmp: Path, *args: str, timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "deepfleet.cli", "search", *args], cwd=tmp, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                          capture_output=True, timeout=timeout,
+                          env=env or {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
 
 
 @pytest.fixture(scope="module")

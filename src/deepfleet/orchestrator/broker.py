@@ -177,7 +177,7 @@ def measure_on_class(
             errors.append(str(exc))
             break
         try:
-            rows += ray.get(actors[name].measure.remote(job["artifact"], job["settings"], job.get("trial"), job.get("model")))
+            rows += ray.get(actors[name].measure.remote(job["artifact"], job.get("trial")))
             used.append(name)
             ray.get(broker.release.remote(name, True))
         except Exception as exc:  # whatever breaks on one device (link, key, agent) fails only it

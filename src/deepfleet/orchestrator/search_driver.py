@@ -33,6 +33,7 @@ from deepfleet.orchestrator.broker import BrokerActor, measure_on_class
 from deepfleet.orchestrator.candidates import candidate_row, write_candidates
 from deepfleet.orchestrator.device_actor import start_device_actors
 from deepfleet.orchestrator.fleet import Fleet, load_fleet, local_fleet
+from deepfleet.orchestrator.measure import MeasureSettings
 from deepfleet.orchestrator.progress import SearchProgress
 from deepfleet.orchestrator.raycluster import driver_node_id, start_ray
 from deepfleet.orchestrator.results import read_results
@@ -100,9 +101,11 @@ class Search:
                  storage: str | None = None, resume: bool = False, trials: int | None = None,
                  fleet: str | None = None, progress: bool = True):
         self.spec = spec
-        self.run_dir = Path(run_dir)
+        # absolute: Ray workers (on other nodes, or started by `ray start` elsewhere) do not
+        # share the driver's working directory, and artifact paths travel to them
+        self.run_dir = Path(run_dir).resolve()
         self.address = address
-        self.storage = storage or spec.storage or f"sqlite:///{self.run_dir.resolve() / 'study.db'}"
+        self.storage = storage or spec.storage or f"sqlite:///{self.run_dir / 'study.db'}"
         self.resume = resume
         self.budget = trials or spec.trials
         self.fleet = resolve_fleet(spec, fleet)
@@ -162,7 +165,7 @@ class Search:
         strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         broker = BrokerActor.options(scheduling_strategy=strategy).remote(
             [{"name": d.name, "device_class": d.device_class} for d in devices])
-        actors = start_device_actors(devices, str(self.results_root), spec.name, node)
+        actors = start_device_actors(devices, str(self.results_root), spec.name, node, _measure_settings(spec))
         self._load_existing_rows()
         trainer = ray.remote(train_candidate).options(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
                                                       max_retries=0)
@@ -264,7 +267,6 @@ class Search:
             t.candidate["outcome"] = "infeasible"
             t.candidate["reason"] = f"breaks {', '.join(broken)} before measurement"
             return
-        settings = _agent_settings(spec)
         needed = sorted({o.device_class for o in spec.objectives if o.device_class}
                         | {c.device_class for c in spec.constraints if c.device_class})
         for cls in needed:
@@ -280,7 +282,7 @@ class Search:
                 continue
             t.waiting_classes.add(cls)
             job = {"device_class": cls, "devices": spec.measure.devices, "holder": f"trial {t.trial.number}",
-                   "artifact": str(t.artifact), "settings": settings, "trial": t.trial.number, "model": spec.model}
+                   "artifact": str(t.artifact), "trial": t.trial.number}
             pending[measure_on_class.remote(broker, actors, job)] = _Job("measure", t, cls)
 
     def _baseline(self, cand: dict[str, Any], broker: Any, actors: dict[str, Any],
@@ -300,8 +302,7 @@ class Search:
                    for r in self.rows):
                 continue  # measured by an earlier run of this study
             job = {"device_class": cls, "devices": 1, "holder": "baseline", "trial": None,
-                   "artifact": str(self.artifacts_root / digest), "settings": _agent_settings(self.spec),
-                   "model": self.spec.model}
+                   "artifact": str(self.artifacts_root / digest)}
             pending[measure_on_class.remote(broker, actors, job)] = _Job("baseline", None, cls)
 
     def _predict_breaks(self, t: _Trial, cls: str) -> bool:
@@ -450,8 +451,10 @@ def _predicted_violation(c: Any, predicted: dict[str, float]) -> float:
     return predicted[key] - c.max if key in predicted else 0.0
 
 
-def _agent_settings(spec: StudySpec) -> dict[str, Any]:
+def _measure_settings(spec: StudySpec) -> MeasureSettings:
+    """The agent request for the study's ``measure:`` section, with drift references."""
     m = spec.measure
-    return {"warmup": m.warmup, "min_runs": m.min_runs, "min_seconds": m.min_seconds,
-            "max_seconds": m.max_seconds, "batch": m.batch, "threads": m.threads, "ci_target": 0.03,
-            "thermal": {"settle_max_s": 5.0}}
+    request = {"warmup": m.warmup, "min_runs": m.min_runs, "min_seconds": m.min_seconds,
+               "max_seconds": m.max_seconds, "batch": m.batch, "threads": m.threads, "ci_target": 0.03,
+               "thermal": {"settle_max_s": 5.0}}
+    return MeasureSettings(request=request, reference_every=m.reference_every)

@@ -88,7 +88,9 @@ class Constraint:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MeasureSettings:
+class StudyMeasure:
+    """The study's ``measure:`` section (mapped onto the agent's measure request)."""
+
     warmup: int = 5
     min_runs: int = 20
     min_seconds: float = 0.3
@@ -96,6 +98,7 @@ class MeasureSettings:
     batch: int = 1
     threads: int = 1
     devices: int = 1  # distinct devices per class each candidate is measured on (class median)
+    reference_every: int = 10  # re-measure the reference model every N measurements (drift)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +126,7 @@ class StudySpec:
     storage: str | None = None
     sampler: str = "auto"
     sampler_seed: int | None = None  # default: seed
-    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    measure: StudyMeasure = field(default_factory=StudyMeasure)
     training: dict[str, Any] = field(default_factory=dict)  # e.g. finetune_epochs
     source: str = "<dict>"
 
@@ -250,7 +253,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     if sampler not in SAMPLERS:
         raise _err(src, "sampler", f"got {sampler!r}; accepted: {', '.join(SAMPLERS)}")
     m_raw = raw.get("measure") or {}
-    fields = MeasureSettings.__dataclass_fields__
+    fields = StudyMeasure.__dataclass_fields__
     bad = set(m_raw) - set(fields)
     if bad:
         raise _err(src, f"measure.{sorted(bad)[0]}", f"unknown; accepted: {', '.join(fields)}")
@@ -264,7 +267,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
         base_checkpoint=base.get("checkpoint"), base_epochs=int(base.get("epochs", 60)),
         space=space, objectives=tuple(objectives), constraints=tuple(constraints), trials=trials,
         parallelism=parallelism, resources=resources, fleet=raw.get("fleet"), classes=classes,
-        storage=raw.get("storage"), sampler=sampler, measure=MeasureSettings(**m_raw),
+        storage=raw.get("storage"), sampler=sampler, measure=StudyMeasure(**m_raw),
         sampler_seed=_expect(src, "sampler_seed", raw["sampler_seed"], int, "an integer") if "sampler_seed" in raw else None,
         training=dict(raw.get("training") or {}), source=src,
     )
