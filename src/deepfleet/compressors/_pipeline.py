@@ -38,10 +38,11 @@ def deepiot_compress(
     *,
     seed: int = 0,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> DeepIoTResult:
     """Compress the trained ``base`` (left untouched) to ``cfg.target`` of ``cfg.metric``.
 
-    Fine-tuning distils from ``base`` when ``finetune.kd_alpha > 0``.
+    Fine-tuning distils from ``teacher`` (default ``base``) when ``finetune.kd_alpha > 0``.
     """
     from deepfleet.training import accuracy
 
@@ -56,7 +57,8 @@ def deepiot_compress(
     keep_t = [torch.as_tensor(k, dtype=torch.float32, device=dev) for k in result.keep]
     err = check_extraction(masked, lambda: state.set(keep_t), small, torch.as_tensor(data.X_val[:256]).to(dev))
     val_search = accuracy(small, data.X_val, data.y_val)
-    small, hist = train(small, data, finetune, seed=seed, teacher=base, desc="fine-tune", progress=progress)
+    small, hist = train(small, data, finetune, seed=seed, teacher=teacher if teacher is not None else base,
+                        desc="fine-tune", progress=progress)
     keep64 = [torch.as_tensor(k, dtype=torch.float64) for k in result.keep]
     return DeepIoTResult(
         model=small,
