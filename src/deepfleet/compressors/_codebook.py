@@ -37,8 +37,8 @@ from deepfleet.data import Dataset
 
 def kmeans_1d(x: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means on scalars with linear initialisation (Han et al. found it best for
-    weights: it keeps centroids for the rare large weights). Returns (sorted centroids (k,),
-    index of each value's nearest centroid)."""
+    weights: it keeps centroids for the rare large weights); an empty cluster moves to the value
+    worst served. Returns (sorted centroids (k,), index of each value's nearest centroid)."""
     c = np.linspace(x.min(), x.max(), k) if x.size else np.zeros(k)
 
     def assign(c: np.ndarray) -> np.ndarray:
@@ -47,7 +47,12 @@ def kmeans_1d(x: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np.nd
     for _ in range(iterations):
         idx = assign(c)
         counts = np.bincount(idx, minlength=k)
-        new = np.sort(np.where(counts > 0, np.bincount(idx, x, minlength=k) / np.maximum(counts, 1), c))
+        new = np.where(counts > 0, np.bincount(idx, x, minlength=k) / np.maximum(counts, 1), c)
+        err = np.abs(x - new[idx])
+        for j in np.flatnonzero(counts == 0)[: x.size]:
+            worst = int(err.argmax())
+            new[j], err[worst] = x[worst], 0.0
+        new = np.sort(new)
         if np.array_equal(new, c):
             break
         c = new
@@ -111,7 +116,7 @@ class KMeansConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ProductConfig:
-    bits: int = 6  # k = 2^bits centroids per subvector position
+    bits: int = 4  # k = 2^bits centroids per subvector position
     dim: int = 4  # values per subvector
     iterations: int = 25
     finetune: bool = True

@@ -6,8 +6,9 @@ flattened to ``(O, C k)``, becomes a conv ``C -> r`` with the original kernel, s
 and dilation, then a 1x1 conv ``r -> O`` with the bias. The pair replaces the layer as an
 ``nn.Sequential`` at the same name, so tracing and export see two ordinary layers.
 
-The rank is the smallest whose singular values hold ``energy`` of the sum of squares, or the
-largest whose pair keeps at most ``params`` of the layer's weights. A layer is left alone
+The rank is the smallest whose singular values hold ``energy`` of the sum of squares (0.9 when
+neither rule is given), or the largest whose pair keeps at most ``params`` of the layer's
+weights. A layer is left alone
 when the pair would not be smaller. Recurrent layers are not factorised. Then fine-tuning.
 """
 
@@ -31,15 +32,15 @@ from deepfleet.training import train
 
 @dataclass(frozen=True, kw_only=True)
 class LowRankConfig:
-    energy: float | None = 0.9  # kept fraction of sum(s^2) per layer ...
-    params: float | None = None  # ... or kept fraction of each layer's weights (give one)
+    energy: float | None = None  # kept fraction of sum(s^2) per layer (0.9 if neither is given)
+    params: float | None = None  # ... or kept fraction of each layer's weights (not both)
     epochs: int | None = None
     lr: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.energy is None) == (self.params is None):
+        if self.energy is not None and self.params is not None:
             raise ConfigError(
-                f"lowrank: give exactly one of energy or params, but got energy={self.energy!r}, "
+                f"lowrank: give energy or params, not both, but got energy={self.energy!r}, "
                 f"params={self.params!r}"
             )
         if self.energy is not None:
@@ -52,11 +53,11 @@ class LowRankConfig:
 
 def choose_rank(s: torch.Tensor, rows: int, cols: int, cfg: LowRankConfig) -> int:
     """The rank for singular values ``s`` of a (rows, cols) matrix under ``cfg`` (at least 1)."""
-    if cfg.energy is not None:
-        cum = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-30)
-        return int(torch.searchsorted(cum, torch.tensor(cfg.energy, dtype=torch.float64)).item()) + 1
-    assert cfg.params is not None
-    return max(1, int(cfg.params * rows * cols // (rows + cols)))
+    if cfg.params is not None:
+        return max(1, int(cfg.params * rows * cols // (rows + cols)))
+    energy = 0.9 if cfg.energy is None else cfg.energy
+    cum = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-30)
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64)).item()) + 1
 
 
 def factorise(layer: nn.Module, rank: int) -> nn.Sequential:
