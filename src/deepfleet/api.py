@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from deepfleet import __version__
-from deepfleet.artifact import write_artifact
+from deepfleet.artifact import Artifact, write_artifact
 from deepfleet.compressors import (
     BaseCompressor,
     Context,
@@ -33,7 +33,8 @@ from deepfleet.compressors import (
     run_pipeline,
 )
 from deepfleet.compressors._deepiot import DeepIoTConfig
-from deepfleet.compressors._export import export_graph
+from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors._export import Exported, export_graph
 from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._pipeline import layer_table
 from deepfleet.data import Dataset, load_data
@@ -169,6 +170,39 @@ def build_pipeline(
     return built
 
 
+def write_artifacts(
+    root: Path,
+    *,
+    model: str,
+    data: Dataset,
+    seed: int,
+    small: nn.Module,
+    base: nn.Module,
+    encodings: dict[str, Encoding],
+    settings: dict[str, Any],
+    val_accuracy: tuple[float, float],
+) -> tuple[tuple[Exported, Artifact], tuple[Exported, Artifact]]:
+    """Export the compressed model (with its encodings) and the original the same way, and
+    write both artifacts under ``root`` with their manifests (provenance, compressor
+    ``settings``, params, MACs, validation accuracy after / before)."""
+    provenance = {
+        "deepfleet_version": __version__, "model": model, "data": data.name,
+        "data_fingerprint": data.fingerprint, "seed": seed, "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+    }
+    exp_small = export_graph(small.cpu(), data.input_shape, encodings)
+    exp_base = export_graph(base.cpu(), data.input_shape)
+    art_small = write_artifact(root, exp_small.graph, exp_small.arrays, {
+        **provenance, "compressor": settings, "params": exp_small.params, "macs": exp_small.macs,
+        "val_accuracy": val_accuracy[0],
+    })
+    art_base = write_artifact(root, exp_base.graph, exp_base.arrays, {
+        **provenance, "compressor": {"methods": []}, "params": exp_base.params,
+        "macs": exp_base.macs, "val_accuracy": val_accuracy[1],
+    })
+    return (exp_small, art_small), (exp_base, art_base)
+
+
 def compress(
     model: str,
     *,
@@ -228,36 +262,23 @@ def compress(
     small = result.model.eval()
     deepiot = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
 
-    provenance = {
-        "deepfleet_version": __version__, "model": model, "data": ds.name,
-        "data_fingerprint": ds.fingerprint, "seed": seed, "input_shape": list(ds.input_shape),
-        "num_classes": ds.num_classes,
-    }
     acc = {
         "accuracy_before": accuracy(base, ds.X_test, ds.y_test),
         "accuracy_after": accuracy(small, ds.X_test, ds.y_test),
         "val_accuracy_before": accuracy(base, ds.X_val, ds.y_val),
         "val_accuracy_after": accuracy(small, ds.X_val, ds.y_val),
     }
-    exp_small = export_graph(small.cpu(), ds.input_shape, result.encodings)
-    exp_base = export_graph(base.cpu(), ds.input_shape)
     layers = layer_table(structure, base, small, result.encodings)
     params_before = sum(p.numel() for p in base.parameters())
     nonzero_after = sum(int((p != 0).sum()) for p in small.parameters())
-
-    out_dir = Path(out)
-    art_root = out_dir / "artifacts"
     settings_out = {"methods": methods, "target": target, "metric": metric,
                     "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
                     "finetune": dataclasses.asdict(ft_cfg)}
-    art_small = write_artifact(art_root, exp_small.graph, exp_small.arrays, {
-        **provenance, "compressor": settings_out, "params": exp_small.params, "macs": exp_small.macs,
-        "val_accuracy": acc["val_accuracy_after"],
-    })
-    art_base = write_artifact(art_root, exp_base.graph, exp_base.arrays, {
-        **provenance, "compressor": {"methods": []}, "params": exp_base.params,
-        "macs": exp_base.macs, "val_accuracy": acc["val_accuracy_before"],
-    })
+    (exp_small, art_small), (exp_base, art_base) = write_artifacts(
+        Path(out) / "artifacts", model=model, data=ds, seed=seed, small=small, base=base,
+        encodings=result.encodings, settings=settings_out,
+        val_accuracy=(acc["val_accuracy_after"], acc["val_accuracy_before"]),
+    )
     kept_params = nonzero_after / params_before
     kept_macs = exp_small.macs / exp_base.macs
     summary: dict[str, Any] = {
@@ -288,5 +309,5 @@ def compress(
         "base_cached": cached,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _write_json(out_dir / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
+    _write_json(Path(out) / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
     return summary

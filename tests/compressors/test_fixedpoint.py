@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from deepfleet.artifact import write_artifact
-from deepfleet.compressors import FixedPoint, FixedPointConfig, QuantAct, export_graph, make_compressor
+from deepfleet.compressors import (
+    FixedPoint,
+    FixedPointConfig,
+    QuantAct,
+    export_graph,
+    make_compressor,
+)
 from deepfleet.compressors._fixedpoint import code_range, int_bits_for, quantise
 from deepfleet.device_agent.agent import Model
 from deepfleet.errors import ConfigError
