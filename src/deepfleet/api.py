@@ -227,8 +227,8 @@ def compress(
     :data:`deepfleet.compressors.REGISTRY`); ``bits``/``rounding``/``settings`` configure it
     (see :func:`build_pipeline`). Keys: model, data, methods, steps (per method: info and
     seconds), params_before/after, macs_before/after, accuracy_before/after (test split,
-    fractions), val_accuracy_before/after, kept_fraction, kept_params (nonzero parameters after
-    / parameters before), kept_macs, layers, artifact, artifact_original, bytes_before/after
+    fractions), val_accuracy_before/after, kept_fraction, kept_params (parameters left by
+    pruning / parameters before; quantisers keep them all), kept_macs, layers, artifact, artifact_original, bytes_before/after
     (artifact bytes on disk), seconds, plus settings; DeepIoT's search figures
     (search_iterations, val_accuracy_search, extraction_error) are null without deepiot.
     Raises ConfigError, DataError, ModelError or UnsupportedLayerError before anything is
@@ -270,7 +270,6 @@ def compress(
     }
     layers = layer_table(structure, base, small, result.encodings)
     params_before = sum(p.numel() for p in base.parameters())
-    nonzero_after = sum(int((p != 0).sum()) for p in small.parameters())
     settings_out = {"methods": methods, "target": target, "metric": metric,
                     "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
                     "finetune": dataclasses.asdict(ft_cfg)}
@@ -279,7 +278,7 @@ def compress(
         encodings=result.encodings, settings=settings_out,
         val_accuracy=(acc["val_accuracy_after"], acc["val_accuracy_before"]),
     )
-    kept_params = nonzero_after / params_before
+    kept_params = result.kept_params(params_before)
     kept_macs = exp_small.macs / exp_base.macs
     summary: dict[str, Any] = {
         "model": model,

@@ -19,7 +19,8 @@ from deepfleet.data import Dataset
 @dataclass(frozen=True, kw_only=True)
 class PipelineResult:
     """The final model, the encodings of its quantised weights, and one record per step
-    (``method``, ``info``, ``seconds``; plain data)."""
+    (``method``, ``stage``, ``info``, ``seconds``, and the ``params`` and ``nonzero``
+    parameters of the model it returned; plain data)."""
 
     model: nn.Module
     encodings: dict[str, Encoding] = field(default_factory=dict)
@@ -28,6 +29,14 @@ class PipelineResult:
     @property
     def methods(self) -> list[str]:
         return [s["method"] for s in self.steps]
+
+    def kept_params(self, params_before: int) -> float:
+        """Parameters kept by pruning, as a fraction of ``params_before``: the nonzero parameters
+        before quantisation (a weight a quantiser rounds to zero is stored, not pruned)."""
+        pruned = [s for s in self.steps if s["stage"] != "quantise"]
+        if not pruned:
+            return self.steps[-1]["params"] / params_before if self.steps else 1.0
+        return pruned[-1]["nonzero"] / params_before
 
 
 def run_pipeline(
@@ -46,5 +55,8 @@ def run_pipeline(
         t0 = time.perf_counter()
         out = comp.compress(current, data, ctx)
         current, encodings = out.model, out.encodings
-        steps.append({"method": comp.name, "info": out.info, "seconds": round(time.perf_counter() - t0, 2)})
+        steps.append({"method": comp.name, "stage": comp.stage, "info": out.info,
+                      "seconds": round(time.perf_counter() - t0, 2),
+                      "params": sum(p.numel() for p in current.parameters()),
+                      "nonzero": sum(int((p != 0).sum()) for p in current.parameters())})
     return PipelineResult(model=current.eval(), encodings=encodings, steps=steps)
