@@ -260,7 +260,7 @@ def compress(
     base, cached = trained_base(model, ds, seed=seed, cfg=base_cfg, device=dev, progress=progress)
     result = run_pipeline(base, ds, compressors, Context(seed=seed, teacher=base, finetune=ft_cfg, progress=progress))
     small = result.model.eval()
-    deepiot = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
+    deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
 
     acc = {
         "accuracy_before": accuracy(base, ds.X_test, ds.y_test),

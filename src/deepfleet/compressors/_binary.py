@@ -126,7 +126,7 @@ def binarise_activations(gm: fx.GraphModule) -> list[str]:
     below: dict[str, bool] = {}
     for n in reversed(nodes):  # does a parametric layer read this node's value, directly or not?
         below[n.name] = any(info[u.name].category == "param" or below.get(u.name, False) for u in n.users)
-    replaced = []
+    replaced: list[str] = []
     for n in nodes:
         if info[n.name].kind in _BINARISABLE and below[n.name]:
             name = f"sign_{len(replaced)}"
@@ -155,10 +155,10 @@ class Binary(BaseCompressor):
         replaced = binarise_activations(gm) if cfg.activations else []
         names = weight_names(gm)
         reparam = BinaryWeights(gm, names, cfg.stochastic, ctx.seed)
-        gm, hist = finetune(gm, data, with_overrides(ctx.finetune, cfg.epochs, cfg.lr), reparam=reparam,
-                            seed=ctx.seed, teacher=ctx.teacher, desc="binary", progress=ctx.progress)
+        tuned, hist = finetune(gm, data, with_overrides(ctx.finetune, cfg.epochs, cfg.lr), reparam=reparam,
+                               seed=ctx.seed, teacher=ctx.teacher, desc="binary", progress=ctx.progress)
         encodings = reparam.encodings()
         layers = [{"weight": n, "scale": reparam.scale[n], "bits_per_weight": 1.0} for n in names]
         info = {"settings": dataclasses.asdict(cfg), "layers": layers, "binarised_activations": replaced,
                 "epochs_trained": len(hist["val_accuracy"])}
-        return Compressed(model=gm, info=info, encodings=encodings)
+        return Compressed(model=tuned, info=info, encodings=encodings)

@@ -223,13 +223,13 @@ class _CodebookCompressor(BaseCompressor):
             reparam.books[n] = reparam.books[n].to(params[n].device).requires_grad_(True)
             reparam.index[n] = reparam.index[n].to(params[n].device)
         train_cfg = with_overrides(ctx.finetune, cfg.epochs if cfg.finetune else 0, cfg.lr)
-        gm, hist = finetune(gm, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
-                            desc=self.name, progress=ctx.progress)
+        tuned, hist = finetune(gm, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
+                               desc=self.name, progress=ctx.progress)
         encodings = reparam.encodings()
         layers = [{"weight": n, "bits_per_weight": round(e.bits, 4), "codebook_size": 2**cfg.bits,
                    "bytes": e.nbytes} for n, e in encodings.items()]
         info = {"settings": dataclasses.asdict(cfg), "layers": layers, "epochs_trained": len(hist["val_accuracy"])}
-        return Compressed(model=gm, info=info, encodings=encodings)
+        return Compressed(model=tuned, info=info, encodings=encodings)
 
 
 class KMeans(_CodebookCompressor):

@@ -109,8 +109,11 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
 
 def with_overrides(cfg: TrainConfig, epochs: int | None, lr: float | None) -> TrainConfig:
     """``cfg`` with a method's own epochs / learning rate where given."""
-    changes = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, lr=lr)
+    return cfg
 
 
 def finetune(
@@ -140,7 +143,7 @@ def finetune(
     if cfg.epochs == 0:
         return model, history
     teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 else None
-    opt = torch.optim.Adam(reparam.trainable() + others, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam([*reparam.trainable(), *others], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(y) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)

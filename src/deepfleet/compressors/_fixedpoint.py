@@ -264,8 +264,8 @@ class FixedPoint(BaseCompressor):
             specs[n] = (bits, bits - il)
         reparam = FixedPointWeights(gm, specs, cfg, ctx.seed)
         train_cfg = with_overrides(ctx.finetune, 0 if cfg.training == "none" else cfg.epochs, cfg.lr)
-        gm, hist = finetune(gm, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
-                            desc="fixed-point", progress=ctx.progress)
+        tuned, hist = finetune(gm, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
+                               desc="fixed-point", progress=ctx.progress)
         encodings = reparam.encodings()
         layers = []
         for n in names:
@@ -277,4 +277,4 @@ class FixedPoint(BaseCompressor):
                            "saturated": float(((scaled < low) | (scaled > high)).float().mean())})
         info = {"settings": dataclasses.asdict(cfg), "layers": layers, "activations": acts,
                 "epochs_trained": len(hist["val_accuracy"])}
-        return Compressed(model=gm, info=info, encodings=encodings)
+        return Compressed(model=tuned, info=info, encodings=encodings)

@@ -60,7 +60,7 @@ def choose_rank(s: torch.Tensor, rows: int, cols: int, cfg: LowRankConfig) -> in
     return int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64)).item()) + 1
 
 
-def factorise(layer: nn.Module, rank: int) -> nn.Sequential:
+def factorise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, rank: int) -> nn.Sequential:
     """The two-layer replacement of a Linear/Conv1d/Conv2d at ``rank``."""
     W = layer.weight.detach()
     flat = W.reshape(W.shape[0], -1).double()
@@ -69,18 +69,20 @@ def factorise(layer: nn.Module, rank: int) -> nn.Sequential:
     A = (root[:, None] * Vh[:rank]).to(W.dtype)  # (r, in)
     B = (U[:, :rank] * root[None, :]).to(W.dtype)  # (out, r)
     bias = layer.bias is not None
+    first: nn.Linear | nn.Conv1d | nn.Conv2d
+    second: nn.Linear | nn.Conv1d | nn.Conv2d
     if isinstance(layer, nn.Linear):
         first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias)
         first.weight.data.copy_(A)
         second.weight.data.copy_(B)
     else:
-        conv = type(layer)
+        conv: Any = type(layer)  # Conv1d or Conv2d: the same arguments
         first = conv(layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                      dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode)
         second = conv(rank, layer.out_channels, 1, bias=bias)
         first.weight.data.copy_(A.reshape(rank, *W.shape[1:]))
         second.weight.data.copy_(B.reshape(*B.shape, *([1] * (W.dim() - 2))))
-    if bias:
+    if layer.bias is not None and second.bias is not None:
         second.bias.data.copy_(layer.bias.detach())
     return nn.Sequential(first, second).to(W.device)
 

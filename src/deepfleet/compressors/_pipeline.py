@@ -55,7 +55,7 @@ def deepiot_compress(
     cm = cost_model(structure)
     search_teacher = logits_of(base, data.X_train) if cfg.distill > 0 else None
     result = search(structure, masked, state, cm, data, cfg, seed=seed, teacher_logits=search_teacher, progress=progress)
-    small = extract(structure, masked, result.keep)
+    small: nn.Module = extract(structure, masked, result.keep)
     keep_t = [torch.as_tensor(k, dtype=torch.float32, device=dev) for k in result.keep]
     err = check_extraction(masked, lambda: state.set(keep_t), small, torch.as_tensor(data.X_val[:256]).to(dev))
     val_search = accuracy(small, data.X_val, data.y_val)
@@ -76,7 +76,7 @@ def deepiot_compress(
 
 
 def _count(mod: nn.Module) -> int:
-    return sum(p.numel() for p in mod.parameters())
+    return int(sum(p.numel() for p in mod.parameters()))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -89,7 +89,7 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 def _out_units(mod: nn.Module) -> int:
     if isinstance(mod, nn.Sequential):  # a low-rank pair: the second layer's outputs
         return _out_units(mod[-1])
-    return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)  # type: ignore[arg-type]
 
 
 def _storage(after: nn.Module, module: str, encodings: dict[str, Encoding]) -> dict[str, object]:

@@ -143,9 +143,13 @@ class DNSConfig:
         check_positive("dns", "lr", self.lr)
 
 
-def _layers(model: nn.Module, names: list[str]) -> list[dict[str, object]]:
+def _layers(model: nn.Module, names: list[str]) -> tuple[list[dict[str, object]], float]:
+    """Per weight matrix: its size and nonzero weights; and the kept fraction over all of them."""
     params = dict(model.named_parameters())
-    return [{"weight": n, "params": params[n].numel(), "nonzero": int((params[n] != 0).sum())} for n in names]
+    sizes = [params[n].numel() for n in names]
+    nonzero = [int((params[n] != 0).sum()) for n in names]
+    rows: list[dict[str, object]] = [{"weight": n, "params": s, "nonzero": z} for n, s, z in zip(names, sizes, nonzero)]
+    return rows, sum(nonzero) / sum(sizes)
 
 
 class Magnitude(BaseCompressor):
@@ -167,9 +171,8 @@ class Magnitude(BaseCompressor):
             reparam = MaskedWeights(model, masks, straight_through=False)
             model, _ = finetune(model, data, train_cfg, reparam=reparam, seed=ctx.seed + i,
                                 teacher=ctx.teacher, desc=f"magnitude {i}/{cfg.steps}", progress=ctx.progress)
-        layers = _layers(model, names)
-        info = {"settings": dataclasses.asdict(cfg), "layers": layers,
-                "kept_weights": sum(r["nonzero"] for r in layers) / sum(r["params"] for r in layers)}
+        layers, kept = _layers(model, names)
+        info = {"settings": dataclasses.asdict(cfg), "layers": layers, "kept_weights": kept}
         return Compressed(model=model, info=info)
 
 
@@ -190,7 +193,6 @@ class DNS(BaseCompressor):
         reparam = SurgeryWeights(model, cfg, steps)
         model, _ = finetune(model, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
                             desc="dns", progress=ctx.progress)
-        layers = _layers(model, weight_names(model))
-        info = {"settings": dataclasses.asdict(cfg), "layers": layers,
-                "kept_weights": sum(r["nonzero"] for r in layers) / sum(r["params"] for r in layers)}
+        layers, kept = _layers(model, weight_names(model))
+        info = {"settings": dataclasses.asdict(cfg), "layers": layers, "kept_weights": kept}
         return Compressed(model=model, info=info)

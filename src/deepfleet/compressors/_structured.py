@@ -71,7 +71,7 @@ class L1(BaseCompressor):
         st = analyse(model, torch.as_tensor(data.X_train[:2]).to(dev))
         cm = cost_model(st)
         keep, ratio = uniform_l1_keep(st, st.graph_module, cm, cfg.target, cfg.metric)
-        small = extract(st, st.graph_module, keep)
+        small: nn.Module = extract(st, st.graph_module, keep)
         if ctx.finetune.epochs > 0:
             small, _ = train(small, data, ctx.finetune, seed=ctx.seed, teacher=ctx.teacher, desc="l1",
                              progress=ctx.progress)
