@@ -24,6 +24,15 @@ def test_packed_codes_round_trip_through_the_runtime(bits: int, signed: bool) ->
     assert np.array_equal(_ints({"c": "c", **attrs}, {"c": arr}, "c", 37, signed), codes)
 
 
+def test_every_encoding_the_compressors_write_is_one_the_agent_decodes() -> None:
+    from deepfleet.compressors._encoding import ARRAY_ROLES
+    from deepfleet.device_agent.agent import ENCODINGS, ArtifactCorrupt, decode_tensor
+
+    assert set(ARRAY_ROLES) <= set(ENCODINGS)
+    with pytest.raises(ArtifactCorrupt, match="unknown encoding 'zstd': update the agent"):
+        decode_tensor("w", {"encoding": "zstd", "shape": [1]}, {})
+
+
 def test_kmeans_1d_finds_well_separated_clusters() -> None:
     rng = np.random.default_rng(0)
     centres = np.array([-1.0, -0.2, 0.3, 2.0])

@@ -52,6 +52,10 @@ class ArtifactCorrupt(Exception):
 # ---------------------------------------------------------------------------- tensor decoding
 
 
+# The weight encodings decode_tensor understands (for the agent's capabilities).
+ENCODINGS = ("float32", "fixed", "scaled", "codebook", "pq", "rq", "binary")
+
+
 def _ints(spec, arrays, key, count, signed):
     """The integer array ``spec[key]`` names, as int64.
 
