@@ -123,7 +123,7 @@ def _latency_ms(fn: Any, x: Any, seconds: float = 1.0) -> dict[str, float]:
     return {"median": round(1000 * statistics.median(samples), 4), "min": round(1000 * min(samples), 4)}
 
 
-def _measure(label: str, ctx_: dict[str, Any], result: Any, comps: list[Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+def _measure(label: str, common: dict[str, Any], result: Any, *, comps: list[Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
     import dataclasses
 
     import numpy as np
@@ -135,7 +135,7 @@ def _measure(label: str, ctx_: dict[str, Any], result: Any, comps: list[Any], st
     from deepfleet.device_agent.agent import Model
     from deepfleet.training import accuracy
 
-    data, base, model, seed = ctx_["data"], ctx_["base"], ctx_["model"], ctx_["seed"]
+    data, base, model, seed = common["data"], common["base"], common["model"], common["seed"]
     small, encodings = result.model.eval(), result.encodings
     kept_params = type(result)(model=small, steps=steps).kept_params(sum(p.numel() for p in base.parameters()))
     settings = {"methods": [c.name for c in comps],
@@ -169,7 +169,7 @@ def _measure(label: str, ctx_: dict[str, Any], result: Any, comps: list[Any], st
         "runtime_max_rel_err": float(np.abs(out - ref).max() / np.abs(ref).max()),
         "runtime_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
         "torch_ms_batch1": torch_ms, "numpy_ms_batch1": _latency_ms(runtime.run, X[:1]),
-        "layers": layer_table(structure, base, small, encodings),
+        "layers": layer_table(structure, base, small, encodings=encodings),
         "steps": steps,
         "seconds": round(sum(s["seconds"] for s in steps), 1),
     }
@@ -183,15 +183,15 @@ def _chain_job(spec: dict[str, Any]) -> list[dict[str, Any]]:
     data, base, ctx, plan = _setup(model, seed, spec["smoke"])
     common = {"data": data, "base": base, "model": model, "seed": seed}
     deepiot = _compressor(plan, "deepiot", {})
-    first = run_pipeline(base, data, [deepiot], ctx)
+    first = run_pipeline(base, data, [deepiot], ctx=ctx)
     out = []
     for label, pipeline in spec["labels"].items():
         if label == "deepiot":
-            out.append(_measure(label, common, first, [deepiot], first.steps))
+            out.append(_measure(label, common, first, comps=[deepiot], steps=first.steps))
             continue
         comps = [_compressor(plan, m, s) for m, s in pipeline if m != "deepiot"]
-        rest = run_pipeline(first.model, data, comps, ctx)
-        out.append(_measure(label, common, rest, [deepiot, *comps], first.steps + rest.steps))
+        rest = run_pipeline(first.model, data, comps, ctx=ctx)
+        out.append(_measure(label, common, rest, comps=[deepiot, *comps], steps=first.steps + rest.steps))
     return out
 
 
@@ -201,9 +201,9 @@ def _single_job(spec: dict[str, Any]) -> list[dict[str, Any]]:
     model, seed = spec["model"], spec["seed"]
     data, base, ctx, plan = _setup(model, seed, spec["smoke"])
     comps = [_compressor(plan, m, s) for m, s in spec["pipeline"]]
-    res = run_pipeline(base, data, comps, ctx)
+    res = run_pipeline(base, data, comps, ctx=ctx)
     common = {"data": data, "base": base, "model": model, "seed": seed}
-    return [_measure(spec["label"], common, res, comps, res.steps)]
+    return [_measure(spec["label"], common, res, comps=comps, steps=res.steps)]
 
 
 def _run(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -169,7 +169,7 @@ def quick_context(seed: int = 0, epochs: int = 1) -> Context:
     return Context(seed=seed, finetune=TrainConfig(epochs=epochs, kd_alpha=0.5, lr=1e-3))
 
 
-def runtime_error(model: nn.Module, encodings: dict, data: Dataset, n: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
+def runtime_error(model: nn.Module, encodings: dict, data: Dataset, *, n: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
     """Export ``model`` with ``encodings``, run the numpy runtime on test samples; return
     (max |runtime - torch| / max |torch|, runtime outputs, torch outputs)."""
     from deepfleet.compressors import export_graph

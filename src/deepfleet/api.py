@@ -258,7 +258,7 @@ def compress(
     ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
 
     base, cached = trained_base(model, ds, seed=seed, cfg=base_cfg, device=dev, progress=progress)
-    result = run_pipeline(base, ds, compressors, Context(seed=seed, teacher=base, finetune=ft_cfg, progress=progress))
+    result = run_pipeline(base, ds, compressors, ctx=Context(seed=seed, teacher=base, finetune=ft_cfg, progress=progress))
     small = result.model.eval()
     deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
 
@@ -268,7 +268,7 @@ def compress(
         "val_accuracy_before": accuracy(base, ds.X_val, ds.y_val),
         "val_accuracy_after": accuracy(small, ds.X_val, ds.y_val),
     }
-    layers = layer_table(structure, base, small, result.encodings)
+    layers = layer_table(structure, base, small, encodings=result.encodings)
     params_before = sum(p.numel() for p in base.parameters())
     settings_out = {"methods": methods, "target": target, "metric": metric,
                     "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],

@@ -21,7 +21,7 @@ def test_packed_codes_round_trip_through_the_runtime(bits: int, signed: bool) ->
     codes = rng.integers(low, high + 1, size=37)
     arr, attrs = pack_codes(codes, bits)
     assert arr.nbytes == (-(-37 * bits // 8) if bits < 8 else 37)
-    assert np.array_equal(_ints({"c": "c", **attrs}, {"c": arr}, "c", 37, signed), codes)
+    assert np.array_equal(_ints({"c": "c", **attrs}, {"c": arr}, "c", count=37, signed=signed), codes)
 
 
 def test_every_encoding_the_compressors_write_is_one_the_agent_decodes() -> None:
@@ -46,9 +46,9 @@ def test_vector_kmeans_recovers_centres_and_handles_fewer_points_than_centroids(
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
     pts = torch.cat([c + 0.05 * torch.randn(40, 2, generator=g) for c in centres])
-    book, idx = kmeans(pts, 3, 30, g)
+    book, idx = kmeans(pts, 3, 30, generator=g)
     assert torch.allclose(book[idx], pts, atol=0.3)
-    book, idx = kmeans(pts[:2], 4, 5, g)
+    book, idx = kmeans(pts[:2], 4, 5, generator=g)
     assert torch.equal(book[idx], pts[:2])  # each point is its own centroid
 
 
@@ -61,7 +61,7 @@ def test_indices_and_codebooks_encode_the_weights_and_the_runtime_reproduces_tor
     k = 2 ** settings["bits"]
     for name, enc in res.encodings.items():
         idx = _ints({"i": "i", **enc.attrs}, {"i": enc.arrays["indices"]}, "i",
-                    enc.arrays["indices"].size * 8 // settings["bits"], False)
+                    count=enc.arrays["indices"].size * 8 // settings["bits"], signed=False)
         assert idx.min() >= 0 and idx.max() < k
         book = enc.arrays["codebook" if method == "kmeans" else "codebooks"]
         assert book.dtype == np.float32 and book.shape[-2 if method != "kmeans" else 0] == k
@@ -74,7 +74,7 @@ def test_indices_and_codebooks_encode_the_weights_and_the_runtime_reproduces_tor
 
 def test_kmeans_after_magnitude_pruning_keeps_the_zeros(tiny_cnn, tiny_digits) -> None:
     pruner = make_compressor("magnitude", {"target": 0.3, "steps": 1})
-    res = run_pipeline(tiny_cnn, tiny_digits, [pruner, make_compressor("kmeans", {"bits": 2})], quick_context())
+    res = run_pipeline(tiny_cnn, tiny_digits, [pruner, make_compressor("kmeans", {"bits": 2})], ctx=quick_context())
     before = dict(tiny_cnn.named_parameters())
     after = dict(res.model.named_parameters())
     zeros = sum(int((after[n] == 0).sum()) for n in res.encodings)

@@ -40,7 +40,7 @@ def test_nearest_rounds_ties_to_even_and_saturates_at_both_ends() -> None:
 
 def test_stochastic_rounding_is_unbiased_and_only_picks_the_two_neighbours() -> None:
     x = torch.tensor([0.1, 0.3, -0.6, 1.05, 0.0, 1.7])  # in units of 2^-FL with FL = 3 below
-    draws = torch.stack([quantise(x, 8, 3, "stochastic", torch.Generator().manual_seed(s)) for s in range(4000)])
+    draws = torch.stack([quantise(x, 8, 3, rounding="stochastic", generator=torch.Generator().manual_seed(s)) for s in range(4000)])
     scaled = x * 8
     assert ((draws == scaled.floor()) | (draws == scaled.ceil())).all()
     mean = draws.mean(0)
@@ -51,7 +51,7 @@ def test_stochastic_rounding_is_unbiased_and_only_picks_the_two_neighbours() -> 
 
 def test_stochastic_rounding_saturates_too() -> None:
     x = torch.full((1000,), 3.0)
-    codes = quantise(x, 4, 2, "stochastic", torch.Generator().manual_seed(0))
+    codes = quantise(x, 4, 2, rounding="stochastic", generator=torch.Generator().manual_seed(0))
     assert codes.eq(code_range(4)[1]).all()
 
 

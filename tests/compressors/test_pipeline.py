@@ -52,7 +52,7 @@ def test_every_method_is_registered_with_a_stage_and_a_frozen_keyword_only_confi
 def test_contract_every_method_runs_exports_and_the_runtime_reproduces_torch(name: str, tiny_case) -> None:
     model, data = tiny_case
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = run_pipeline(model, data, [make_compressor(name, QUICK[name])], quick_context())
+    res = run_pipeline(model, data, [make_compressor(name, QUICK[name])], ctx=quick_context())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
     assert res.methods == [name]
     json.dumps(res.steps)  # plain data only
@@ -100,14 +100,14 @@ def test_a_bad_order_fails_before_any_work(tiny_cnn, tiny_digits) -> None:
             raise AssertionError("ran before the order was checked")
 
     with pytest.raises(ConfigError):
-        run_pipeline(tiny_cnn, tiny_digits, [make_compressor("binary"), Exploding({})], quick_context())
+        run_pipeline(tiny_cnn, tiny_digits, [make_compressor("binary"), Exploding({})], ctx=quick_context())
     with pytest.raises(ConfigError):
         check_pipeline([])
 
 
 def test_deepiot_then_fixed_point_composes_and_the_device_decodes_the_same_codes(tiny_cnn, tiny_digits) -> None:
     res = run_pipeline(tiny_cnn, tiny_digits, [make_compressor("deepiot", QUICK["deepiot"]),
-                                                make_compressor("fixedpoint", {"bits": 8})], quick_context())
+                                                make_compressor("fixedpoint", {"bits": 8})], ctx=quick_context())
     assert res.methods == ["deepiot", "fixedpoint"]
     small = dict(res.model.named_parameters())
     n_before = sum(p.numel() for p in tiny_cnn.parameters())

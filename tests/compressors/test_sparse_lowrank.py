@@ -65,8 +65,8 @@ def test_rank_by_energy() -> None:
     from deepfleet.compressors._lowrank import choose_rank
 
     s = torch.tensor([3.0, 2.0, 1.0, 0.1])  # energies 9, 4, 1, 0.01
-    assert choose_rank(s, 10, 10, LowRankConfig(energy=0.6)) == 1
-    assert choose_rank(s, 10, 10, LowRankConfig(energy=0.9)) == 2
-    assert choose_rank(s, 10, 10, LowRankConfig(energy=0.999)) == 3
-    assert choose_rank(s, 10, 10, LowRankConfig(params=0.5)) == 2
-    assert choose_rank(s, 10, 10, LowRankConfig()) == choose_rank(s, 10, 10, LowRankConfig(energy=0.9))
+    assert choose_rank(s, (10, 10), LowRankConfig(energy=0.6)) == 1
+    assert choose_rank(s, (10, 10), LowRankConfig(energy=0.9)) == 2
+    assert choose_rank(s, (10, 10), LowRankConfig(energy=0.999)) == 3
+    assert choose_rank(s, (10, 10), LowRankConfig(params=0.5)) == 2
+    assert choose_rank(s, (10, 10), LowRankConfig()) == choose_rank(s, (10, 10), LowRankConfig(energy=0.9))

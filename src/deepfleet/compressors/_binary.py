@@ -77,7 +77,7 @@ class BinaryConfig:
 class BinaryWeights(Reparam):
     """Float weights clipped to [-H, H] behind binary ones."""
 
-    def __init__(self, model: nn.Module, names: list[str], stochastic: bool, seed: int):
+    def __init__(self, model: nn.Module, names: list[str], *, stochastic: bool, seed: int):
         params = dict(model.named_parameters())
         self.scale = {n: float(np.float32(params[n].detach().abs().mean())) for n in names}
         self.real = {n: params[n].detach().clone().clamp(-self.scale[n], self.scale[n]).requires_grad_(True)
@@ -154,7 +154,7 @@ class Binary(BaseCompressor):
         gm = fold_batchnorm(model)
         replaced = binarise_activations(gm) if cfg.activations else []
         names = weight_names(gm)
-        reparam = BinaryWeights(gm, names, cfg.stochastic, ctx.seed)
+        reparam = BinaryWeights(gm, names, stochastic=cfg.stochastic, seed=ctx.seed)
         tuned, hist = finetune(gm, data, with_overrides(ctx.finetune, cfg.epochs, cfg.lr), reparam=reparam,
                                seed=ctx.seed, teacher=ctx.teacher, desc="binary", progress=ctx.progress)
         encodings = reparam.encodings()

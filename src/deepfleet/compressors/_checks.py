@@ -8,12 +8,13 @@ from typing import Any
 from deepfleet.errors import ConfigError
 
 
-def check_bits(method: str, bits: int, low: int, high: int, key: str = "bits") -> None:
+def check_bits(method: str, bits: int, allowed: tuple[int, int], *, key: str = "bits") -> None:
+    low, high = allowed
     if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
         raise ConfigError(f"{method} supports {key} in {low}..{high}, but got {bits!r}")
 
 
-def check_choice(method: str, key: str, value: Any, choices: Collection[str]) -> None:
+def check_choice(method: str, key: str, value: Any, *, choices: Collection[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{method}: {key} must be one of {', '.join(map(repr, choices))}, but got {value!r}")
 
@@ -33,7 +34,7 @@ def check_positive(method: str, key: str, value: float | None, *, allow_zero: bo
         raise ConfigError(f"{method}: {key} must be {rule}, but got {value!r}")
 
 
-def check_layer_keys(method: str, key: str, given: Mapping[str, Any], names: Collection[str]) -> None:
+def check_layer_keys(method: str, key: str, given: Mapping[str, Any], *, names: Collection[str]) -> None:
     """Per-layer settings must name layers (or weight tensors) of the model being compressed."""
     unknown = sorted(set(given) - set(names))
     if unknown:

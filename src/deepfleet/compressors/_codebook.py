@@ -59,7 +59,9 @@ def kmeans_1d(x: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np.nd
     return c, assign(c)
 
 
-def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    points: torch.Tensor, k: int, iterations: int, *, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on vectors (n, d), seeded from k distinct random points; an empty
     cluster is re-seeded with the point farthest from its centroid. Returns (codebook (k, d),
     index per point (n,))."""
@@ -108,7 +110,7 @@ class KMeansConfig:
     lr: float | None = None
 
     def __post_init__(self) -> None:
-        check_bits("kmeans", self.bits, 1, 8)
+        check_bits("kmeans", self.bits, (1, 8))
         check_positive("kmeans", "iterations", self.iterations)
         check_positive("kmeans", "epochs", self.epochs, allow_zero=True)
         check_positive("kmeans", "lr", self.lr)
@@ -124,7 +126,7 @@ class ProductConfig:
     lr: float | None = None
 
     def __post_init__(self) -> None:
-        check_bits("pq", self.bits, 1, 8)
+        check_bits("pq", self.bits, (1, 8))
         check_positive("pq", "dim", self.dim)
         check_positive("pq", "iterations", self.iterations)
         check_positive("pq", "epochs", self.epochs, allow_zero=True)
@@ -142,8 +144,8 @@ class ResidualConfig:
     lr: float | None = None
 
     def __post_init__(self) -> None:
-        check_bits("rq", self.bits, 1, 8)
-        check_bits("rq", self.stages, 1, 8, key="stages")
+        check_bits("rq", self.bits, (1, 8))
+        check_bits("rq", self.stages, (1, 8), key="stages")
         check_positive("rq", "dim", self.dim)
         check_positive("rq", "iterations", self.iterations)
         check_positive("rq", "epochs", self.epochs, allow_zero=True)
@@ -208,7 +210,7 @@ class _CodebookCompressor(BaseCompressor):
     stage = "quantise"
     kind = "codebook"
 
-    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, gen: torch.Generator) -> None:
+    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, *, gen: torch.Generator) -> None:
         raise NotImplementedError
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
@@ -219,7 +221,7 @@ class _CodebookCompressor(BaseCompressor):
         reparam = CodebookWeights(self.kind, cfg.bits, {n: tuple(params[n].shape) for n in names})
         gen = torch.Generator().manual_seed(ctx.seed)
         for n in names:
-            self.fit(reparam, n, params[n].detach().cpu().float(), gen)
+            self.fit(reparam, n, params[n].detach().cpu().float(), gen=gen)
             reparam.books[n] = reparam.books[n].to(params[n].device).requires_grad_(True)
             reparam.index[n] = reparam.index[n].to(params[n].device)
         train_cfg = with_overrides(ctx.finetune, cfg.epochs if cfg.finetune else 0, cfg.lr)
@@ -240,7 +242,7 @@ class KMeans(_CodebookCompressor):
     keeps_zeros = True
     kind = "codebook"
 
-    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, gen: torch.Generator) -> None:
+    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, *, gen: torch.Generator) -> None:
         x = w.reshape(-1).double().numpy()
         k = 2**self.config.bits
         zero = x == 0
@@ -263,12 +265,12 @@ class ProductQuantiser(_CodebookCompressor):
     config_class = ProductConfig
     kind = "pq"
 
-    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, gen: torch.Generator) -> None:
+    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, *, gen: torch.Generator) -> None:
         cfg: ProductConfig = self.config
         sub = _rows(w, cfg.dim)  # (rows, S, d)
         books, idx = [], []
         for s in range(sub.shape[1]):
-            b, i = kmeans(sub[:, s], 2**cfg.bits, cfg.iterations, gen)
+            b, i = kmeans(sub[:, s], 2**cfg.bits, cfg.iterations, generator=gen)
             books.append(b)
             idx.append(i)
         reparam.books[name] = torch.stack(books)  # (S, k, d)
@@ -282,12 +284,12 @@ class ResidualQuantiser(_CodebookCompressor):
     config_class = ResidualConfig
     kind = "rq"
 
-    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, gen: torch.Generator) -> None:
+    def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, *, gen: torch.Generator) -> None:
         cfg: ResidualConfig = self.config
         residual = _subvectors(w, cfg.dim)  # (P, d)
         books, idx = [], []
         for _ in range(cfg.stages):
-            b, i = kmeans(residual, 2**cfg.bits, cfg.iterations, gen)
+            b, i = kmeans(residual, 2**cfg.bits, cfg.iterations, generator=gen)
             books.append(b)
             idx.append(i)
             residual = residual - b[i]

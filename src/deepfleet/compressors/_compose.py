@@ -40,7 +40,7 @@ class PipelineResult:
 
 
 def run_pipeline(
-    model: nn.Module, data: Dataset, compressors: Sequence[BaseCompressor], ctx: Context
+    model: nn.Module, data: Dataset, compressors: Sequence[BaseCompressor], *, ctx: Context
 ) -> PipelineResult:
     """Apply ``compressors`` in order to the trained ``model`` (left untouched).
 

@@ -63,7 +63,7 @@ def int_bits_for(max_abs: float, signed: bool = True) -> int:
 
 
 def quantise(
-    x: torch.Tensor, bits: int, frac_bits: int, rounding: str = "nearest",
+    x: torch.Tensor, bits: int, frac_bits: int, *, rounding: str = "nearest",
     generator: torch.Generator | None = None, signed: bool = True,
 ) -> torch.Tensor:
     """Integer codes (as a float tensor) of ``x`` in <bits - frac_bits, frac_bits>, saturated."""
@@ -127,11 +127,11 @@ class FixedPointConfig:
 
     def __post_init__(self) -> None:
         for b in (self.bits, *self.layer_bits.values()):
-            check_bits("fixedpoint", b, *_BITS)
+            check_bits("fixedpoint", b, _BITS)
         if self.act_bits is not None:
-            check_bits("fixedpoint", self.act_bits, *_BITS, key="act_bits")
-        check_choice("fixedpoint", "rounding", self.rounding, ROUNDINGS)
-        check_choice("fixedpoint", "training", self.training, TRAININGS)
+            check_bits("fixedpoint", self.act_bits, _BITS, key="act_bits")
+        check_choice("fixedpoint", "rounding", self.rounding, choices=ROUNDINGS)
+        check_choice("fixedpoint", "training", self.training, choices=TRAININGS)
         check_positive("fixedpoint", "epochs", self.epochs, allow_zero=True)
         check_positive("fixedpoint", "lr", self.lr)
 
@@ -143,7 +143,7 @@ def _lookup(table: dict[str, int], name: str, default: int | None) -> int | None
 class FixedPointWeights(Reparam):
     """Float shadow weights behind fixed-point values; exact zeros of the input stay zero."""
 
-    def __init__(self, model: nn.Module, specs: dict[str, tuple[int, int]], cfg: FixedPointConfig, seed: int):
+    def __init__(self, model: nn.Module, specs: dict[str, tuple[int, int]], cfg: FixedPointConfig, *, seed: int):
         params = dict(model.named_parameters())
         self.specs, self.cfg, self.seed = specs, cfg, seed
         self.shadow = {n: params[n].detach().clone().requires_grad_(True) for n in specs}
@@ -160,7 +160,7 @@ class FixedPointWeights(Reparam):
         bits, frac = self.specs[name]
         if name in self.keep:
             w = w * self.keep[name]
-        return quantise(w.detach(), bits, frac, self.cfg.rounding, gen)
+        return quantise(w.detach(), bits, frac, rounding=self.cfg.rounding, generator=gen)
 
     def weights(self, *, final: bool) -> dict[str, torch.Tensor]:
         if final:
@@ -253,8 +253,8 @@ class FixedPoint(BaseCompressor):
         acts = insert_act_quant(gm, torch.as_tensor(data.X_train[:512]), cfg.act_bits) if cfg.act_bits else []
         names = weight_names(gm)
         known = set(names) | {n.rpartition(".")[0] for n in names}
-        check_layer_keys(self.name, "layer_bits", cfg.layer_bits, known)
-        check_layer_keys(self.name, "layer_int_bits", cfg.layer_int_bits, known)
+        check_layer_keys(self.name, "layer_bits", cfg.layer_bits, names=known)
+        check_layer_keys(self.name, "layer_int_bits", cfg.layer_int_bits, names=known)
         params = dict(gm.named_parameters())
         specs: dict[str, tuple[int, int]] = {}
         for n in names:
@@ -262,7 +262,7 @@ class FixedPoint(BaseCompressor):
             il = _lookup(cfg.layer_int_bits, n, cfg.int_bits)
             il = int_bits_for(float(params[n].detach().abs().max())) if il is None else il
             specs[n] = (bits, bits - il)
-        reparam = FixedPointWeights(gm, specs, cfg, ctx.seed)
+        reparam = FixedPointWeights(gm, specs, cfg, seed=ctx.seed)
         train_cfg = with_overrides(ctx.finetune, 0 if cfg.training == "none" else cfg.epochs, cfg.lr)
         tuned, hist = finetune(gm, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
                                desc="fixed-point", progress=ctx.progress)

@@ -51,8 +51,9 @@ class LowRankConfig:
         check_positive("lowrank", "lr", self.lr)
 
 
-def choose_rank(s: torch.Tensor, rows: int, cols: int, cfg: LowRankConfig) -> int:
+def choose_rank(s: torch.Tensor, shape: tuple[int, int], cfg: LowRankConfig) -> int:
     """The rank for singular values ``s`` of a (rows, cols) matrix under ``cfg`` (at least 1)."""
+    rows, cols = shape
     if cfg.params is not None:
         return max(1, int(cfg.params * rows * cols // (rows + cols)))
     energy = 0.9 if cfg.energy is None else cfg.energy
@@ -103,7 +104,7 @@ class LowRank(BaseCompressor):
                 continue
             rows, cols = mod.weight.shape[0], mod.weight[0].numel()
             s = torch.linalg.svdvals(mod.weight.detach().reshape(rows, -1).double())
-            rank = min(choose_rank(s, rows, cols, cfg), len(s))
+            rank = min(choose_rank(s, (rows, cols), cfg), len(s))
             factored = rank * (rows + cols) < rows * cols
             if factored:
                 parent, _, leaf = name.rpartition(".")

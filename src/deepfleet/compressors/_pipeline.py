@@ -109,7 +109,7 @@ def _bias_count(after: nn.Module, module: str) -> int:
 
 
 def layer_table(
-    structure: Structure, before: nn.Module, after: nn.Module, encodings: dict[str, Encoding] | None = None
+    structure: Structure, before: nn.Module, after: nn.Module, *, encodings: dict[str, Encoding] | None = None
 ) -> list[dict[str, object]]:
     """Per layer (each recurrent layer on its own): units and parameters before and after,
     nonzero parameters after (the layer's own, BatchNorm excluded), and storage bits per

@@ -55,7 +55,7 @@ class L1Config:
 
     def __post_init__(self) -> None:
         check_fraction("l1", "target", self.target)
-        check_choice("l1", "metric", self.metric, ("params", "macs"))
+        check_choice("l1", "metric", self.metric, choices=("params", "macs"))
 
 
 class L1(BaseCompressor):

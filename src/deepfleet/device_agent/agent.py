@@ -56,7 +56,7 @@ class ArtifactCorrupt(Exception):
 ENCODINGS = ("float32", "fixed", "scaled", "codebook", "pq", "rq", "binary")
 
 
-def _ints(spec, arrays, key, count, signed):
+def _ints(spec, arrays, key, *, count, signed):
     """The integer array ``spec[key]`` names, as int64.
 
     Codes narrower than a byte are bit-packed (``spec["packed"]`` = bits per code, big-endian
@@ -103,7 +103,7 @@ def decode_tensor(name, spec, arrays):
     shape = spec["shape"]
     n = _size(shape)
     if enc == "fixed":  # integer codes * 2^-frac_bits
-        codes = _ints(spec, arrays, "codes", n, True) if spec.get("packed") else arrays[spec["codes"]]
+        codes = _ints(spec, arrays, "codes", count=n, signed=True) if spec.get("packed") else arrays[spec["codes"]]
         return (codes.astype(np.float32) * np.float32(2.0 ** -spec["frac_bits"])).reshape(shape)
     if enc == "scaled":  # integer codes * per-tensor or per-channel scale
         codes = arrays[spec["codes"]].astype(np.float32)
@@ -111,18 +111,18 @@ def decode_tensor(name, spec, arrays):
         return (codes * scale).reshape(shape)
     if enc == "codebook":  # codebook[indices]
         book = np.asarray(arrays[spec["codebook"]], dtype=np.float32)
-        return book[_ints(spec, arrays, "indices", n, False)].reshape(shape)
+        return book[_ints(spec, arrays, "indices", count=n, signed=False)].reshape(shape)
     if enc == "pq":
         books = np.asarray(arrays[spec["codebooks"]], dtype=np.float32)  # (S, k, d)
         rows, (S, _, d) = int(shape[0]), books.shape
-        idx = _ints(spec, arrays, "indices", rows * S, False).reshape(rows, S)
+        idx = _ints(spec, arrays, "indices", count=rows * S, signed=False).reshape(rows, S)
         sub = books[np.arange(S)[None, :], idx]  # (rows, S, d)
         return sub.reshape(rows, S * d)[:, : n // rows].reshape(shape)
     if enc == "rq":
         books = np.asarray(arrays[spec["codebooks"]], dtype=np.float32)  # (T, k, d)
         T, _, d = books.shape
         P = -(-n // d)
-        idx = _ints(spec, arrays, "indices", T * P, False).reshape(T, P)
+        idx = _ints(spec, arrays, "indices", count=T * P, signed=False).reshape(T, P)
         acc = books[0][idx[0]]
         for t in range(1, T):  # stage by stage, in float32, as the compressor sums them
             acc = acc + books[t][idx[t]]
