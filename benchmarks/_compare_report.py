@@ -57,6 +57,31 @@ def _layers(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _seed_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """DeepIoT-chain rows of lenet5 from every seed: the lenet5 part and the rounding part,
+    each (seed, label) once."""
+    rows = {}
+    for r in results.get("lenet5", []) + results.get("rounding", []):
+        if "error" not in r and r["model"] == "lenet5" and r["label"].startswith("deepiot"):
+            rows[(r["seed"], r["label"])] = r
+    return list(rows.values())
+
+
+def _over_seeds(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| method | seed | kept params | artifact bytes | of original | test acc (original) | test acc | Δ test (pp) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in ("deepiot", "deepiot+fp8"):
+        sel = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
+        for r in sel:
+            out.append(f"| {label} | {r['seed']} | {_pct(r['kept_params'])} | {r['bytes']:,} | {_pct(r['bytes_ratio'], 3)} "
+                       f"| {_pct(r['base_test'])} | {_pct(r['test'])} | {100 * (r['test'] - r['base_test']):+.2f} |")
+        if len(sel) > 1:
+            drop = statistics.mean(100 * (r["test"] - r["base_test"]) for r in sel)
+            ratio = statistics.mean(r["bytes_ratio"] for r in sel)
+            out.append(f"| **{label} mean** | {len(sel)} seeds | | | {_pct(ratio, 3)} | | | **{drop:+.2f}** |")
+    return out
+
+
 def _is_rounding(r: dict[str, Any]) -> bool:
     """A row of the rounding study: ``deepiot+fp4-<rounding>-<training>``."""
     return r.get("label", "").startswith("deepiot+fp4-") and r["label"].count("-") >= 2
@@ -111,13 +136,17 @@ def write_markdown(results: dict[str, Any], plans: dict[str, Any], *, smoke: boo
             lines += [f"Settings changed for time: DeepIoT {plan['deepiot']}, fine-tuning {plan['finetune']}.", ""]
         lines += _summary(rows) + [""] + _layers(rows) + [""]
         lines += [f"- **{r['label']}** failed: {r['error']}" for r in errors]
-    if results.get("rounding"):
+    seeds = _seed_rows(results)
+    if {r["label"] for r in seeds} >= {"deepiot", "deepiot+fp8"}:
+        lines += ["## DeepIoT and DeepIoT + 8-bit fixed point on lenet5 / digits over seeds", ""]
+        lines += _over_seeds(seeds) + [""]
+    if any(_is_rounding(r) for r in seeds):
         lines += ["## DeepIoT + 4-bit fixed point on lenet5 / digits: nearest vs stochastic rounding", "",
                   "Test accuracy per seed. Post-training: quantise once. STE fine-tuning: float shadow "
                   "weights, quantised in the forward pass (a new stochastic draw every step), gradient "
                   "straight through. Low-precision training: the weights themselves stay on the 4-bit grid "
                   "and are re-rounded after every update (Gupta et al.'s setting).", ""]
-        lines += _rounding(results["rounding"]) + [""]
+        lines += _rounding(seeds) + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -10,8 +10,9 @@ quantisers) is run on the same trained base model and measured the same way:
 * torch CPU latency (1 thread, batch 1, median) and the numpy runtime's latency;
 * the numpy runtime against torch on the test split: max relative error, prediction agreement.
 
-Part ``rounding`` repeats DeepIoT + 4-bit fixed point over seeds with nearest and stochastic
-rounding, each post-training, with STE fine-tuning and with low-precision training. Part
+Part ``rounding`` repeats DeepIoT, DeepIoT + 8-bit fixed point and DeepIoT + 4-bit fixed point
+over more seeds (the first seed's rows come from the lenet5 part), 4 bits with nearest and
+stochastic rounding, each post-training, with STE fine-tuning and with low-precision training. Part
 ``cli`` runs ``deepfleet compress lenet5 --data digits --method deepiot,fixedpoint --bits 8``
 end to end. Writes ``results/compare.json`` and ``results/compare.md`` (the per-layer tables in
 the layout of the DeepIoT paper). Jobs run in ``--workers`` processes with one torch thread.
@@ -231,9 +232,10 @@ def _jobs(parts: list[str], seeds: list[int], smoke: bool) -> list[dict[str, Any
         jobs.append({"kind": "chain", "part": model, "model": model, "seed": seeds[0], "labels": chain})
         jobs += [{"kind": "single", "part": model, "model": model, "seed": seeds[0], "label": k, "pipeline": v}
                  for k, v in table.items() if v[0][0] != "deepiot"]
-    if "rounding" in parts:
+    if "rounding" in parts:  # more seeds of DeepIoT, DeepIoT + 8 bits and the 4-bit study
         rounding = {f"deepiot+{k}": [("deepiot", {}), *v] for k, v in FP4.items()}
         rounding["deepiot"] = [("deepiot", {})]
+        rounding["deepiot+fp8"] = [("deepiot", {}), ("fixedpoint", {"bits": 8})]
         jobs += [{"kind": "chain", "part": "rounding", "model": "lenet5", "seed": s, "labels": rounding}
                  for s in (seeds[1:] if "lenet5" in parts else seeds)]
     for j in jobs:
@@ -288,9 +290,6 @@ def main() -> None:
             for r in fut.result():
                 results[r["part"]].append(r)
             _save(args.out, results, parts, args)
-    if "rounding" in parts and "lenet5" in parts:  # the first seed's rounding rows ran in the lenet5 chain
-        results["rounding"] = [r for r in results["lenet5"] if r["label"] in [f"deepiot+{k}" for k in FP4]
-                               or r["label"] == "deepiot"] + results.get("rounding", [])
     if "cli" in parts:
         results["cli"] = _cli_part()
     results["seconds"] = round(time.perf_counter() - t0, 1)
