@@ -125,6 +125,13 @@ def write_markdown(results: dict[str, Any], plans: dict[str, Any], *, smoke: boo
                   f"**{_pct(cli['bytes_ratio'], 3)}**; test accuracy {_pct(cli['accuracy_before'])} → "
                   f"{_pct(cli['accuracy_after'])} (**{-cli['drop_pp']:+.2f} pp**); kept parameters "
                   f"{_pct(cli['kept_params'])}; {cli['wall_seconds']} s wall (cached base model).", ""]
+        same = {r["label"]: r for r in results.get("lenet5", []) if "error" not in r and r["seed"] == 0}
+        if {"deepiot", "deepiot+fp8"} <= set(same):
+            a, b = same["deepiot"], same["deepiot+fp8"]
+            lines += [f"In the benchmark's run of the same seed, DeepIoT alone scores {_pct(a['test'])} "
+                      f"({100 * (a['test'] - a['base_test']):+.2f} pp) and the 8-bit step changes that by "
+                      f"{100 * (b['test'] - a['test']):+.2f} pp while cutting the artifact from "
+                      f"{a['bytes']:,} B to {b['bytes']:,} B. The seeds table below gives the mean.", ""]
     for model in ("lenet5", "deepsense"):
         rows = [r for r in results.get(model, []) if "error" not in r and not _is_rounding(r)]
         errors = [r for r in results.get(model, []) if "error" in r]
