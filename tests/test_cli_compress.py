@@ -54,6 +54,32 @@ def test_artifacts_run_in_the_device_runtime_like_torch(quick_run, digits) -> No
     assert abs(float((pred == digits.y_test).mean()) - r["accuracy_after"]) < 1e-9
 
 
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli("compress", "mlp", "--data", "digits", "--quick", "--json", "--out", str(out),
+                   "--target-params", "0.05", "--method", "deepiot,fixedpoint", "--bits", "8",
+                   "--rounding", "stochastic", "--set", "fixedpoint.act_bits=12")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_pipeline_reports_its_methods_and_shrinks_the_artifact(quick_run, pipeline_run, digits) -> None:
+    r, fp = quick_run[0], pipeline_run
+    assert r["methods"] == ["deepiot"] and fp["methods"] == ["deepiot", "fixedpoint"]
+    assert [s["method"] for s in fp["steps"]] == fp["methods"]
+    assert fp["steps"][1]["info"]["settings"]["rounding"] == "stochastic"
+    assert fp["steps"][1]["info"]["settings"]["act_bits"] == 12
+    # the same DeepIoT result (same seed, quick schedule), then 8-bit codes instead of float32
+    assert fp["params_after"] == r["params_after"]
+    assert all(row["bits_per_weight"] == 8 for row in fp["layers"])
+    assert fp["bytes_after"] < 0.4 * r["bytes_after"] and fp["bytes_before"] == r["bytes_before"]
+    manifest = json.loads((Path(fp["artifact"]) / "manifest.json").read_text())
+    assert manifest["compressor"]["methods"] == ["deepiot", "fixedpoint"]
+    pred = load_model(fp["artifact"]).run(digits.X_test).argmax(1)
+    assert abs(float((pred == digits.y_test).mean()) - fp["accuracy_after"]) < 1e-9
+
+
 def test_second_run_reuses_the_cached_base_model(quick_run, tmp_path: Path, monkeypatch) -> None:
     import os
 
@@ -80,6 +106,9 @@ def _bad_npz(tmp_path: Path) -> str:
         (["mlp", "--data", "digits", "--target-params", "0"], "but got 0.0"),
         (["tests.test_cli_compress:unsupported_model", "--data", "digits"], "(LayerNorm) is not supported"),
         (["mlp", "--data", "digits", "--device", "cuda:7"], "--device"),
+        (["mlp", "--data", "digits", "--method", "kmeans,deepiot"], "method 'deepiot' cannot follow 'kmeans'"),
+        (["mlp", "--data", "digits", "--method", "deepiot,fixedpoint", "--bits", "1"],
+         "fixedpoint supports bits in 2..16, but got 1"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -90,6 +119,39 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: li
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("deepfleet: error:"), proc.stderr
     assert needle in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["mlp", "--data", "digits", "--method", "deepiot,gzip"], "unknown compression method 'gzip'; accepted: deepiot"),
+        (["mlp", "--data", "digits", "--method", "kmeans,deepiot"], "method 'deepiot' cannot follow 'kmeans'"),
+        (["mlp", "--data", "digits", "--method", "binary,fixedpoint"], "cannot follow 'binary'"),
+        (["mlp", "--data", "digits", "--method", "deepiot,fixedpoint", "--bits", "1"],
+         "fixedpoint supports bits in 2..16, but got 1"),
+        (["mlp", "--data", "digits", "--method", "kmeans", "--bits", "9"], "kmeans supports bits in 1..8, but got 9"),
+        (["mlp", "--data", "digits", "--method", "binary", "--bits", "2"], "binary supports bits 1 only"),
+        (["mlp", "--data", "digits", "--bits", "8"], "--bits applies to the quantisers"),
+        (["mlp", "--data", "digits", "--method", "kmeans", "--rounding", "stochastic"], "--rounding applies to fixedpoint"),
+        (["mlp", "--data", "digits", "--method", "fixedpoint", "--set", "fixedpoint.bitz=3"],
+         "fixedpoint: unknown setting(s) bitz; accepted: bits"),
+        (["mlp", "--data", "digits", "--method", "fixedpoint", "--set", "l1.target=0.1"],
+         "settings given for l1, which the pipeline 'fixedpoint' does not run"),
+        (["mlp", "--data", "digits", "--set", "deepiot"], "--set takes METHOD.KEY=VALUE"),
+    ],
+)
+def test_bad_pipelines_and_settings_fail_in_process_before_any_work(tmp_path: Path, args: list[str], needle: str) -> None:
+    """The same checks through click in-process (a subprocess per case would cost seconds)."""
+    from click.testing import CliRunner
+
+    from deepfleet.cli import main
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compress", *args, "--out", str(out)])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("deepfleet: error:") and needle in lines[0], res.stderr
     assert not out.exists()
 
 

@@ -1,9 +1,11 @@
 """The Python API behind ``deepfleet compress``: ``compress(model, data=..., ...)``.
 
-Validates everything first (target, data, model, supported layers), then trains the base model
-unless a cached one matches, compresses with DeepIoT, and only at the end writes to ``out``: both
-artifacts (the compressed model and the original, exported the same way) and a JSON summary.
-An error before that point leaves ``out`` untouched.
+Validates everything first (methods and their order, settings, target, data, model, supported
+layers), then trains the base model unless a cached one matches, runs the compression pipeline
+(DeepIoT by default; e.g. ``method="deepiot,fixedpoint"``), and only at the end writes to
+``out``: both artifacts (the compressed model with its quantised weight encodings, and the
+original, exported the same way) and a JSON summary. An error before that point leaves ``out``
+untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,19 @@ import torch
 from torch import nn
 
 from deepfleet import __version__
-from deepfleet.artifact import write_artifact
+from deepfleet.artifact import Artifact, write_artifact
+from deepfleet.compressors import (
+    BaseCompressor,
+    Context,
+    make_compressor,
+    parse_methods,
+    run_pipeline,
+)
 from deepfleet.compressors._deepiot import DeepIoTConfig
-from deepfleet.compressors._export import export_graph
+from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors._export import Exported, export_graph
 from deepfleet.compressors._graph import analyse
-from deepfleet.compressors._pipeline import deepiot_compress, layer_table
+from deepfleet.compressors._pipeline import layer_table
 from deepfleet.data import Dataset, load_data
 from deepfleet.errors import ConfigError
 from deepfleet.models import build_model
@@ -104,10 +115,105 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+_PRUNERS = ("deepiot", "l1", "magnitude", "dns")  # methods that take the kept-fraction target
+_BITS = ("fixedpoint", "kmeans", "pq", "rq", "binary")
+
+
+def build_pipeline(
+    methods: list[str],
+    *,
+    target: float,
+    metric: str,
+    bits: int | None = None,
+    rounding: str | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    search: DeepIoTConfig | None = None,
+    quick: bool = False,
+) -> list[BaseCompressor]:
+    """The compressors of a pipeline from the command's options; ConfigError for options that
+    no method of the pipeline takes, or values a method does not accept.
+
+    ``target``/``metric`` go to every pruning method (deepiot, l1: kept fraction of params or
+    MACs; magnitude, dns: of the weights), ``bits`` to every quantiser, ``rounding`` to
+    fixedpoint; ``settings[method]`` sets any field of that method's config and wins.
+    """
+    settings = dict(settings or {})
+    stray = sorted(set(settings) - set(methods))
+    if stray:
+        raise ConfigError(f"settings given for {', '.join(stray)}, which the pipeline {','.join(methods)!r} does not run")
+    if bits is not None and not any(m in _BITS for m in methods):
+        raise ConfigError(f"--bits applies to the quantisers ({', '.join(_BITS)}); the pipeline {','.join(methods)!r} has none")
+    if rounding is not None and "fixedpoint" not in methods:
+        raise ConfigError(f"--rounding applies to fixedpoint; the pipeline {','.join(methods)!r} does not run it")
+    built = []
+    for name in methods:
+        conf: dict[str, Any] = {}
+        if name == "deepiot":
+            cfg = search or DeepIoTConfig(target=target, metric=metric, distill=0.7)
+            if quick and search is None:
+                cfg = dataclasses.replace(cfg, iterations=40, eval_every=20)
+            conf = {**dataclasses.asdict(cfg), "target": target, "metric": metric}
+        elif name == "l1":
+            conf = {"target": target, "metric": metric}
+        elif name in _PRUNERS:
+            if metric != "params" and "target" not in settings.get(name, {}):
+                raise ConfigError(f"{name} prunes single weights, which saves no MACs in a dense runtime; give --target-params")
+            conf = {"target": target}
+        if bits is not None and name in _BITS:
+            if name == "binary" and bits != 1:
+                raise ConfigError(f"binary supports bits 1 only, but got --bits {bits}")
+            if name != "binary":
+                conf["bits"] = bits
+        if rounding is not None and name == "fixedpoint":
+            conf["rounding"] = rounding
+        if quick and name in ("magnitude",):
+            conf["steps"] = 1
+        conf.update(settings.get(name, {}))
+        built.append(make_compressor(name, conf))
+    return built
+
+
+def write_artifacts(
+    root: Path,
+    *,
+    model: str,
+    data: Dataset,
+    seed: int,
+    small: nn.Module,
+    base: nn.Module,
+    encodings: dict[str, Encoding],
+    settings: dict[str, Any],
+    val_accuracy: tuple[float, float],
+) -> tuple[tuple[Exported, Artifact], tuple[Exported, Artifact]]:
+    """Export the compressed model (with its encodings) and the original the same way, and
+    write both artifacts under ``root`` with their manifests (provenance, compressor
+    ``settings``, params, MACs, validation accuracy after / before)."""
+    provenance = {
+        "deepfleet_version": __version__, "model": model, "data": data.name,
+        "data_fingerprint": data.fingerprint, "seed": seed, "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+    }
+    exp_small = export_graph(small.cpu(), data.input_shape, encodings)
+    exp_base = export_graph(base.cpu(), data.input_shape)
+    art_small = write_artifact(root, exp_small.graph, exp_small.arrays, {
+        **provenance, "compressor": settings, "params": exp_small.params, "macs": exp_small.macs,
+        "val_accuracy": val_accuracy[0],
+    })
+    art_base = write_artifact(root, exp_base.graph, exp_base.arrays, {
+        **provenance, "compressor": {"methods": []}, "params": exp_base.params,
+        "macs": exp_base.macs, "val_accuracy": val_accuracy[1],
+    })
+    return (exp_small, art_small), (exp_base, art_base)
+
+
 def compress(
     model: str,
     *,
     data: str,
+    method: str | Sequence[str] = "deepiot",
+    bits: int | None = None,
+    rounding: str | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
     target_params: float | None = None,
     target_macs: float | None = None,
     seed: int = 0,
@@ -120,10 +226,16 @@ def compress(
 ) -> dict[str, Any]:
     """Compress a zoo model (or ``module:function``) on a data set; return the summary dict.
 
-    Keys: model, data, params_before/after, macs_before/after, accuracy_before/after (test
-    split, fractions), val_accuracy_before/after, kept_fraction, layers, artifact,
-    artifact_original, bytes_before/after, seconds, plus settings. Raises ConfigError, DataError,
-    ModelError or UnsupportedLayerError before anything is written.
+    ``method`` is one method or a pipeline (comma list or sequence, applied in order; names in
+    :data:`deepfleet.compressors.REGISTRY`); ``bits``/``rounding``/``settings`` configure it
+    (see :func:`build_pipeline`). Keys: model, data, methods, steps (per method: info and
+    seconds), params_before/after, macs_before/after, accuracy_before/after (test split,
+    fractions), val_accuracy_before/after, kept_fraction, kept_params (parameters left by
+    pruning / parameters before; quantisers keep them all), kept_macs, layers, artifact, artifact_original, bytes_before/after
+    (artifact bytes on disk), seconds, plus settings; DeepIoT's search figures
+    (search_iterations, val_accuracy_search, extraction_error) are null without deepiot.
+    Raises ConfigError, DataError, ModelError or UnsupportedLayerError before anything is
+    written.
     """
     t0 = time.perf_counter()
     _check_target("--target-params", target_params)
@@ -132,6 +244,9 @@ def compress(
         raise ConfigError("give --target-params or --target-macs, not both")
     metric = "macs" if target_macs is not None else "params"
     target = target_macs if target_macs is not None else target_params or default_target(model)
+    methods = parse_methods(method)
+    compressors = build_pipeline(methods, target=target, metric=metric, bits=bits, rounding=rounding,
+                                 settings=settings, search=search, quick=quick)
     dev = resolve_device(device)
     # TF32 would make the extraction check (masked == extracted to 1e-4) fail on Ampere+ GPUs.
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -139,65 +254,56 @@ def compress(
 
     ds = load_data(data)
     probe = build_model(model, input_shape=ds.input_shape, num_classes=ds.num_classes)
-    analyse(probe, torch.as_tensor(ds.X_train[:2]))  # unsupported layers fail here, before training
+    # unsupported layers fail here, before training
+    structure = analyse(probe, torch.as_tensor(ds.X_train[:2]))
 
     base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3) if quick else BASE_TRAINING
     ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
-    cfg = search or DeepIoTConfig(target=target, metric=metric)
-    if quick and search is None:
-        cfg = dataclasses.replace(cfg, iterations=40, eval_every=20)
-    cfg = dataclasses.replace(cfg, target=target, metric=metric)
 
     base, cached = trained_base(model, ds, seed=seed, cfg=base_cfg, device=dev, progress=progress)
-    result = deepiot_compress(base, ds, cfg, ft_cfg, seed=seed, progress=progress)
+    result = run_pipeline(base, ds, compressors, ctx=Context(seed=seed, teacher=base, finetune=ft_cfg, progress=progress))
     small = result.model.eval()
+    deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
 
-    provenance = {
-        "deepfleet_version": __version__, "model": model, "data": ds.name,
-        "data_fingerprint": ds.fingerprint, "seed": seed, "input_shape": list(ds.input_shape),
-        "num_classes": ds.num_classes,
-    }
     acc = {
         "accuracy_before": accuracy(base, ds.X_test, ds.y_test),
         "accuracy_after": accuracy(small, ds.X_test, ds.y_test),
         "val_accuracy_before": accuracy(base, ds.X_val, ds.y_val),
         "val_accuracy_after": accuracy(small, ds.X_val, ds.y_val),
     }
-    exp_small = export_graph(small.cpu(), ds.input_shape)
-    exp_base = export_graph(base.cpu(), ds.input_shape)
-    layers = layer_table(result.structure, base, small)
-
-    out_dir = Path(out)
-    art_root = out_dir / "artifacts"
-    settings = {"method": "deepiot", "target": target, "metric": metric,
-                "search": dataclasses.asdict(cfg), "finetune": dataclasses.asdict(ft_cfg)}
-    art_small = write_artifact(art_root, exp_small.graph, exp_small.arrays, {
-        **provenance, "compressor": settings, "params": exp_small.params, "macs": exp_small.macs,
-        "val_accuracy": acc["val_accuracy_after"], "layers": layers,
-    })
-    art_base = write_artifact(art_root, exp_base.graph, exp_base.arrays, {
-        **provenance, "compressor": {"method": "none"}, "params": exp_base.params,
-        "macs": exp_base.macs, "val_accuracy": acc["val_accuracy_before"],
-    })
+    layers = layer_table(structure, base, small, encodings=result.encodings)
+    params_before = sum(p.numel() for p in base.parameters())
+    settings_out = {"methods": methods, "target": target, "metric": metric,
+                    "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
+                    "finetune": dataclasses.asdict(ft_cfg)}
+    (exp_small, art_small), (exp_base, art_base) = write_artifacts(
+        Path(out) / "artifacts", model=model, data=ds, seed=seed, small=small, base=base,
+        encodings=result.encodings, settings=settings_out,
+        val_accuracy=(acc["val_accuracy_after"], acc["val_accuracy_before"]),
+    )
+    kept_params = result.kept_params(params_before)
+    kept_macs = exp_small.macs / exp_base.macs
     summary: dict[str, Any] = {
         "model": model,
         "data": ds.name,
         "seed": seed,
         "device": str(dev),
+        "methods": methods,
         "target": target,
         "metric": metric,
-        "params_before": sum(p.numel() for p in base.parameters()),
+        "params_before": params_before,
         "params_after": sum(p.numel() for p in small.parameters()),
-        "kept_fraction": result.kept_params if metric == "params" else result.kept_macs,
-        "kept_params": result.kept_params,
-        "kept_macs": result.kept_macs,
+        "kept_fraction": kept_params if metric == "params" else kept_macs,
+        "kept_params": kept_params,
+        "kept_macs": kept_macs,
         "macs_before": exp_base.macs,
         "macs_after": exp_small.macs,
         **acc,
-        "val_accuracy_search": result.val_accuracy_search,
-        "extraction_error": result.extraction_error,
-        "search_iterations": result.search.iterations,
+        "val_accuracy_search": deepiot.get("val_accuracy_search"),
+        "extraction_error": deepiot.get("extraction_error"),
+        "search_iterations": deepiot.get("search_iterations"),
         "layers": layers,
+        "steps": result.steps,
         "artifact": str(art_small.path),
         "artifact_original": str(art_base.path),
         "bytes_before": art_base.bytes,
@@ -205,5 +311,5 @@ def compress(
         "base_cached": cached,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _write_json(out_dir / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
+    _write_json(Path(out) / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
     return summary

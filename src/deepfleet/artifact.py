@@ -40,7 +40,9 @@ class Artifact:
 
 
 def _dump_json(obj: Any) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n").encode()
+    # Compact: on a 1 %-size, 8-bit model the JSON files are a third of the artifact, and
+    # artifact bytes are what a device downloads and stores (`python -m json.tool` reads it).
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -65,6 +65,10 @@ def test_defaults_without_space_or_objectives() -> None:
         ({"trials": 0}, "trials: must be >= 1"),
         ({"resources": {"tpu": 1}}, "resources.tpu: unknown; accepted: cpu, gpu"),
         ({"measure": {"repeats": 3}}, "measure.repeats: unknown"),
+        ({"space": {"method": ["deepiot", "prune"]}}, "space.method: 'prune': unknown compression method 'prune'; accepted: deepiot"),
+        ({"space": {"method": "fixedpoint+deepiot"}}, "space.method: 'fixedpoint+deepiot'"),
+        ({"space": {"fixedpoint.bits": [4, 8]}}, "space.fixedpoint.bits: a setting is METHOD.SETTING for a method in space.method (offered: deepiot)"),
+        ({"space": {"method": "deepiot+fixedpoint", "fixedpoint.width": 8}}, "fixedpoint has no setting 'width'; accepted: bits"),
     ],
 )
 def test_bad_study_files_name_file_key_value_and_what_is_accepted(change: dict, needle: str) -> None:

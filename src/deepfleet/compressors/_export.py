@@ -5,6 +5,11 @@ attributes and weight names, in the vocabulary of the numpy runtime in ``device_
 (which is the oracle this exporter is tested against). Shapes that depend on the batch size are
 found by running the model at two batch sizes. BatchNorm is folded into the Linear/Conv before
 it; dropout and identities disappear.
+
+Weights are float32 unless a quantiser gave an :class:`Encoding` for the parameter (by its
+name in the model): then the artifact stores the encoding's codes, and the exporter checks that
+they decode to exactly the model's weights. BatchNorm is never folded into encoded weights
+(that would change them); quantisers fold it in torch before quantising.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors._extract import StackedRNN, rnn_layers
 from deepfleet.compressors._masked import rnn_weights
 from deepfleet.compressors._ops import classify, describe, trace
 from deepfleet.device_agent.agent import GRAPH_FORMAT, GRAPH_VERSION
-from deepfleet.errors import UnsupportedLayerError
+from deepfleet.errors import ModelError, UnsupportedLayerError
 
 _B1, _B2 = 2, 3
 
@@ -49,8 +55,13 @@ def _norm_axis(d: int, rank: int) -> int:
 
 
 class _Exporter:
-    def __init__(self, gm: fx.GraphModule, v1: dict[str, Any], v2: dict[str, Any]):
+    def __init__(
+        self, gm: fx.GraphModule, v1: dict[str, Any], v2: dict[str, Any], encodings: dict[str, Encoding]
+    ):
         self.gm = gm
+        self.encodings = encodings
+        self.param_names = {id(p): n for n, p in gm.named_parameters()}
+        self.sources: dict[str, str] = {}  # artifact weight name -> model parameter name
         self.modules = dict(gm.named_modules())
         self.v1, self.v2 = v1, v2
         self.ops: list[dict[str, Any]] = []
@@ -59,7 +70,15 @@ class _Exporter:
         self.macs = 0
 
     # -- helpers
-    def weight(self, name: str, value: np.ndarray) -> str:
+    def weight(self, name: str, value: np.ndarray | torch.Tensor) -> str:
+        """Store a float32 weight; a model parameter's name is remembered for its encoding."""
+        if isinstance(value, torch.Tensor):
+            source = self.param_names.get(id(value))
+            if source is not None:
+                self.sources[name] = source
+            value = _np(value)
+        else:
+            self.sources.pop(name, None)  # a derived value (folded BatchNorm) is plain float32
         self.arrays[name] = np.ascontiguousarray(value, dtype=np.float32)
         return name
 
@@ -146,9 +165,9 @@ class _Exporter:
     # parametric layers
     def op_linear(self, node: fx.Node) -> None:
         mod = self.modules[str(node.target)]
-        w = {"weight": self.weight(f"{node.name}.weight", _np(mod.weight))}
+        w = {"weight": self.weight(f"{node.name}.weight", mod.weight)}
         if mod.bias is not None:
-            w["bias"] = self.weight(f"{node.name}.bias", _np(mod.bias))
+            w["bias"] = self.weight(f"{node.name}.bias", mod.bias)
         x = self.tensor_ref(node.args[0], node)
         out = self.v1[node.name]
         self.macs += int(out.numel() // _B1) * mod.in_features
@@ -162,9 +181,9 @@ class _Exporter:
         pad = mod.padding
         if isinstance(pad, str):
             pad = [0] * nd if pad == "valid" else [d * (k - 1) // 2 for d, k in zip(mod.dilation, mod.kernel_size)]
-        w = {"weight": self.weight(f"{node.name}.weight", _np(mod.weight))}
+        w = {"weight": self.weight(f"{node.name}.weight", mod.weight)}
         if mod.bias is not None:
-            w["bias"] = self.weight(f"{node.name}.bias", _np(mod.bias))
+            w["bias"] = self.weight(f"{node.name}.bias", mod.bias)
         attrs = {"stride": list(mod.stride), "padding": list(pad), "dilation": list(mod.dilation)}
         out = self.v1[node.name]
         self.macs += int(out.numel() // _B1) * int(np.prod(mod.weight.shape[1:]))
@@ -191,7 +210,7 @@ class _Exporter:
                 tensors = rnn_weights(rnn, lj, d)
                 names = ("w_ih", "w_hh", "b_ih", "b_hh")
                 for nm, t in zip(names, tensors):
-                    w[f"l{li}_d{d}_{nm}"] = self.weight(f"{node.name}.l{li}_d{d}_{nm}", _np(t))
+                    w[f"l{li}_d{d}_{nm}"] = self.weight(f"{node.name}.l{li}_d{d}_{nm}", t)
                 self.macs += T * int(tensors[0].numel() + tensors[1].numel())
         L = len(layers)
         attrs = {"kind": kind, "batch_first": first.batch_first, "bidirectional": D == 2, "hidden": hidden}
@@ -217,7 +236,8 @@ class _Exporter:
         shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
         src = node.args[0]
         src_op = next((o for o in self.ops if o["name"] == self.env.get(src.name)), None) if isinstance(src, fx.Node) else None
-        if src_op is not None and src_op["op"] in ("conv", "linear") and len(src.users) == 1:
+        encoded = src_op is not None and self.sources.get(src_op["weights"]["weight"]) in self.encodings
+        if src_op is not None and src_op["op"] in ("conv", "linear") and len(src.users) == 1 and not encoded:
             # Fold: W' = W * scale (per output channel), b' = b * scale + shift.
             wname = src_op["weights"]["weight"]
             W = self.arrays[wname]
@@ -281,6 +301,15 @@ class _Exporter:
 
     def op_log_softmax(self, node: fx.Node) -> None:
         self._softmax(node, "log_softmax")
+
+    def op_sign(self, node: fx.Node) -> None:
+        self._act(node, "sign")
+
+    def op_fake_quant(self, node: fx.Node) -> None:
+        mod = self.modules[str(node.target)]
+        x = self.tensor_ref(node.args[0], node)
+        attrs = {"bits": int(mod.bits), "frac_bits": int(mod.frac_bits), "signed": bool(mod.signed)}
+        self.env[node.name] = self.emit(node.name, "fake_quant", [x], attrs)
 
     def op_identity(self, node: fx.Node) -> None:
         self.env[node.name] = self.env[node.args[0].name]  # type: ignore[union-attr]
@@ -465,23 +494,57 @@ def _record(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
     return values
 
 
-def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Exported:
-    """Export ``model`` (eval mode) for samples of ``input_shape``; raise UnsupportedLayerError."""
+def _encode(
+    ex: _Exporter, names: set[str], encodings: dict[str, Encoding]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The ``tensors`` entries and npz arrays of the referenced weights, encoded where asked."""
+    tensors: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in sorted(names):
+        value = ex.arrays[name]
+        enc = encodings.get(ex.sources.get(name, ""))
+        if enc is None:
+            tensors[name] = {"encoding": "float32", "shape": list(value.shape)}
+            arrays[name] = value
+            continue
+        decoded = enc.decode()
+        if decoded.shape != value.shape or not np.array_equal(decoded, value):
+            raise ModelError(
+                f"weight {ex.sources[name]!r} differs from its {enc.kind} encoding (max |diff| "
+                f"{float(np.abs(decoded.reshape(value.shape) - value).max()) if decoded.size == value.size else 'shape'}); "
+                "the model was changed after quantisation: quantise it again"
+            )
+        tensors[name], enc_arrays = enc.spec(name)
+        arrays.update(enc_arrays)
+    return tensors, arrays
+
+
+def export_graph(
+    model: nn.Module, input_shape: tuple[int, ...], encodings: dict[str, Encoding] | None = None
+) -> Exported:
+    """Export ``model`` (eval mode) for samples of ``input_shape``; raise UnsupportedLayerError.
+
+    ``encodings`` (parameter name -> Encoding, from a quantiser) store those weights encoded;
+    each must decode to exactly the parameter's value (ModelError otherwise). Names that are
+    not weights of an exported op raise ModelError too, so no encoding is silently dropped.
+    """
     model = model.eval()
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     gen = torch.Generator().manual_seed(0)
     dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
     v1 = _record(gm, torch.randn((_B1, *input_shape), generator=gen).to(dev))
     v2 = _record(gm, torch.randn((_B2, *input_shape), generator=gen).to(dev))
-    ex = _Exporter(gm, v1, v2)
+    encodings = encodings or {}
+    ex = _Exporter(gm, v1, v2, encodings)
     outputs, input_name, shape = ex.run()
     # Drop ops nobody reads (e.g. an RNN's unused final states never materialise anyway).
     used = {i.split(":")[0] for o in ex.ops for i in o["inputs"]} | {o.split(":")[0] for o in outputs}
     ops = [o for o in ex.ops if o["name"] in used]
-    tensors = {k: {"encoding": "float32", "shape": list(v.shape)} for k, v in sorted(ex.arrays.items())}
     referenced = {r for o in ops for r in o.get("weights", {}).values()}
-    arrays = {k: v for k, v in ex.arrays.items() if k in referenced}
-    tensors = {k: v for k, v in tensors.items() if k in referenced}
+    missing = sorted(set(encodings) - {ex.sources[r] for r in referenced if r in ex.sources})
+    if missing:
+        raise ModelError(f"encodings given for {missing}, which are not weights of the exported graph")
+    tensors, arrays = _encode(ex, referenced, encodings)
     graph = {
         "format": GRAPH_FORMAT,
         "version": GRAPH_VERSION,
@@ -490,6 +553,5 @@ def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Exported:
         "ops": ops,
         "tensors": tensors,
     }
-    params = int(sum(a.size for a in arrays.values()))
+    params = int(sum(np.prod(t["shape"], dtype=np.int64) for t in tensors.values()))
     return Exported(graph, arrays, ex.macs, params)
-

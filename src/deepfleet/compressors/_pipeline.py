@@ -10,7 +10,9 @@ from torch import nn
 
 from deepfleet.compressors._cost import cost_model, kept_fraction
 from deepfleet.compressors._deepiot import DeepIoTConfig, SearchResult, search
+from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors._extract import check_extraction, extract, rnn_layers
+from deepfleet.compressors._finetune import weight_names
 from deepfleet.compressors._graph import Structure, analyse
 from deepfleet.compressors._masked import masked_model, rnn_weights
 from deepfleet.data import Dataset
@@ -38,10 +40,11 @@ def deepiot_compress(
     *,
     seed: int = 0,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> DeepIoTResult:
     """Compress the trained ``base`` (left untouched) to ``cfg.target`` of ``cfg.metric``.
 
-    Fine-tuning distils from ``base`` when ``finetune.kd_alpha > 0``.
+    Fine-tuning distils from ``teacher`` (default ``base``) when ``finetune.kd_alpha > 0``.
     """
     from deepfleet.training import accuracy
 
@@ -50,13 +53,14 @@ def deepiot_compress(
     structure = analyse(base, example)
     masked, state = masked_model(structure)
     cm = cost_model(structure)
-    teacher = logits_of(base, data.X_train) if cfg.distill > 0 else None
-    result = search(structure, masked, state, cm, data, cfg, seed=seed, teacher_logits=teacher, progress=progress)
-    small = extract(structure, masked, result.keep)
+    search_teacher = logits_of(base, data.X_train) if cfg.distill > 0 else None
+    result = search(structure, masked, state, cm, data, cfg, seed=seed, teacher_logits=search_teacher, progress=progress)
+    small: nn.Module = extract(structure, masked, result.keep)
     keep_t = [torch.as_tensor(k, dtype=torch.float32, device=dev) for k in result.keep]
     err = check_extraction(masked, lambda: state.set(keep_t), small, torch.as_tensor(data.X_val[:256]).to(dev))
     val_search = accuracy(small, data.X_val, data.y_val)
-    small, hist = train(small, data, finetune, seed=seed, teacher=base, desc="fine-tune", progress=progress)
+    small, hist = train(small, data, finetune, seed=seed, teacher=teacher if teacher is not None else base,
+                        desc="fine-tune", progress=progress)
     keep64 = [torch.as_tensor(k, dtype=torch.float64) for k in result.keep]
     return DeepIoTResult(
         model=small,
@@ -72,33 +76,69 @@ def deepiot_compress(
 
 
 def _count(mod: nn.Module) -> int:
-    return sum(p.numel() for p in mod.parameters())
+    return int(sum(p.numel() for p in mod.parameters()))
 
 
-def layer_table(structure: Structure, before: nn.Module, after: nn.Module) -> list[dict[str, object]]:
-    """Per layer (each recurrent layer on its own): units and parameters before and after.
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:  # a BatchNorm folded into its layer by a quantiser
+        return None
 
-    Parameters of a layer include the BatchNorm of its chain.
+
+def _out_units(mod: nn.Module) -> int:
+    if isinstance(mod, nn.Sequential):  # a low-rank pair: the second layer's outputs
+        return _out_units(mod[-1])
+    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)  # type: ignore[arg-type]
+
+
+def _storage(after: nn.Module, module: str, encodings: dict[str, Encoding]) -> dict[str, object]:
+    """Nonzero weights and storage bits per weight of the weight matrices under ``module``."""
+    names = [n for n in weight_names(after) if n.startswith(module + ".")]
+    params = dict(after.named_parameters())
+    total = sum(params[n].numel() for n in names)
+    bits = sum((encodings[n].bits if n in encodings else 32.0) * params[n].numel() for n in names)
+    return {"nonzero_after": sum(int((params[n] != 0).sum()) for n in names) + _bias_count(after, module),
+            "bits_per_weight": round(bits / max(total, 1), 4)}
+
+
+def _bias_count(after: nn.Module, module: str) -> int:
+    names = set(weight_names(after))
+    return sum(int((p != 0).sum()) for n, p in after.named_parameters()
+               if n.startswith(module + ".") and n not in names)
+
+
+def layer_table(
+    structure: Structure, before: nn.Module, after: nn.Module, *, encodings: dict[str, Encoding] | None = None
+) -> list[dict[str, object]]:
+    """Per layer (each recurrent layer on its own): units and parameters before and after,
+    nonzero parameters after (the layer's own, BatchNorm excluded), and storage bits per
+    weight of its weight matrices (32 unless ``encodings`` say less).
+
+    Parameters of a layer include the BatchNorm of its chain (none once folded into the layer);
+    a layer factorised into a low-rank pair counts both halves.
     """
+    encodings = encodings or {}
     rows: list[dict[str, object]] = []
     for lay in structure.layers:
         b, a = before.get_submodule(lay.module), after.get_submodule(lay.module)
+        storage = _storage(after, lay.module, encodings)
         if lay.kind in ("lstm", "gru"):
             for i, ((rb, ib), (ra, ia), g) in enumerate(zip(rnn_layers(b), rnn_layers(a), lay.groups)):
                 D = 2 if rb.bidirectional else 1
                 pb = sum(t.numel() for d in range(D) for t in rnn_weights(rb, ib, d))
                 pa = sum(t.numel() for d in range(D) for t in rnn_weights(ra, ia, d))
+                nz = sum(int((t != 0).sum()) for d in range(D) for t in rnn_weights(ra, ia, d))
                 rows.append({"name": f"{lay.module}.l{i}",
                              "kind": lay.kind, "units_before": rb.hidden_size,
                              "units_after": ra.hidden_size, "params_before": pb, "params_after": pa,
-                             "pruned": g is not None})
+                             "pruned": g is not None, "nonzero_after": nz,
+                             "bits_per_weight": storage["bits_per_weight"]})
             continue
         norms_b = sum(_count(before.get_submodule(n)) for n in lay.norms)
-        norms_a = sum(_count(after.get_submodule(n)) for n in lay.norms)
-        units_b = b.out_features if isinstance(b, nn.Linear) else b.out_channels
-        units_a = a.out_features if isinstance(a, nn.Linear) else a.out_channels
-        rows.append({"name": lay.module, "kind": lay.kind, "units_before": units_b,
-                     "units_after": units_a, "params_before": _count(b) + norms_b,
-                     "params_after": _count(a) + norms_a, "pruned": lay.groups[0] is not None})
+        norms_a = sum(_count(m) for n in lay.norms if (m := _submodule(after, n)) is not None)
+        rows.append({"name": lay.module, "kind": lay.kind, "units_before": _out_units(b),
+                     "units_after": _out_units(a), "params_before": _count(b) + norms_b,
+                     "params_after": _count(a) + norms_a, "pruned": lay.groups[0] is not None,
+                     **storage})
     return rows
-

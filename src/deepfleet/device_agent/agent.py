@@ -44,7 +44,9 @@ import numpy as np
 # 0.2.1: faster conv (as_strided windows, one im2col matmul, no moveaxis copy) and pooling (one
 #        axis at a time over strided slices, not a reduction over a window view): same outputs,
 #        different timings (lenet5 batch 1 about 3x faster).
-AGENT_VERSION = "0.2.1"
+# 0.3.0: encoded weights (fixed-point codes, codebooks, packed bits) decoded at load; the
+#        compressor label of pipeline manifests ("deepiot+fixedpoint").
+AGENT_VERSION = "0.3.0"
 GRAPH_FORMAT = "deepfleet-graph"
 GRAPH_VERSION = 1
 ARTIFACT_FILES = ("graph.json", "weights.npz", "manifest.json")
@@ -79,22 +81,86 @@ class ArtifactCorrupt(Exception):
 # ---------------------------------------------------------------------------- tensor decoding
 
 
+# The weight encodings decode_tensor understands (for the agent's capabilities).
+ENCODINGS = ("float32", "fixed", "scaled", "codebook", "pq", "rq", "binary")
+
+
+def _ints(spec, arrays, key, *, count, signed):
+    """The integer array ``spec[key]`` names, as int64.
+
+    Codes narrower than a byte are bit-packed (``spec["packed"]`` = bits per code, big-endian
+    bits, two's complement when ``signed``); otherwise they are stored in an integer dtype.
+    """
+    a = arrays[spec[key]]
+    bits = spec.get("packed")
+    if not bits:
+        return a.astype(np.int64)
+    flat = np.unpackbits(a.reshape(-1).astype(np.uint8), count=count * bits).reshape(count, bits)
+    vals = flat.astype(np.int64) @ (np.int64(1) << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    if signed:
+        vals = vals - ((vals >> (bits - 1)) << bits)
+    return vals
+
+
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def decode_tensor(name, spec, arrays):
-    """The float32 value of weight ``name`` from its ``tensors`` entry and the npz arrays."""
+    """The float32 value of weight ``name`` from its ``tensors`` entry and the npz arrays.
+
+    Encodings (fields of the entry besides ``encoding`` and ``shape``; array names refer to
+    weights.npz; "packed" marks bit-packed codes, see ``_ints``):
+
+    * ``float32``  the array ``name`` itself;
+    * ``fixed``    ``codes * 2^-frac_bits`` (fixed point <IL, FL>, FL = frac_bits);
+    * ``scaled``   ``codes * scale`` (per-tensor or per-channel scale array);
+    * ``codebook`` ``codebook[indices]`` (k-means weight sharing);
+    * ``pq``       product quantisation: rows of ``rows`` = shape[0] values split into
+      subvectors of ``dim`` (zero-padded); ``codebooks`` (S, k, dim) holds one codebook per
+      subvector position, ``indices`` (rows, S) picks an entry of each;
+    * ``rq``       residual quantisation: the flattened tensor split into subvectors of ``dim``
+      (zero-padded); the sum over stages t of ``codebooks[t][indices[t]]``, stage by stage;
+    * ``binary``   ``+scale`` where a bit is 1, ``-scale`` where it is 0 (packed bits).
+    """
     enc = spec.get("encoding", "float32")
     if enc == "float32":
         return np.asarray(arrays[name], dtype=np.float32)
+    shape = spec["shape"]
+    n = _size(shape)
     if enc == "fixed":  # integer codes * 2^-frac_bits
-        codes = arrays[spec["codes"]]
-        return (codes.astype(np.float32) * np.float32(2.0 ** -spec["frac_bits"])).reshape(spec["shape"])
+        codes = _ints(spec, arrays, "codes", count=n, signed=True) if spec.get("packed") else arrays[spec["codes"]]
+        return (codes.astype(np.float32) * np.float32(2.0 ** -spec["frac_bits"])).reshape(shape)
     if enc == "scaled":  # integer codes * per-tensor or per-channel scale
         codes = arrays[spec["codes"]].astype(np.float32)
         scale = np.asarray(arrays[spec["scale"]], dtype=np.float32)
-        return (codes * scale).reshape(spec["shape"])
+        return (codes * scale).reshape(shape)
     if enc == "codebook":  # codebook[indices]
         book = np.asarray(arrays[spec["codebook"]], dtype=np.float32)
-        return book[arrays[spec["indices"]].astype(np.int64)].reshape(spec["shape"])
-    raise ArtifactCorrupt("weight %r has unknown encoding %r" % (name, enc))
+        return book[_ints(spec, arrays, "indices", count=n, signed=False)].reshape(shape)
+    if enc == "pq":
+        books = np.asarray(arrays[spec["codebooks"]], dtype=np.float32)  # (S, k, d)
+        rows, (S, _, d) = int(shape[0]), books.shape
+        idx = _ints(spec, arrays, "indices", count=rows * S, signed=False).reshape(rows, S)
+        sub = books[np.arange(S)[None, :], idx]  # (rows, S, d)
+        return sub.reshape(rows, S * d)[:, : n // rows].reshape(shape)
+    if enc == "rq":
+        books = np.asarray(arrays[spec["codebooks"]], dtype=np.float32)  # (T, k, d)
+        T, _, d = books.shape
+        P = -(-n // d)
+        idx = _ints(spec, arrays, "indices", count=T * P, signed=False).reshape(T, P)
+        acc = books[0][idx[0]]
+        for t in range(1, T):  # stage by stage, in float32, as the compressor sums them
+            acc = acc + books[t][idx[t]]
+        return acc.reshape(-1)[:n].reshape(shape)
+    if enc == "binary":
+        bits = np.unpackbits(arrays[spec["bits"]].reshape(-1), count=n).astype(bool)
+        scale = np.float32(spec["scale"])
+        return np.where(bits, scale, -scale).astype(np.float32).reshape(shape)
+    raise ArtifactCorrupt("weight %r has unknown encoding %r: update the agent" % (name, enc))
 
 
 # ---------------------------------------------------------------------------- operations
@@ -271,6 +337,8 @@ def op_act(inputs, a, w):
     if k == "log_softmax":
         m = x.max(axis=a["axis"], keepdims=True)
         return x - m - np.log(np.exp(x - m).sum(axis=a["axis"], keepdims=True))
+    if k == "sign":  # binarised activation: +1 for x >= 0, else -1
+        return np.where(x >= 0, np.float32(1), np.float32(-1))
     raise ArtifactCorrupt("unknown activation %r" % k)
 
 
@@ -379,6 +447,18 @@ def op_rnn(inputs, a, w):
     return (seq,) + tuple(finals)
 
 
+def op_fake_quant(inputs, a, w):
+    """Fixed-point activations <IL, FL>: round to nearest (ties to even, as torch.round), saturate.
+
+    Codes span [-2^(bits-1), 2^(bits-1) - 1] when ``signed``, else [0, 2^bits - 1]; the value is
+    code * 2^-frac_bits. Scaling by powers of two is exact, so this matches torch bit for bit.
+    """
+    step = np.float32(2.0 ** a["frac_bits"])
+    lo, hi = (-(2 ** (a["bits"] - 1)), 2 ** (a["bits"] - 1) - 1) if a["signed"] else (0, 2 ** a["bits"] - 1)
+    codes = np.clip(np.round(inputs[0] * step), lo, hi)
+    return (codes * np.float32(2.0 ** -a["frac_bits"])).astype(np.float32)
+
+
 def op_const(inputs, a, w):
     return w["value"]
 
@@ -402,6 +482,7 @@ OPS = {
     "unsqueeze": op_unsqueeze,
     "binary": op_binary,
     "rnn": op_rnn,
+    "fake_quant": op_fake_quant,
 }
 
 
@@ -1739,6 +1820,17 @@ def energy_result(spec, source, note, idle, sampler, window, runs, estimate_mj):
     return out
 
 
+
+def compressor_label(compressor):
+    """A manifest's ``compressor`` entry as one label: ``deepiot+fixedpoint`` from
+    ``{"methods": [...]}`` (``none`` for an empty pipeline: the original), the older
+    ``{"method": name}``, or a plain name; None when absent."""
+    if isinstance(compressor, dict):
+        if isinstance(compressor.get("methods"), list):
+            return "+".join(str(m) for m in compressor["methods"]) or "none"
+        return compressor.get("method")
+    return compressor if isinstance(compressor, str) else None
+
 def measure(req, cache):
     """Measure one artifact's latency distribution (and energy) on this device.
 
@@ -1843,8 +1935,7 @@ def measure(req, cache):
         "input_shape": list(backend.input_shape),
         "seed": spec["seed"],
         "model": manifest.get("model"),
-        "compressor": (manifest.get("compressor") or {}).get("method")
-        if isinstance(manifest.get("compressor"), dict) else None,
+        "compressor": compressor_label(manifest.get("compressor")),
         "params": manifest.get("params"),
         "macs": manifest.get("macs"),
         "weights_bytes": manifest.get("weights_bytes"),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deepfleet.artifact import Artifact, open_artifact
-from deepfleet.device_agent.agent import AgentError, parse_measure
+from deepfleet.device_agent.agent import AgentError, compressor_label, parse_measure
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device
@@ -162,8 +162,7 @@ def _record(ctx: _Context, row: dict[str, Any], given: str) -> Outcome:
 def _failure(ctx: _Context, session: DeviceSession, art: Artifact, *, reference: bool,
              error: str, started: dt.datetime) -> dict[str, Any]:
     device, hello, manifest = session.device, session.hello, art.manifest
-    method = (manifest.get("compressor") or {}).get("method") \
-        if isinstance(manifest.get("compressor"), dict) else None
+    method = compressor_label(manifest.get("compressor"))
     return failure_row(
         study=ctx.study, device=device.name, device_class=device.device_class,
         artifact_hash=art.digest, error=error, trial=ctx.trial, reference=reference,

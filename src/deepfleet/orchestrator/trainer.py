@@ -27,30 +27,31 @@ def _artifact_bytes(path: str | Path) -> dict[str, bytes]:
     return {name: (p / name).read_bytes() for name in ARTIFACT_FILES}
 
 
+def trial_methods(method: str) -> list[str]:
+    """A trial's ``method`` value as a pipeline: ``deepiot+fixedpoint`` (or a comma list)."""
+    from deepfleet.compressors import parse_methods
+
+    return parse_methods(str(method).replace("+", ","))
+
+
 def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`deepfleet.compress` for a trial's flat parameters.
 
-    ``deepiot.target`` is the kept-parameter target; other ``deepiot.*`` keys override fields of
-    DeepIoTConfig; ``training.finetune_epochs`` shortens fine-tuning (a search affords less).
+    ``method`` is the pipeline; every ``M.setting`` configures method M when M is in it (a
+    method's settings are conditional on it being chosen), e.g. ``deepiot.target``,
+    ``fixedpoint.bits``, ``fixedpoint.rounding``; ``training.finetune_epochs`` shortens
+    fine-tuning (a search affords less). Unknown settings fail when the pipeline is built.
     """
     from deepfleet.api import FINETUNE
-    from deepfleet.compressors._deepiot import DeepIoTConfig
-    from deepfleet.errors import ConfigError
     from deepfleet.search._study import apply_params
 
+    methods = trial_methods(params.get("method", "deepiot"))
     per_method = apply_params(params)
-    method = str(params.get("method", "deepiot"))
-    deepiot = dict(per_method.get("deepiot", {}))
-    target = float(deepiot.pop("target", 0.05))
-    known = {f.name for f in dataclasses.fields(DeepIoTConfig)}
-    unknown = sorted(set(deepiot) - known)
-    if unknown:
-        raise ConfigError(f"space: deepiot.{unknown[0]} is not a DeepIoT setting; accepted: {', '.join(sorted(known))}")
-    search = DeepIoTConfig(target=target, **deepiot)
     finetune = FINETUNE
     if "finetune_epochs" in training:
         finetune = dataclasses.replace(FINETUNE, epochs=int(training["finetune_epochs"]))
-    return {"method": method, "target_params": target, "search": search, "finetune": finetune}
+    return {"method": methods, "settings": {m: dict(per_method.get(m, {})) for m in methods},
+            "finetune": finetune}
 
 
 def train_candidate(job: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def train_candidate(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads", 1)))
     t0 = time.perf_counter()
     settings = compress_settings(job["params"], job.get("training", {}))
-    method = settings.pop("method")
+    method = "+".join(settings["method"])
     with tempfile.TemporaryDirectory(prefix="deepfleet-trial-") as tmp:
         r = compress(job["model"], data=job["data"], seed=job["seed"], out=tmp, progress=False,
                      **settings)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from deepfleet.device_agent.agent import compressor_label
 from deepfleet.report._analysis import ENERGY_COLUMNS, ok_rows
 from deepfleet.report._stats import (
     box_stats,
@@ -226,13 +227,6 @@ def agents_table(results: pd.DataFrame) -> pd.DataFrame:
     return g.agg(devices=("device", "nunique"), rows=("device", "size")).reset_index()
 
 
-def _method(compressor: Any) -> str | None:
-    """The method of a manifest's ``compressor`` entry (a dict with ``method``, or a name)."""
-    if isinstance(compressor, dict):
-        return compressor.get("method")
-    return compressor if isinstance(compressor, str) else None
-
-
 def artifacts_table(results: pd.DataFrame, roles: Mapping[str, str],
                     candidates: pd.DataFrame | None,
                     manifests: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -251,7 +245,7 @@ def artifacts_table(results: pd.DataFrame, roles: Mapping[str, str],
     hashes = out["artifact_hash"]
     out["model"] = out["model"].fillna(hashes.map(lambda h: manifests.get(h, {}).get("model")))
     out["compressor"] = out["compressor"].fillna(hashes.map(
-        lambda h: _method(manifests.get(h, {}).get("compressor"))))
+        lambda h: compressor_label(manifests.get(h, {}).get("compressor"))))
     out.insert(1, "role", [roles.get(h, "reference" if ref else "candidate")
                            for h, ref in zip(hashes, out["reference"])])
     out.insert(4, "trial", hashes.map(trial).astype("Float64").astype("Int64"))

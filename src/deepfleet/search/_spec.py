@@ -200,6 +200,30 @@ def _metric(src: str, key: str, raw: Any, classes: tuple[str, ...], extra: set[s
     return {**entry, "metric": metric, "class": cls}
 
 
+def _check_space(src: str, space: tuple[Param, ...]) -> None:
+    """Every method choice is a pipeline that can work; every ``M.setting`` names a method
+    offered and a setting it has (checked here, not after the first trial has trained)."""
+    from deepfleet.compressors import compressor_class, parse_methods
+
+    method = next(p for p in space if p.name == "method")
+    offered: set[str] = set()
+    for choice in method.choices if method.choices is not None else (method.value,):
+        try:
+            offered.update(parse_methods(str(choice).replace("+", ",")))
+        except ConfigError as exc:
+            raise _err(src, "space.method", f"{choice!r}: {exc}") from None
+    for p in space:
+        if p.name == "method":
+            continue
+        name, dot, setting = p.name.partition(".")
+        if not dot or name not in offered:
+            raise _err(src, f"space.{p.name}", f"a setting is METHOD.SETTING for a method in space.method "
+                       f"(offered: {', '.join(sorted(offered))})")
+        fields = [f for f in compressor_class(name).config_class.__dataclass_fields__ if f != "metric"]
+        if setting not in fields:
+            raise _err(src, f"space.{p.name}", f"{name} has no setting {setting!r}; accepted: {', '.join(fields)}")
+
+
 def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     """Validate a study mapping (as loaded from YAML) into a StudySpec; raise ConfigError."""
     src = source
@@ -219,6 +243,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     method = next((p for p in space if p.name == "method"), None)
     if method is None:
         space = (Param(name="method", value="deepiot"),) + space
+    _check_space(src, space)
 
     objectives = []
     for i, o in enumerate(raw.get("objectives") or ["accuracy", "bytes"]):
