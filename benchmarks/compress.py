@@ -6,6 +6,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
 * ``ablation``  which ingredient helped on lenet5 / digits: the paper's schedule vs the
                 size-aware target schedule, distillation in the search and in fine-tuning;
 * ``mlp``       mlp / digits at 3 %, against structured L1 pruning (uniform ratio, same fine-tuning);
+* ``mlp-kd``    mlp / digits at 3 % with distillation from the original while fine-tuning
+                (kd_alpha 0.7), the ingredient that helped lenet5 most in the ablation;
 * ``deepsense`` deepsense / sensing at 6 %, against the same L1 baseline;
 * ``bilstm``    bilstm / sensing at 10 %;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
@@ -67,7 +69,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     ft = dataclasses.replace(FINETUNE, **spec.get("finetune", {}))
     row: dict[str, Any] = {**spec, "base_test": accuracy(base, data.X_test, data.y_test),
                            "base_val": accuracy(base, data.X_val, data.y_val)}
-    if spec["method"] == "deepiot":
+    if spec["method"].startswith("deepiot"):
         cfg = DeepIoTConfig(target=spec["target"], **spec.get("search", {}))
         res = deepiot_compress(base, data, cfg, ft, seed=spec["seed"], progress=False)
         model, kept = res.model, res.kept_params
@@ -173,6 +175,9 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
              "method": "deepiot", "search": search, "finetune": ft}
             for v, (search, ft) in VARIANTS.items() for s in seeds
         ]
+    if part == "mlp-kd":
+        return [{"part": part, "model": "mlp", "data": "digits", "target": 0.03, "seed": s,
+                 "method": "deepiot+kd-finetune", "finetune": {"kd_alpha": 0.7}} for s in seeds]
     targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
     data, target = targets[part]
     methods = ["deepiot", "l1-uniform"] if part in ("mlp", "deepsense") else ["deepiot"]

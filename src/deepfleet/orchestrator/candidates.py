@@ -7,7 +7,8 @@ told to Optuna, and how the trial ended. The original model is a row too (``kind
 ``trial`` null), so reports can show original vs compressed. Reports join the two on
 ``artifact_hash``.
 
-Layout: ``ROOT/study=<study>/part-<uuid>.parquet``, appended atomically like the results.
+Layout: ``ROOT/study=<study>/part-<uuid>-0.parquet``, appended atomically like the results
+(:func:`~deepfleet.orchestrator.results.write_partitioned`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from deepfleet.errors import ResultsError
+from deepfleet.orchestrator.results import write_partitioned
 
 CANDIDATES_SCHEMA_VERSION = 1
 OUTCOMES = ("measured", "infeasible", "predicted_infeasible", "failed", "baseline")
@@ -87,17 +86,11 @@ def write_candidates(root: str | os.PathLike[str], rows: list[dict[str, Any]]) -
     if len(studies) != 1:
         raise ResultsError(f"write_candidates takes rows of one study, got {sorted(studies)}")
     try:
-        table = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA).drop_columns(["study"])
+        table = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
         raise ResultsError(f"rows do not fit CANDIDATES_SCHEMA: {exc}") from None
-    # hive partition folder, URI-encoded like the results dataset (pyarrow decodes it on read)
-    folder = Path(root) / f"study={quote(studies.pop(), safe='')}"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
-    return folder / name
+    (path,) = write_partitioned(root, table, PARTITIONING)
+    return path
 
 
 def read_candidates(root: str | os.PathLike[str], study: str | None = None) -> pd.DataFrame:

@@ -308,6 +308,14 @@ def write_results(root: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) 
         table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
         raise ResultsError(f"rows do not fit RESULTS_SCHEMA: {exc}") from None
+    return write_partitioned(root, table, PARTITIONING)
+
+
+def write_partitioned(root: str | os.PathLike[str], table: pa.Table,
+                      partitioning: ds.Partitioning) -> list[Path]:
+    """Write ``table`` under ``root`` as new, uniquely named Parquet files in hive partitions;
+    each becomes visible atomically (written and fsynced in a staging folder, then renamed
+    into place), so a reader or a crash never sees half a file. Returns the new files."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
@@ -315,7 +323,7 @@ def write_results(root: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) 
     written: list[str] = []
     try:
         ds.write_dataset(
-            table, staging, format="parquet", partitioning=PARTITIONING,
+            table, staging, format="parquet", partitioning=partitioning,
             basename_template=f"part-{token}-{{i}}.parquet",
             existing_data_behavior="error",  # a fresh staging dir: anything there is a bug
             file_visitor=lambda f: written.append(f.path),
