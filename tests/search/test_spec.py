@@ -86,3 +86,12 @@ def test_missing_or_unparsable_file(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_study(bad)
+
+
+def test_measure_section_reaches_the_agent_request() -> None:
+    from deepfleet.orchestrator.search_driver import _measure_settings
+
+    spec = parse_study({"name": "x", "model": "mlp", "data": "digits",
+                        "measure": {"min_runs": 7, "max_runs": 10**8, "min_seconds": 3.0, "max_seconds": 4.0}})
+    request = _measure_settings(spec).request
+    assert (request["min_runs"], request["max_runs"], request["min_seconds"], request["max_seconds"]) == (7, 10**8, 3.0, 4.0)

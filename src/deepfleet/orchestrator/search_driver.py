@@ -454,7 +454,7 @@ def _predicted_violation(c: Any, predicted: dict[str, float]) -> float:
 def _measure_settings(spec: StudySpec) -> MeasureSettings:
     """The agent request for the study's ``measure:`` section, with drift references."""
     m = spec.measure
-    request = {"warmup": m.warmup, "min_runs": m.min_runs, "min_seconds": m.min_seconds,
+    request = {"warmup": m.warmup, "min_runs": m.min_runs, "max_runs": m.max_runs, "min_seconds": m.min_seconds,
                "max_seconds": m.max_seconds, "batch": m.batch, "threads": m.threads, "ci_target": 0.03,
                "thermal": {"settle_max_s": 5.0}}
     return MeasureSettings(request=request, reference_every=m.reference_every)

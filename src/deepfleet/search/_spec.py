@@ -93,6 +93,7 @@ class StudyMeasure:
 
     warmup: int = 5
     min_runs: int = 20
+    max_runs: int = 10000  # a bound before min_seconds: a 10 us model reaches it in 0.1 s
     min_seconds: float = 0.3
     max_seconds: float = 10.0
     batch: int = 1
