@@ -47,13 +47,19 @@ def test_resume_requeues_trials_a_dead_driver_left_running(tmp_path: Path) -> No
 
 def test_suggest_covers_choice_range_int_and_fixed() -> None:
     spec = parse_study(RAW)
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    params = suggest(study.ask(), spec.space)
-    assert params["method"] in ("deepiot", "deepiot+fixedpoint")
-    assert 0.01 <= params["deepiot.target"] <= 0.1
-    assert isinstance(params["fixedpoint.bits"], int) and 4 <= params["fixedpoint.bits"] <= 8
-    assert params["deepiot.iterations"] == 100
-    assert apply_params(params)["deepiot"]["iterations"] == 100
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [suggest(study.ask(), spec.space) for _ in range(20)]
+    assert {p["method"] for p in drawn} == {"deepiot", "deepiot+fixedpoint"}
+    for params in drawn:
+        assert 0.01 <= params["deepiot.target"] <= 0.1
+        assert params["deepiot.iterations"] == 100
+        assert apply_params(params)["deepiot"]["iterations"] == 100
+        # conditional: bit widths only where the pipeline quantises
+        if params["method"] == "deepiot+fixedpoint":
+            assert isinstance(params["fixedpoint.bits"], int) and 4 <= params["fixedpoint.bits"] <= 8
+        else:
+            assert "fixedpoint.bits" not in params
 
 
 def test_pareto_excludes_infeasible_trials() -> None:

@@ -7,6 +7,7 @@ Optuna (no sockets, no training).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,8 +29,11 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, spec.parallelism * 2))
     # few trials: start the model after a quarter of the budget rather than Optuna's fixed 10
     startup = max(3, min(10, spec.trials // 4))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True,
-                                      multivariate=True)
+    # group: a method's settings exist only in trials that chose the method (conditional space)
+    with warnings.catch_warnings():  # multivariate and group are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True,
+                                          multivariate=True, group=True)
 
 
 def open_study(spec: StudySpec, storage: str, *, resume: bool) -> tuple[optuna.Study, list[dict[str, Any]]]:
@@ -73,18 +77,30 @@ def open_study(spec: StudySpec, storage: str, *, resume: bool) -> tuple[optuna.S
 
 
 def suggest(trial: Trial, space: tuple[Param, ...]) -> dict[str, Any]:
-    """Parameters of one candidate: suggested for choices and ranges, copied for fixed values."""
+    """Parameters of one candidate: suggested for choices and ranges, copied for fixed values.
+
+    ``method`` comes first; a ``M.setting`` is suggested only when method M is in the chosen
+    pipeline (a conditional space: 4-bit vs 8-bit means nothing to a DeepIoT-only trial).
+    """
+    ordered = sorted(space, key=lambda p: p.name != "method")
     params: dict[str, Any] = {}
-    for p in space:
-        if p.fixed:
-            params[p.name] = p.value
-        elif p.choices is not None:
-            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.integer:
-            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))  # type: ignore[arg-type]
-        else:
-            params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)  # type: ignore[arg-type]
+    for p in ordered:
+        if p.name != "method":
+            methods = str(params.get("method", "")).replace(",", "+").split("+")
+            if p.name.partition(".")[0] not in methods:
+                continue
+        params[p.name] = _suggest_one(trial, p)
     return params
+
+
+def _suggest_one(trial: Trial, p: Param) -> Any:
+    if p.fixed:
+        return p.value
+    if p.choices is not None:
+        return trial.suggest_categorical(p.name, list(p.choices))
+    if p.integer:
+        return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))  # type: ignore[arg-type]
+    return trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)  # type: ignore[arg-type]
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
