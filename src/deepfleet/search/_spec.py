@@ -220,7 +220,7 @@ def _check_space(src: str, space: tuple[Param, ...]) -> None:
         if not dot or name not in offered:
             raise _err(src, f"space.{p.name}", f"a setting is METHOD.SETTING for a method in space.method "
                        f"(offered: {', '.join(sorted(offered))})")
-        fields = [f for f in compressor_class(name).config_class.__dataclass_fields__ if f != "metric"]
+        fields = list(compressor_class(name).config_class.__dataclass_fields__)
         if setting not in fields:
             raise _err(src, f"space.{p.name}", f"{name} has no setting {setting!r}; accepted: {', '.join(fields)}")
 
