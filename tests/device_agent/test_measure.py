@@ -118,7 +118,8 @@ def test_affinity_pin_applies_to_every_thread_and_is_restored(agent: AgentProces
     if len(before) < 2:
         pytest.skip("needs two CPUs to see a pin")
     req = {"op": "measure", "artifact": str(tiny_artifact.path), "cpus": [before[0]], "threads": 2,
-           "min_runs": 5, "min_seconds": 0.6, "ci_target": None, "energy": NO_ENERGY}
+           "min_runs": 5, "min_seconds": 0.6, "max_runs": 10**9,  # still running at 0.3 s
+           "ci_target": None, "energy": NO_ENERGY}
     agent.send_raw((json.dumps(req) + "\n").encode())
     time.sleep(0.3)  # mid-run: the BLAS worker threads must be pinned too, not only the caller
     during = _thread_affinities(agent.pid)
