@@ -58,8 +58,10 @@ def make_compressor(name: str, settings: Mapping[str, Any] | None = None) -> Bas
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    """``"deepiot,fixedpoint"`` (or a list) -> ["deepiot", "fixedpoint"], checked as a pipeline."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    """``"deepiot,fixedpoint"``, ``"deepiot+fixedpoint"`` (a study's spelling) or a list ->
+    ["deepiot", "fixedpoint"], checked as a pipeline."""
+    names = ([s.strip() for s in spec.replace("+", ",").split(",")] if isinstance(spec, str)
+             else [str(s).strip() for s in spec])
     if not names or any(not n for n in names):
         raise ConfigError(f"--method must be a comma list of methods, but got {spec!r}; accepted: {', '.join(REGISTRY)}")
     check_pipeline(names)

@@ -27,13 +27,6 @@ def _artifact_bytes(path: str | Path) -> dict[str, bytes]:
     return {name: (p / name).read_bytes() for name in ARTIFACT_FILES}
 
 
-def trial_methods(method: str) -> list[str]:
-    """A trial's ``method`` value as a pipeline: ``deepiot+fixedpoint`` (or a comma list)."""
-    from deepfleet.compressors import parse_methods
-
-    return parse_methods(str(method).replace("+", ","))
-
-
 def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`deepfleet.compress` for a trial's flat parameters.
 
@@ -43,9 +36,10 @@ def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[
     fine-tuning (a search affords less). Unknown settings fail when the pipeline is built.
     """
     from deepfleet.api import FINETUNE
+    from deepfleet.compressors import parse_methods
     from deepfleet.search._study import apply_params
 
-    methods = trial_methods(params.get("method", "deepiot"))
+    methods = parse_methods(str(params.get("method", "deepiot")))
     per_method = apply_params(params)
     finetune = FINETUNE
     if "finetune_epochs" in training:

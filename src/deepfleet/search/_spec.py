@@ -210,7 +210,7 @@ def _check_space(src: str, space: tuple[Param, ...]) -> None:
     offered: set[str] = set()
     for choice in method.choices if method.choices is not None else (method.value,):
         try:
-            offered.update(parse_methods(str(choice).replace("+", ",")))
+            offered.update(parse_methods(str(choice)))
         except ConfigError as exc:
             raise _err(src, "space.method", f"{choice!r}: {exc}") from None
     for p in space:

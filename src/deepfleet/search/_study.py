@@ -82,12 +82,13 @@ def suggest(trial: Trial, space: tuple[Param, ...]) -> dict[str, Any]:
     ``method`` comes first; a ``M.setting`` is suggested only when method M is in the chosen
     pipeline (a conditional space: 4-bit vs 8-bit means nothing to a DeepIoT-only trial).
     """
+    from deepfleet.compressors import parse_methods
+
     ordered = sorted(space, key=lambda p: p.name != "method")
     params: dict[str, Any] = {}
     for p in ordered:
         if p.name != "method":
-            methods = str(params.get("method", "")).replace(",", "+").split("+")
-            if p.name.partition(".")[0] not in methods:
+            if p.name.partition(".")[0] not in parse_methods(str(params["method"])):
                 continue
         params[p.name] = _suggest_one(trial, p)
     return params
