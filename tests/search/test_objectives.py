@@ -20,7 +20,7 @@ SPEC = parse_study({
 
 def _row(device: str, cls: str, p50: float, energy=None, estimate=None, error=None) -> dict:
     return {"device": device, "device_class": cls, "p50_ms": p50, "p90_ms": p50 * 1.2,
-            "energy_mj": energy, "energy_estimate_mj": estimate, "error": error}
+            "energy_per_inference_mj": energy, "estimated_energy_mj": estimate, "error": error}
 
 
 def test_class_metrics_take_the_median_over_devices_and_skip_failures() -> None:

@@ -40,15 +40,15 @@ from deepfleet.orchestrator.results import read_results
 from deepfleet.orchestrator.trainer import train_base, train_candidate, write_artifact_files
 from deepfleet.search import _predictor as predictor
 from deepfleet.search._objectives import (
+    ROW_FIELD,
     broken_before_measurement,
     class_metrics,
     constraint_values,
+    metric_value,
     objective_values,
 )
 from deepfleet.search._spec import StudySpec
 from deepfleet.search._study import finished, open_study, pareto, suggest, trial_record
-
-_PRED_FIELD = {"latency_p50": "p50_ms", "latency_p90": "p90_ms", "energy": "energy_per_inference_mj"}
 
 
 @dataclass
@@ -240,7 +240,8 @@ class Search:
                     if t.candidate is not None and not t.waiting_classes and t.trial.number in live:
                         self._finish(t, study, view)
                         live.pop(t.trial.number, None)
-                view.update(self._state(study, live, pending, broker))
+                if view.live is not None:  # the state costs storage reads and a broker call
+                    view.update(self._state(study, live, pending, broker))
         finally:
             view.close()
         device_status = ray.get(broker.status.remote()) if devices else {}
@@ -307,10 +308,18 @@ class Search:
 
     def _predict_breaks(self, t: _Trial, cls: str) -> bool:
         assert t.candidate is not None
+        fits: dict[str, predictor.Fit | None] = {}  # one fit per metric, shared below
+
+        def fit_for(metric: str) -> predictor.Fit | None:
+            if metric not in fits:
+                field_ = ROW_FIELD[metric]
+                fits[metric] = predictor.fit(predictor.training_points(self.rows, cls, field_), field_)
+            return fits[metric]
+
         for c in self.spec.constraints:
-            if c.device_class != cls or c.metric not in _PRED_FIELD:
+            if c.device_class != cls or c.metric not in ROW_FIELD:
                 continue
-            fit = predictor.fit(predictor.training_points(self.rows, cls, _PRED_FIELD[c.metric]), _PRED_FIELD[c.metric])
+            fit = fit_for(c.metric)
             if fit is None:
                 continue
             breaks, pred = predictor.clearly_breaks(fit, t.candidate, c.max)
@@ -320,8 +329,8 @@ class Search:
                                          f"{100 * predictor.margin(fit):.0f} % (predictor error {100 * fit.loo_error:.1f} %)")
                 return True
         for o in self.spec.objectives:  # predictions of objectives, to measure the predictor's error
-            if o.device_class == cls and o.metric in _PRED_FIELD:
-                fit = predictor.fit(predictor.training_points(self.rows, cls, _PRED_FIELD[o.metric]), _PRED_FIELD[o.metric])
+            if o.device_class == cls and o.metric in ROW_FIELD:
+                fit = fit_for(o.metric)
                 if fit is not None:
                     t.predicted[f"{o.metric}@{cls}"] = fit.predict(t.candidate)
         return False
@@ -365,16 +374,15 @@ class Search:
         (the worst value seen, doubled). Infeasible trials never reach the Pareto front."""
         values, source = [], "predicted"
         for o in self.spec.objectives:
-            try:
-                values.append(objective_values(self.spec, cand, per_class)[len(values)])
+            v = metric_value(o.metric, o.device_class, cand, per_class)
+            if v is not None:  # known from training (accuracy, bytes, ...) or measured
+                values.append(v)
                 continue
-            except KeyError:
-                pass
             key = f"{o.metric}@{o.device_class}"
             if key in predicted:
                 values.append(predicted[key])
                 continue
-            field_ = _PRED_FIELD.get(o.metric, "")
+            field_ = ROW_FIELD.get(o.metric, "")
             seen = [float(r[field_]) for r in self.rows if r.get(field_) is not None and r.get("device_class") == o.device_class]
             values.append(2 * max(seen) if seen else 1e6)
             source = "placeholder"

@@ -2,7 +2,8 @@
 
 A *candidate* is a dict of what training knows (``accuracy``, ``accuracy_drop_pp``, ``bytes``,
 ``params``, ``macs``); *measurements* are result rows (dicts with ``device``, ``device_class``,
-``p50_ms``, ``p90_ms``, ``energy_mj``, ``energy_estimate_mj``). Per-class metrics are the median
+``p50_ms``, ``p90_ms``, ``energy_per_inference_mj``, ``estimated_energy_mj`` as in
+:mod:`deepfleet.orchestrator.results`). Per-class metrics are the median
 over that class's devices.
 """
 
@@ -14,14 +15,15 @@ from typing import Any
 
 from deepfleet.search._spec import METRICS, StudySpec
 
-_ROW_FIELD = {"latency_p50": "p50_ms", "latency_p90": "p90_ms", "energy": "energy_mj"}
+#: Device metric -> the results column that measures it.
+ROW_FIELD = {"latency_p50": "p50_ms", "latency_p90": "p90_ms", "energy": "energy_per_inference_mj"}
 
 
 def row_value(metric: str, row: Mapping[str, Any]) -> float | None:
     """The value of a device metric in one row; energy falls back to the labelled estimate."""
-    v = row.get(_ROW_FIELD[metric])
+    v = row.get(ROW_FIELD[metric])
     if v is None and metric == "energy":
-        v = row.get("energy_estimate_mj")
+        v = row.get("estimated_energy_mj")
     return None if v is None else float(v)
 
 
@@ -35,7 +37,7 @@ def class_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], fl
     for r in rows:
         if r.get("error") or r.get("reference"):
             continue
-        for metric in _ROW_FIELD:
+        for metric in ROW_FIELD:
             v = row_value(metric, r)
             if v is not None:
                 per_device.setdefault((metric, r["device_class"], r["device"]), []).append(v)
