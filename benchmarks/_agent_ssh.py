@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from agent_overhead import _artifact  # type: ignore[import-not-found]
+from agent_overhead import _pct as _percentile  # type: ignore[import-not-found]
 
-from deepfleet.artifact import Artifact, write_artifact
-from deepfleet.compressors._export import export_graph
 from deepfleet.errors import DeviceError
-from deepfleet.models import build_model
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import LOCAL_DEVICE, Device, EnergySpec, load_fleet
 from deepfleet.orchestrator.sandbox import LoopbackSshd
@@ -33,19 +31,11 @@ PINNED: dict[str, Any] = {"threads": 1, "warmup": 20, "min_seconds": 1.0, "max_s
 
 
 def _loadavg() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    return list(os.getloadavg())
 
 
 def _pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 4)
-
-
-def _artifact(root: Path, name: str, shape: tuple[int, ...]) -> Artifact:
-    torch.manual_seed(0)
-    model = build_model(name, input_shape=shape, num_classes=10).eval()
-    ex = export_graph(model, shape)
-    return write_artifact(root, ex.graph, ex.arrays, {"model": name, "params": ex.params,
-                                                      "macs": ex.macs, "input_shape": list(shape)})
+    return round(_percentile(values, q), 4)
 
 
 def _repeat(session: DeviceSession, artifact: Path, request: dict[str, Any],

@@ -446,12 +446,9 @@ def quick_context(seed: int = 0, epochs: int = 1) -> Context:
 def runtime_error(model: nn.Module, encodings: dict, data: Dataset, *, n: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
     """Export ``model`` with ``encodings``, run the numpy runtime on test samples; return
     (max |runtime - torch| / max |torch|, runtime outputs, torch outputs)."""
-    from deepfleet.compressors import export_graph
-    from deepfleet.device_agent.agent import Model
-
     ex = export_graph(model, data.input_shape, encodings)
     x = data.X_test[:n]
     with torch.no_grad():
         ref = model.eval()(torch.as_tensor(x)).numpy()
-    out = Model(ex.graph, ex.arrays).run(x)
+    out = agent_module.Model(ex.graph, ex.arrays).run(x)
     return float(np.abs(out - ref).max() / np.abs(ref).max()), out, ref

@@ -26,6 +26,7 @@ from torch import nn
 from deepfleet import __version__
 from deepfleet.artifact import Artifact, write_artifact
 from deepfleet.compressors import (
+    REGISTRY,
     BaseCompressor,
     Context,
     make_compressor,
@@ -115,8 +116,7 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-_PRUNERS = ("deepiot", "l1", "magnitude", "dns")  # methods that take the kept-fraction target
-_BITS = ("fixedpoint", "kmeans", "pq", "rq", "binary")
+_BITS = tuple(n for n, c in REGISTRY.items() if c.stage == "quantise")  # methods that take --bits
 
 
 def build_pipeline(
@@ -149,13 +149,13 @@ def build_pipeline(
     for name in methods:
         conf: dict[str, Any] = {}
         if name == "deepiot":
-            cfg = search or DeepIoTConfig(target=target, metric=metric, distill=0.7)
+            cfg = search or DeepIoTConfig()
             if quick and search is None:
                 cfg = dataclasses.replace(cfg, iterations=40, eval_every=20)
             conf = {**dataclasses.asdict(cfg), "target": target, "metric": metric}
         elif name == "l1":
             conf = {"target": target, "metric": metric}
-        elif name in _PRUNERS:
+        elif name in ("magnitude", "dns"):  # weight pruners: a fraction of the weights
             if metric != "params" and "target" not in settings.get(name, {}):
                 raise ConfigError(f"{name} prunes single weights, which saves no MACs in a dense runtime; give --target-params")
             conf = {"target": target}
@@ -166,7 +166,7 @@ def build_pipeline(
                 conf["bits"] = bits
         if rounding is not None and name == "fixedpoint":
             conf["rounding"] = rounding
-        if quick and name in ("magnitude",):
+        if quick and name == "magnitude":
             conf["steps"] = 1
         conf.update(settings.get(name, {}))
         built.append(make_compressor(name, conf))

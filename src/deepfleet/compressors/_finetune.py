@@ -135,11 +135,11 @@ def finetune(
     ``cfg.epochs == 0`` it only installs the final weights.
     """
     dev = device_of(model)
-    names = set(reparam.weights(final=True))
-    others = [p for n, p in model.named_parameters() if n not in names]
+    final = reparam.weights(final=True)  # builds every encoding: once
+    others = [p for n, p in model.named_parameters() if n not in final]
     X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
-    install(model, reparam.weights(final=True))
+    install(model, final)
     if cfg.epochs == 0:
         return model, history
     teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 else None

@@ -115,7 +115,6 @@ class LowRank(BaseCompressor):
                            "energy": round(energy, 6), "weights_before": rows * cols,
                            "weights_after": rank * (rows + cols) if factored else rows * cols})
         ft = with_overrides(ctx.finetune, cfg.epochs, cfg.lr)
-        if ft.epochs > 0:
-            model, _ = train(model, data, ft, seed=ctx.seed, teacher=ctx.teacher, desc="low-rank",
-                             progress=ctx.progress)
+        model, _ = train(model, data, ft, seed=ctx.seed, teacher=ctx.teacher, desc="low-rank",
+                         progress=ctx.progress)
         return Compressed(model=model.eval(), info={"settings": dataclasses.asdict(cfg), "layers": layers})

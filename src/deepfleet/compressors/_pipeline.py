@@ -98,14 +98,8 @@ def _storage(after: nn.Module, module: str, encodings: dict[str, Encoding]) -> d
     params = dict(after.named_parameters())
     total = sum(params[n].numel() for n in names)
     bits = sum((encodings[n].bits if n in encodings else 32.0) * params[n].numel() for n in names)
-    return {"nonzero_after": sum(int((params[n] != 0).sum()) for n in names) + _bias_count(after, module),
-            "bits_per_weight": round(bits / max(total, 1), 4)}
-
-
-def _bias_count(after: nn.Module, module: str) -> int:
-    names = set(weight_names(after))
-    return sum(int((p != 0).sum()) for n, p in after.named_parameters()
-               if n.startswith(module + ".") and n not in names)
+    nonzero = sum(int((p != 0).sum()) for n, p in params.items() if n.startswith(module + "."))
+    return {"nonzero_after": nonzero, "bits_per_weight": round(bits / max(total, 1), 4)}
 
 
 def layer_table(

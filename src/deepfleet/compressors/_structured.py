@@ -21,7 +21,7 @@ from deepfleet.compressors._l1 import uniform_l1_keep
 from deepfleet.compressors._pipeline import deepiot_compress, layer_table
 from deepfleet.compressors.base import BaseCompressor, Compressed, Context
 from deepfleet.data import Dataset
-from deepfleet.training import train
+from deepfleet.training import device_of, train
 
 
 class DeepIoT(BaseCompressor):
@@ -67,14 +67,13 @@ class L1(BaseCompressor):
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
         cfg: L1Config = self.config
-        dev = next(model.parameters()).device
+        dev = device_of(model)
         st = analyse(model, torch.as_tensor(data.X_train[:2]).to(dev))
         cm = cost_model(st)
         keep, ratio = uniform_l1_keep(st, st.graph_module, cm, cfg.target, cfg.metric)
         small: nn.Module = extract(st, st.graph_module, keep)
-        if ctx.finetune.epochs > 0:
-            small, _ = train(small, data, ctx.finetune, seed=ctx.seed, teacher=ctx.teacher, desc="l1",
-                             progress=ctx.progress)
+        small, _ = train(small, data, ctx.finetune, seed=ctx.seed, teacher=ctx.teacher, desc="l1",
+                         progress=ctx.progress)
         keep64 = [torch.as_tensor(k, dtype=torch.float64) for k in keep]
         info = {
             "settings": dataclasses.asdict(cfg),

@@ -81,7 +81,7 @@ class ArtifactCorrupt(Exception):
 # ---------------------------------------------------------------------------- tensor decoding
 
 
-# The weight encodings decode_tensor understands (for the agent's capabilities).
+# The weight encodings decode_tensor understands (the tests decode one of each).
 ENCODINGS = ("float32", "fixed", "scaled", "codebook", "pq", "rq", "binary")
 
 
@@ -100,13 +100,6 @@ def _ints(spec, arrays, key, *, count, signed):
     if signed:
         vals = vals - ((vals >> (bits - 1)) << bits)
     return vals
-
-
-def _size(shape):
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def decode_tensor(name, spec, arrays):
@@ -130,9 +123,9 @@ def decode_tensor(name, spec, arrays):
     if enc == "float32":
         return np.asarray(arrays[name], dtype=np.float32)
     shape = spec["shape"]
-    n = _size(shape)
+    n = math.prod(int(d) for d in shape)
     if enc == "fixed":  # integer codes * 2^-frac_bits
-        codes = _ints(spec, arrays, "codes", count=n, signed=True) if spec.get("packed") else arrays[spec["codes"]]
+        codes = _ints(spec, arrays, "codes", count=n, signed=True)
         return (codes.astype(np.float32) * np.float32(2.0 ** -spec["frac_bits"])).reshape(shape)
     if enc == "scaled":  # integer codes * per-tensor or per-channel scale
         codes = arrays[spec["codes"]].astype(np.float32)

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from deepfleet.report._analysis import ENERGY_COLUMNS
+
 __all__ = ["MISSING", "energy_kind_of", "format_value", "paper_table1"]
 
 MISSING = "–"
-_KINDS = ("measured", "simulated", "estimated")
+_KINDS = tuple(ENERGY_COLUMNS)
 
 
 def energy_kind_of(column: str) -> str | None:
