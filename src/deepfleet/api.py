@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from deepfleet import __version__
+from deepfleet._files import cache_dir, write_json
 from deepfleet.artifact import Artifact, write_artifact
 from deepfleet.compressors import (
     REGISTRY,
@@ -48,10 +49,6 @@ BASE_TRAINING = TrainConfig(epochs=60, patience=15)
 # lost 0.67 pp on mlp at 3 % where distillation (alpha 0.7, lr 1e-3) lost 1.33 pp, and tied it on
 # lenet5 at 1 %; distillation pays off inside the search instead (DeepIoTConfig.distill).
 FINETUNE = TrainConfig(epochs=60, patience=20, lr=3e-3, kd_alpha=0.0)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DEEPFLEET_CACHE", Path.home() / ".cache" / "deepfleet"))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -107,13 +104,6 @@ def trained_base(
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)  # atomic: a killed run never leaves half a checkpoint
     return model.eval(), False
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 _BITS = tuple(n for n, c in REGISTRY.items() if c.stage == "quantise")  # methods that take --bits
@@ -311,5 +301,5 @@ def compress(
         "base_cached": cached,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _write_json(Path(out) / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
+    write_json(Path(out) / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
     return summary

@@ -481,7 +481,8 @@ class _Exporter:
     op_split = _split
 
 
-def _record(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
+def record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
+    """{node name: its value} for one run of ``gm`` on ``x`` (no gradients)."""
     values: dict[str, Any] = {}
 
     class Recorder(fx.Interpreter):
@@ -532,8 +533,8 @@ def export_graph(
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     gen = torch.Generator().manual_seed(0)
     dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    v1 = _record(gm, torch.randn((_B1, *input_shape), generator=gen).to(dev))
-    v2 = _record(gm, torch.randn((_B2, *input_shape), generator=gen).to(dev))
+    v1 = record_values(gm, torch.randn((_B1, *input_shape), generator=gen).to(dev))
+    v2 = record_values(gm, torch.randn((_B2, *input_shape), generator=gen).to(dev))
     encodings = encodings or {}
     ex = _Exporter(gm, v1, v2, encodings)
     outputs, input_name, shape = ex.run()

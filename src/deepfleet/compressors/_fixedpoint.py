@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from deepfleet.compressors._checks import check_bits, check_choice, check_layer_keys, check_positive
 from deepfleet.compressors._encoding import Encoding, pack_codes
+from deepfleet.compressors._export import record_values
 from deepfleet.compressors._finetune import (
     Reparam,
     finetune,
@@ -203,20 +204,9 @@ class FixedPointWeights(Reparam):
 def _layer_inputs(gm: fx.GraphModule, X: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input (first argument) of every Linear/Conv/RNN node on the batch ``X``."""
     modules = dict(gm.named_modules())
-    params = [n for n in gm.graph.nodes if classify(n, modules).category == "param"]
-    seen: dict[str, torch.Tensor] = {}
-    wanted = {n.args[0].name: n.args[0] for n in params}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n.name in wanted and isinstance(out, torch.Tensor):
-                seen[n.name] = out
-            return out
-
-    with torch.no_grad():
-        Recorder(gm.eval()).run(X)
-    return seen
+    wanted = {n.args[0].name for n in gm.graph.nodes if classify(n, modules).category == "param"}
+    values = record_values(gm.eval(), X)
+    return {name: v for name, v in values.items() if name in wanted and isinstance(v, torch.Tensor)}
 
 
 def insert_act_quant(gm: fx.GraphModule, X: torch.Tensor, bits: int) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 
+from deepfleet._files import cache_dir
 from deepfleet.data._dataset import (
     Dataset,
     check_arrays,
@@ -42,8 +43,7 @@ def _builtin(name: str) -> Dataset:
     Preparing digits imports scikit-learn (seconds on a busy worker) and sensing is generated;
     every Ray worker of a search would pay that again without the cache.
     """
-    base = os.environ.get("DEEPFLEET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deepfleet")
-    path = os.path.join(base, "data", f"{name}-v{_CACHE_VERSION}.npz")
+    path = os.path.join(cache_dir(), "data", f"{name}-v{_CACHE_VERSION}.npz")
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as npz:
             meta = npz["meta"].item().split("\n", 2)

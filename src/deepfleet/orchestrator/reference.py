@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from deepfleet._files import cache_dir
 from deepfleet.artifact import Artifact, open_artifact, write_artifact
 from deepfleet.device_agent.agent import GRAPH_FORMAT, GRAPH_VERSION
 from deepfleet.errors import ArtifactError
@@ -81,8 +82,7 @@ def _build() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
 
 
 def _cache_root() -> Path:
-    base = os.environ.get("DEEPFLEET_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "deepfleet") / "reference"
+    return cache_dir() / "reference"
 
 
 _LOCK = threading.Lock()  # parallel device threads may ask for it at the same moment

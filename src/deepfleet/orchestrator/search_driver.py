@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
+from deepfleet._files import write_json
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.orchestrator.broker import BrokerActor, measure_on_class
 from deepfleet.orchestrator.candidates import candidate_row, write_candidates
@@ -149,10 +148,7 @@ class Search:
         folder = self.run_dir / "trained"
         folder.mkdir(parents=True, exist_ok=True)
         facts = {k: v for k, v in cand.items() if k not in ("files", "original_files")}
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(facts, f, sort_keys=True)
-        os.replace(tmp, folder / f"{self._train_key(params)}.json")
+        write_json(folder / f"{self._train_key(params)}.json", facts)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:

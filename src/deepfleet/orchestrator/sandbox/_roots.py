@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from deepfleet import _files
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.sandbox._proc import sh
 
@@ -46,8 +47,7 @@ _BINFMT = Path("/proc/sys/fs/binfmt_misc")
 
 def cache_dir() -> Path:
     """Where root tarballs are kept: ``$DEEPFLEET_CACHE/roots`` or ``~/.cache/deepfleet/roots``."""
-    base = os.environ.get("DEEPFLEET_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "deepfleet") / "roots"
+    return _files.cache_dir() / "roots"
 
 
 def _mirror() -> str:

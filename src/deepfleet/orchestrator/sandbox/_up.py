@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from deepfleet._files import cache_dir
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.fleet import load_fleet
 from deepfleet.orchestrator.sandbox import _cgroup, _device, _roots, _state
@@ -32,8 +33,7 @@ Echo = Callable[[str], None]
 
 def default_state_dir() -> Path:
     """``$DEEPFLEET_CACHE/sandbox`` or ``~/.cache/deepfleet/sandbox``."""
-    base = os.environ.get("DEEPFLEET_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "deepfleet") / "sandbox"
+    return cache_dir() / "sandbox"
 
 
 def _netns_problem() -> str | None:
