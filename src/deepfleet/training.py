@@ -10,6 +10,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +113,15 @@ def _function_matching_loss(
     return (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * T * T * kl
 
 
+def adam_cosine(params: Any, cfg: TrainConfig, n_samples: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam with ``cfg``'s learning rate and weight decay, and a cosine decay to zero over the
+    ``cfg.epochs`` epochs of ``n_samples`` in batches of ``cfg.batch_size`` (stepped per batch)."""
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(n_samples / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return opt, sched
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -139,9 +149,7 @@ def train(
     online = teacher is not None and cfg.kd_alpha > 0 and cfg.mixup > 0
     teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 and not online else None
     beta = torch.distributions.Beta(cfg.mixup, cfg.mixup) if online else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(y) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = adam_cosine(model.parameters(), cfg, len(y))
     best_acc, best_state, stale = -1.0, copy.deepcopy(model.state_dict()), 0
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:

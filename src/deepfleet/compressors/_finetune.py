@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
-import math
 
 import torch
 from torch import fx, nn
@@ -29,6 +28,7 @@ from deepfleet.data import Dataset
 from deepfleet.training import (
     TrainConfig,
     accuracy,
+    adam_cosine,
     batches,
     device_of,
     distillation_loss,
@@ -143,9 +143,7 @@ def finetune(
     if cfg.epochs == 0:
         return model, history
     teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 else None
-    opt = torch.optim.Adam([*reparam.trainable(), *others], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(y) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = adam_cosine([*reparam.trainable(), *others], cfg, len(y))
     gen = torch.Generator().manual_seed(seed)
 
     def snapshot() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
