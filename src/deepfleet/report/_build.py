@@ -169,7 +169,8 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
     results = run.results
     per_device = device_metrics(results)
     per_class = class_metrics(per_device)
-    classes = sorted(set(ok_rows(results)["device_class"]))
+    ok = ok_rows(results)  # filtered once: it copies every row's latency list
+    classes = sorted(set(ok["device_class"]))
     absent = list(run.absent)
     entries, cands = _choices(run, per_class, classes, max_drop_pp)
     roles, focus_note = _roles(entries, per_device, _labels(results))
@@ -190,7 +191,7 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
         pts = pd.concat([e["points"].assign(device_class=e["device_class"]) for e in entries
                          if not e["points"].empty] or [pd.DataFrame()], ignore_index=True)
         csv_only.append(Table("pareto_points", "candidates with their class metrics", pts))
-    if not (ok_rows(results)["energy_kind"] == "measured").any():
+    if not (ok["energy_kind"] == "measured").any():
         absent.append("no measured energy: energy numbers are simulated or operation-count "
                       "estimates only, labelled so everywhere")
     return Report(study=run.study, source=str(run.located.run),
