@@ -59,3 +59,12 @@ def test_training_points_group_rows_by_artifact() -> None:
     rows = [{"artifact_hash": "x", "device_class": "a", "macs": 10, "params": 5, "p50_ms": v} for v in (1.0, 3.0, 2.0)]
     rows.append({"artifact_hash": "x", "device_class": "b", "macs": 10, "params": 5, "p50_ms": 9.0})
     assert training_points(rows, "a", "p50_ms") == [{"macs": 10, "params": 5, "p50_ms": 2.0}]
+
+
+def test_device_metrics_read_columns_the_results_dataset_has() -> None:
+    # the search reads measurement rows as the results module writes them
+    from deepfleet.orchestrator.results import RESULTS_SCHEMA
+    from deepfleet.search._objectives import ROW_FIELD
+
+    columns = set(RESULTS_SCHEMA.names)
+    assert set(ROW_FIELD.values()) | {"estimated_energy_mj"} <= columns
