@@ -88,6 +88,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         test=accuracy(model, data.X_test, data.y_test),
         val=accuracy(model, data.X_val, data.y_val),
         seconds=round(time.perf_counter() - t0, 1),
+        train_select=ft.select,  # the checkpoint rule (rows without it predate the rule: "accuracy")
     )
     row["drop_pp"] = 100 * (row["base_test"] - row["test"])
     return row

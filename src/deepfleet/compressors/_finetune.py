@@ -27,12 +27,12 @@ from deepfleet.compressors._ops import trace
 from deepfleet.data import Dataset
 from deepfleet.training import (
     TrainConfig,
-    accuracy,
     adam_cosine,
     batches,
     device_of,
     distillation_loss,
     logits_of,
+    validation_score,
 )
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.GRU)
@@ -127,7 +127,8 @@ def finetune(
     desc: str = "fine-tune",
     progress: bool = False,
 ) -> tuple[nn.Module, dict[str, list[float]]]:
-    """Train ``model`` in place with ``reparam``'s weights; keep the best validation epoch.
+    """Train ``model`` in place with ``reparam``'s weights; keep the best validation epoch
+    (by ``cfg.select``; the untrained start counts as an epoch).
 
     Adam with cosine decay and early stopping like :func:`deepfleet.training.train`; the loss
     distils from ``teacher`` when ``cfg.kd_alpha > 0``. On return the model holds the final
@@ -149,7 +150,7 @@ def finetune(
     def snapshot() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         return [t.detach().clone() for t in reparam.state()], copy.deepcopy(model.state_dict())
 
-    best_acc, best, stale = accuracy(model, data.X_val, data.y_val), snapshot(), 0
+    best_key, best, stale = validation_score(model, data, cfg.select)[1], snapshot(), 0
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         model.train()
@@ -166,12 +167,12 @@ def finetune(
             reparam.after_step()
             total += float(loss.detach()) * len(idx)
         install(model, reparam.weights(final=True))
-        val = accuracy(model, data.X_val, data.y_val)
+        val, key = validation_score(model, data, cfg.select)
         history["loss"].append(total / len(y))
         history["val_accuracy"].append(val)
         bar.set_postfix(loss=f"{total / len(y):.3f}", val=f"{val:.3f}")
-        if val > best_acc:
-            best_acc, best, stale = val, snapshot(), 0
+        if key > best_key:
+            best_key, best, stale = key, snapshot(), 0
         else:
             stale += 1
             if stale >= cfg.patience:

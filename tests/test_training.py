@@ -1,0 +1,62 @@
+"""The training loop's checkpoint rule: which validation epoch ``train`` hands back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepfleet.data import Dataset
+from deepfleet.errors import ConfigError
+from deepfleet.training import TrainConfig, train, validation_score
+
+
+@pytest.fixture(scope="module")
+def separable() -> Dataset:
+    """Two far-apart blobs: validation accuracy reaches 1.0 within an epoch or two and then
+    ties for every later epoch while the cross-entropy keeps falling."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=320)
+    X = (rng.normal(size=(320, 1, 8)) + 3.0 * (2 * y[:, None, None] - 1)).astype(np.float32)
+    return Dataset(name="blobs", X_train=X[:192], y_train=y[:192], X_val=X[192:256], y_val=y[192:256],
+                   X_test=X[256:], y_test=y[256:], num_classes=2, fingerprint="blobs")
+
+
+def _run(data: Dataset, select: str) -> tuple[nn.Module, list[tuple[float, float]]]:
+    """Train a linear model for 12 epochs; return it and every epoch's (accuracy, loss)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+    seen: list[tuple[float, float]] = []
+
+    def record(epoch: int, val: float) -> None:
+        acc, key = validation_score(model, data, "loss")
+        seen.append((acc, -key[0]))
+
+    cfg = TrainConfig(epochs=12, patience=12, lr=0.05, batch_size=32, select=select)
+    model, _ = train(model, data, cfg, seed=0, progress=False, on_epoch=record)
+    return model, seen
+
+
+def test_accuracy_ties_go_to_the_lowest_loss(separable: Dataset) -> None:
+    tie_broken, seen = _run(separable, "accuracy+loss")
+    first_best, seen_again = _run(separable, "accuracy")
+    assert seen == seen_again  # same seed, same trajectory: only the kept epoch differs
+    best_acc = max(a for a, _ in seen)
+    tied = [loss for a, loss in seen if a == best_acc]
+    assert len(tied) >= 3 and min(tied) < tied[0]  # the case the rule is for
+    acc, key = validation_score(tie_broken, separable, "accuracy+loss")
+    assert acc == best_acc and -key[1] == pytest.approx(min(tied), rel=1e-6)
+    acc, key = validation_score(first_best, separable, "accuracy+loss")
+    assert acc == best_acc and -key[1] == pytest.approx(tied[0], rel=1e-6)
+
+
+def test_select_loss_keeps_the_lowest_loss_epoch(separable: Dataset) -> None:
+    model, seen = _run(separable, "loss")
+    _, key = validation_score(model, separable, "loss")
+    assert -key[0] == pytest.approx(min(loss for _, loss in seen), rel=1e-6)
+
+
+def test_unknown_select_rule_is_named() -> None:
+    with pytest.raises(ConfigError, match="'newest'.*accuracy\\+loss|accuracy\\+loss.*'newest'"):
+        TrainConfig(select="newest")
