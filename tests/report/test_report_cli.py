@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from deepfleet.cli import main
-from deepfleet.orchestrator.results import SCHEMA_VERSION, write_results
+from deepfleet.orchestrator.results import SCHEMA_VERSION, read_results, write_results
 from deepfleet.report import ReportFiles, build_report
 from tests.report.runs import DEFAULT_CLASSES, RunInfo, measurement_rows
 
@@ -147,6 +147,15 @@ def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: Ru
     assert set(lat["device"]) == {f"{c}-{i + 1}" for c, s in DEFAULT_CLASSES.items()
                                   for i in range(s.devices)}
     assert ((lat["p50_ms"] <= lat["p90_ms"]) & (lat["p90_ms"] <= lat["p99_ms"])).all()
+    # energy: the median of each device's own successful rows of that kind, nothing else
+    raw = read_results(measure_run.root / "results")
+    raw = raw.loc[raw["error"].isna() & ~raw["reference"].fillna(False).astype(bool)]
+    sim = (raw.loc[raw["energy_kind"] == "simulated"]
+           .groupby(["device", "artifact_hash"])["energy_per_inference_mj"].median())
+    assert len(sim) > 0
+    got = lat.set_index(["device", "artifact_hash"])["energy_simulated_mj"].dropna()
+    assert len(got) > 0 and got.index.isin(sim.index).all()
+    assert got.to_numpy() == pytest.approx(sim.loc[got.index].to_numpy())
     assert html.count('<img class="plot"') == len(DEFAULT_CLASSES) + 1  # boxes per class + drift
 
 

@@ -178,7 +178,7 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
     sections = [
         _table1_section(entries, max_drop_pp, absent),
         _pareto_section(entries, max_drop_pp),
-        _latency_section(results, roles, focus_note),
+        _latency_section(ok, roles, per_device, focus_note),
         _variation_section(results, per_device, roles, absent),
         _ranking_section(per_class, chosen_by_class, classes, absent),
         _layers_section(entries),
@@ -244,8 +244,9 @@ def _pareto_section(entries: list[dict[str, Any]], max_drop: float) -> Section |
         figures=figures)
 
 
-def _latency_section(results: pd.DataFrame, roles: dict[str, str], note: str | None) -> Section:
-    table = _tables.latency_table(results, roles)
+def _latency_section(ok: pd.DataFrame, roles: dict[str, str], per_device: pd.DataFrame,
+                     note: str | None) -> Section:
+    table = _tables.latency_table(ok, roles, per_device)
     notes = ["Percentiles of every timed run, pooled over each device's successful rows of the "
              "artifact (drift checks excluded). Energy columns are medians per kind."]
     if note:

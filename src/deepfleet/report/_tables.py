@@ -96,30 +96,31 @@ def table1(chosen: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.drop(columns=empty)
 
 
-def latency_table(results: pd.DataFrame, roles: Mapping[str, str]) -> pd.DataFrame:
+def latency_table(ok: pd.DataFrame, roles: Mapping[str, str], per_device: pd.DataFrame) -> pd.DataFrame:
     """Per (device, artifact) for the artifacts in ``roles`` (hash -> role label): percentiles of
-    all timed runs pooled over the device's successful rows, and energy per kind (medians)."""
-    r = ok_rows(results)
-    r = r.loc[r["artifact_hash"].isin(list(roles))]
+    all timed runs pooled over the device's successful rows (``ok``, from :func:`ok_rows`), and
+    the energy medians per kind that ``per_device`` (:func:`device_metrics`) holds."""
+    keys = ["device_class", "device", "artifact_hash"]
+    r = ok.loc[ok["artifact_hash"].isin(list(roles))]
     out = []
-    for (cls, device, h), g in r.groupby(["device_class", "device", "artifact_hash"], sort=True):
+    for (cls, device, h), g in r.groupby(keys, sort=True):
         lat = np.concatenate([np.asarray(v, dtype=float) for v in g["latencies_ms"]
                               if v is not None and len(v)])
         if lat.size == 0:
             continue
         s = box_stats(lat)
-        kind = g["energy_kind"]
         out.append({
             "device_class": cls, "device": device, "role": roles[h], "artifact_hash": h,
             "rows": len(g), "runs": s["runs"], "p50_ms": s["p50"], "p90_ms": s["p90"],
             "p99_ms": s["p99"], "mean_ms": s["mean"], "q1_ms": s["q1"], "q3_ms": s["q3"],
-            "p1_ms": s["p1"],
-            "energy_measured_mj": g["energy_per_inference_mj"].where(kind.eq("measured").fillna(False)).median(),
-            "energy_simulated_mj": g["energy_per_inference_mj"].where(kind.eq("simulated").fillna(False)).median(),
-            "energy_estimated_mj": g["estimated_energy_mj"].median(),
-            "batch": ",".join(str(b) for b in sorted(set(g["batch"].dropna()))),
+            "p1_ms": s["p1"], "batch": ",".join(str(b) for b in sorted(set(g["batch"].dropna()))),
         })
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    if table.empty:
+        return table
+    energy = per_device[[*keys, *ENERGY_COLUMNS.values()]]
+    table = table.merge(energy, on=keys, how="left")
+    return table[[c for c in table.columns if c != "batch"] + ["batch"]]
 
 
 def devices_table(results: pd.DataFrame, per_device: pd.DataFrame) -> pd.DataFrame:
