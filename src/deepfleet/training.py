@@ -10,7 +10,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from deepfleet.data import Dataset
 from deepfleet.errors import ConfigError
 
 SELECT_RULES = ("accuracy", "accuracy+loss", "loss")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +93,32 @@ def validation_score(model: nn.Module, data: Dataset, select: str) -> tuple[floa
     return acc, ((acc, -loss) if select == "accuracy+loss" else (-loss,))
 
 
+class BestEpoch(Generic[S]):
+    """The best validation epoch so far under ``cfg.select`` (its ``snapshot()`` kept in
+    :attr:`best`, set by the first :meth:`consider`), and early stopping after
+    ``cfg.patience`` epochs without a better one.
+
+    The training loops of :func:`train` and the reparametrised fine-tuning share it, so that
+    both pick and stop by one rule.
+    """
+
+    def __init__(self, cfg: TrainConfig, snapshot: Callable[[], S]) -> None:
+        self._cfg, self._snapshot = cfg, snapshot
+        self._key: tuple[float, ...] = (-math.inf,)
+        self._stale = 0
+        self.best: S  # the first consider() always sets it: every key beats -inf
+
+    def consider(self, model: nn.Module, data: Dataset) -> tuple[float, bool]:
+        """Score ``model``'s current weights on the validation split and keep their snapshot
+        when they beat the best so far; return (validation accuracy, whether to stop)."""
+        val, key = validation_score(model, data, self._cfg.select)
+        if key > self._key:
+            self._key, self.best, self._stale = key, self._snapshot(), 0
+        else:
+            self._stale += 1
+        return val, self._stale >= self._cfg.patience
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=generator)
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -157,8 +184,7 @@ def train(
     y = torch.as_tensor(data.y_train)
     teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 else None
     opt, sched = adam_cosine(model.parameters(), cfg, len(y))
-    best_key: tuple[float, ...] = (-math.inf,)
-    best_state, stale = copy.deepcopy(model.state_dict()), 0
+    keeper = BestEpoch(cfg, lambda: copy.deepcopy(model.state_dict()))
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
@@ -172,17 +198,13 @@ def train(
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-        val, key = validation_score(model, data, cfg.select)
+        val, stop = keeper.consider(model, data)
         history["loss"].append(total / len(y))
         history["val_accuracy"].append(val)
         bar.set_postfix(loss=f"{total / len(y):.3f}", val=f"{val:.3f}")
         if on_epoch is not None:
             on_epoch(epoch, val)
-        if key > best_key:
-            best_key, best_state, stale = key, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
+        if stop:
+            break
+    model.load_state_dict(keeper.best)
     return model, history

@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 from deepfleet.compressors._ops import trace
 from deepfleet.data import Dataset
 from deepfleet.training import (
+    BestEpoch,
     TrainConfig,
     adam_cosine,
     batches,
     device_of,
     distillation_loss,
     logits_of,
-    validation_score,
 )
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.GRU)
@@ -150,7 +150,8 @@ def finetune(
     def snapshot() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         return [t.detach().clone() for t in reparam.state()], copy.deepcopy(model.state_dict())
 
-    best_key, best, stale = validation_score(model, data, cfg.select)[1], snapshot(), 0
+    keeper = BestEpoch(cfg, snapshot)
+    keeper.consider(model, data)  # the untrained start is a candidate too
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         model.train()
@@ -167,19 +168,16 @@ def finetune(
             reparam.after_step()
             total += float(loss.detach()) * len(idx)
         install(model, reparam.weights(final=True))
-        val, key = validation_score(model, data, cfg.select)
+        val, stop = keeper.consider(model, data)
         history["loss"].append(total / len(y))
         history["val_accuracy"].append(val)
         bar.set_postfix(loss=f"{total / len(y):.3f}", val=f"{val:.3f}")
-        if key > best_key:
-            best_key, best, stale = key, snapshot(), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+        if stop:
+            break
+    tensors, state = keeper.best
     with torch.no_grad():
-        for t, saved in zip(reparam.state(), best[0]):
+        for t, saved in zip(reparam.state(), tensors):
             t.copy_(saved)
-    model.load_state_dict(best[1])
+    model.load_state_dict(state)
     install(model, reparam.weights(final=True))
     return model, history
