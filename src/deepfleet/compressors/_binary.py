@@ -79,7 +79,7 @@ class BinaryWeights(Reparam):
 
     def __init__(self, model: nn.Module, names: list[str], *, stochastic: bool, seed: int):
         params = dict(model.named_parameters())
-        self.scale = {n: float(np.float32(params[n].detach().abs().mean())) for n in names}
+        self.scale = {n: params[n].detach().abs().mean().item() for n in names}  # float32 value, any device
         self.real = {n: params[n].detach().clone().clamp(-self.scale[n], self.scale[n]).requires_grad_(True)
                      for n in names}
         self.stochastic = stochastic

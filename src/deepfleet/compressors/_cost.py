@@ -9,6 +9,7 @@ independent Bernoulli masks, differentiable with respect to the probabilities.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,6 +36,13 @@ class LayerCost:
 class CostModel:
     layers: tuple[LayerCost, ...]
     group_sizes: tuple[int, ...]
+
+    @cached_property
+    def full(self) -> tuple[float, float]:
+        """(params, MACs) of the unpruned model, counted once: the search asks for fractions
+        thousands of times (a mask bisection per iteration)."""
+        params, macs = cost(self, full_keep(self))
+        return float(params), float(macs)
 
 
 def cost_model(structure: Structure) -> CostModel:
@@ -64,7 +72,9 @@ def full_keep(cm: CostModel) -> list[torch.Tensor]:
 
 
 def _count(keep: list[torch.Tensor], g: int | None, fixed: int) -> torch.Tensor:
-    return keep[g].sum(-1) if g is not None else torch.tensor(float(fixed), dtype=torch.float64)
+    if g is not None:
+        return keep[g].sum(-1)
+    return torch.tensor(float(fixed), dtype=torch.float64, device=keep[0].device)
 
 
 def _square(keep: list[torch.Tensor], g: int | None, fixed: int, expected: bool) -> torch.Tensor:
@@ -77,13 +87,15 @@ def _square(keep: list[torch.Tensor], g: int | None, fixed: int, expected: bool)
 
 
 def cost(cm: CostModel, keep: list[torch.Tensor], *, expected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (params, MACs per sample) of the model with ``keep`` units, as float64 tensors."""
-    params = torch.zeros((), dtype=torch.float64)
-    macs = torch.zeros((), dtype=torch.float64)
+    """Return (params, MACs per sample) of the model with ``keep`` units, as float64 tensors on
+    the device of ``keep`` (the counts follow the masks, so a search on CUDA stays there)."""
+    dev = keep[0].device
+    params = torch.zeros((), dtype=torch.float64, device=dev)
+    macs = torch.zeros((), dtype=torch.float64, device=dev)
     for lay in cm.layers:
-        n_in = torch.tensor(float(lay.in_const), dtype=torch.float64)
+        n_in = torch.tensor(float(lay.in_const), dtype=torch.float64, device=dev)
         for g, m in lay.in_mult.items():
-            n_in = n_in + keep[g].to(torch.float64) @ m
+            n_in = n_in + keep[g].to(torch.float64) @ m.to(dev)
         if lay.kind in ("lstm", "gru"):
             D, G = lay.directions, lay.gates
             for i, g in enumerate(lay.groups):
@@ -104,5 +116,4 @@ def cost(cm: CostModel, keep: list[torch.Tensor], *, expected: bool = False) -> 
 def kept_fraction(cm: CostModel, keep: list[torch.Tensor], metric: str, *, expected: bool = False) -> torch.Tensor:
     """``metric`` ('params' or 'macs') of ``keep`` as a fraction of the unpruned model's."""
     i = 0 if metric == "params" else 1
-    full = cost(cm, full_keep(cm))[i]
-    return cost(cm, keep, expected=expected)[i] / full
+    return cost(cm, keep, expected=expected)[i] / cm.full[i]

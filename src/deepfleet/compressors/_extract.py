@@ -103,13 +103,15 @@ def _slice_rnn(rnn: nn.RNNBase, lay: Layer, in_idx: torch.Tensor, kept: list[tor
     """kept[l]: indices of kept hidden units of layer l (all units for an unpruned layer)."""
     D, G, H = lay.directions, lay.gates, rnn.hidden_size
     cls = type(rnn)
+    w0 = rnn_weights(rnn, 0, 0)[0]
+    like = {"device": w0.device, "dtype": w0.dtype}  # new layers live where the model does (e.g. CUDA)
     singles = []
     prev_cols = in_idx
     for layer, k in enumerate(kept):
         rows = torch.cat([q * H + k for q in range(G)])
         single = cls(
             len(prev_cols), len(k), num_layers=1, bias=rnn.bias, batch_first=rnn.batch_first,
-            bidirectional=rnn.bidirectional,
+            bidirectional=rnn.bidirectional, **like,
         )
         for d in range(D):
             src = rnn_weights(rnn, layer, d)
@@ -126,7 +128,7 @@ def _slice_rnn(rnn: nn.RNNBase, lay: Layer, in_idx: torch.Tensor, kept: list[tor
     if len({len(k) for k in kept}) == 1:
         merged = cls(
             len(in_idx), len(kept[0]), num_layers=len(kept), bias=rnn.bias,
-            batch_first=rnn.batch_first, bidirectional=rnn.bidirectional, dropout=rnn.dropout,
+            batch_first=rnn.batch_first, bidirectional=rnn.bidirectional, dropout=rnn.dropout, **like,
         )
         for layer, single in enumerate(singles):
             for d in range(D):

@@ -58,7 +58,7 @@ def choose_rank(s: torch.Tensor, shape: tuple[int, int], cfg: LowRankConfig) -> 
         return max(1, int(cfg.params * rows * cols // (rows + cols)))
     energy = 0.9 if cfg.energy is None else cfg.energy
     cum = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-30)
-    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64, device=cum.device)).item()) + 1
 
 
 def factorise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, rank: int) -> nn.Sequential:
