@@ -6,7 +6,9 @@ fine-tuning, export), timed wall to wall:
 * ``--devices``  one run per torch device, one after another (e.g. ``cuda,cpu``); a ``cpu`` run
                  can be pinned to ``--cpu-cores`` cores (taskset) to stand for the 2-core CI machine;
 * ``--side-by-side N``  N runs at once on the first device (seeds 0..N-1), to show whether one run
-                 leaves the GPU idle (host-bound) and what throughput several give.
+                 leaves the GPU idle (host-bound) and what throughput several give;
+* ``--threads T``  torch CPU threads per run (OMP_NUM_THREADS); torch's default is one per core,
+                 which several runs side by side oversubscribe.
 
 Prints and saves JSON (default ``benchmarks/results/compress_cuda.json``). Needs a GPU only for
 the ``cuda`` runs; TF32 is disabled by ``deepfleet.compress`` itself, so ``extraction_error``
@@ -31,8 +33,10 @@ KEEP = ("device", "seed", "kept_params", "accuracy_before", "accuracy_after", "e
         "search_iterations", "seconds")
 
 
-def _start(device: str, seed: int, tmp: Path, cores: str | None) -> subprocess.Popen[str]:
+def _start(device: str, seed: int, tmp: Path, cores: str | None, threads: int | None) -> subprocess.Popen[str]:
     env = {**os.environ, "DEEPFLEET_CACHE": str(tmp / f"cache-{device}-{seed}")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "deepfleet.cli", "compress", "lenet5", "--data", "digits", "--json",
            "--seed", str(seed), "--device", device, "--out", str(tmp / f"out-{device}-{seed}")]
     if cores:
@@ -48,14 +52,14 @@ def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return {k: r.get(k) for k in KEEP}
 
 
-def _batch(device: str, seeds: list[int], cores: str | None) -> dict[str, Any]:
+def _batch(device: str, seeds: list[int], cores: str | None, threads: int | None) -> dict[str, Any]:
     """Run one compress per seed at the same time on ``device``; wall time of the whole batch."""
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        procs = [_start(device, s, Path(d), cores) for s in seeds]
+        procs = [_start(device, s, Path(d), cores, threads) for s in seeds]
         runs = [_finish(p) for p in procs]
         wall = time.perf_counter() - t
-    return {"device": device, "cores": cores or "all", "runs": runs, "wall_seconds": round(wall, 1),
+    return {"device": device, "cores": cores or "all", "threads": threads or "default", "runs": runs, "wall_seconds": round(wall, 1),
             "runs_per_minute": round(60 * len(seeds) / wall, 2)}
 
 
@@ -72,17 +76,18 @@ def main() -> None:
     ap.add_argument("--devices", default="cuda,cpu")
     ap.add_argument("--cpu-cores", default="0,1", help="taskset core list for cpu runs ('' = all)")
     ap.add_argument("--side-by-side", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per run (default: torch's)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     devices = args.devices.split(",")
     res: dict[str, Any] = {"machine": _machine(), "single": []}
     for dev in devices:
-        res["single"].append(_batch(dev, [0], args.cpu_cores if dev == "cpu" else None))
+        res["single"].append(_batch(dev, [0], args.cpu_cores if dev == "cpu" else None, args.threads))
         print(json.dumps(res["single"][-1]), flush=True)
     if args.side_by_side > 1:
         dev = devices[0]
         res["side_by_side"] = _batch(dev, list(range(args.side_by_side)),
-                                     args.cpu_cores if dev == "cpu" else None)
+                                     args.cpu_cores if dev == "cpu" else None, args.threads)
         print(json.dumps(res["side_by_side"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, sort_keys=True))
