@@ -28,13 +28,17 @@ HERE = Path(__file__).resolve().parent
 
 # name -> overrides of deepfleet.api.FINETUNE (every rule named, whatever the default is now)
 RECIPES: dict[str, dict[str, Any]] = {
-    "select accuracy": {"select": "accuracy"},
-    "select accuracy+loss": {"select": "accuracy+loss"},
-    "select loss": {"select": "loss"},
-    "select accuracy, weight decay 1e-4": {"select": "accuracy", "weight_decay": 1e-4},
-    "select accuracy, 120 epochs": {"select": "accuracy", "epochs": 120, "patience": 40},
-    "kd 0.7 + select accuracy+loss": {"kd_alpha": 0.7, "select": "accuracy+loss"},
+    "select accuracy": {"select": "accuracy", "shift": 0},
+    "select accuracy+loss": {"select": "accuracy+loss", "shift": 0},
+    "select loss": {"select": "loss", "shift": 0},
+    "select accuracy, weight decay 1e-4": {"select": "accuracy", "weight_decay": 1e-4, "shift": 0},
+    "select accuracy, 120 epochs": {"select": "accuracy", "epochs": 120, "patience": 40, "shift": 0},
+    "kd 0.7 + select accuracy+loss": {"kd_alpha": 0.7, "select": "accuracy+loss", "shift": 0},
+    # translated copies of the training images (TrainConfig.shift), with and without distillation
+    "shift 2 + select accuracy+loss": {"select": "accuracy+loss", "shift": 2},
+    "shift 2 + kd 0.7 + select accuracy+loss": {"kd_alpha": 0.7, "select": "accuracy+loss", "shift": 2},
 }
+DEFAULT_SEEDS = "0,1,2,3,4,5,6,7,8,9,10,11"
 
 
 def dev_split(data: Any, holdout: int, seed: int) -> Any:
@@ -64,7 +68,7 @@ def _job(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
     seed = spec["seed"]
     data = dev_split(load_data(spec["data"]), spec["holdout"], seed)
-    base_cfg = dataclasses.replace(BASE_TRAINING, select=spec["base_select"])
+    base_cfg = dataclasses.replace(BASE_TRAINING, select=spec["base_select"], shift=spec["base_shift"])
     base, _ = trained_base(spec["model"], data, seed=seed, cfg=base_cfg, device=torch.device("cpu"), progress=False)
     base_dev = accuracy(base, data.X_test, data.y_test)
     t0 = time.perf_counter()
@@ -72,7 +76,7 @@ def _job(spec: dict[str, Any]) -> list[dict[str, Any]]:
     res = deepiot_compress(base, data, DeepIoTConfig(target=spec["target"]), no_ft, seed=seed, progress=False)
     search_s = time.perf_counter() - t0
     rows = []
-    for name, over in RECIPES.items():
+    for name, over in ((n, RECIPES[n]) for n in spec["recipes"]):
         t1 = time.perf_counter()
         model, hist = train(copy.deepcopy(res.model), data, dataclasses.replace(FINETUNE, **over), seed=seed,
                             teacher=base, progress=False)
@@ -91,12 +95,18 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.03)
     ap.add_argument("--holdout", type=int, default=300)
     ap.add_argument("--base-select", default="accuracy+loss", help="checkpoint rule of the base training")
-    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9,10,11")
+    ap.add_argument("--recipes", default=";".join(RECIPES), help="';'-separated recipe names (default: all)")
+    ap.add_argument("--base-shift", type=int, default=0, help="TrainConfig.shift of the base training")
+    ap.add_argument("--seeds", default=DEFAULT_SEEDS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "select_finetune.json")
     args = ap.parse_args()
-    jobs = [{"model": args.model, "data": args.data, "target": args.target, "holdout": args.holdout,
-             "base_select": args.base_select, "seed": int(s)}
+    recipes = args.recipes.split(";")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    jobs = [{"recipes": recipes, "model": args.model, "data": args.data, "target": args.target, "holdout": args.holdout,
+             "base_select": args.base_select, "base_shift": args.base_shift, "seed": int(s)}
             for s in args.seeds.split(",")]
     with ProcessPoolExecutor(args.workers) as pool:
         rows = [r for rs in pool.map(_job, jobs) for r in rs]
@@ -105,12 +115,15 @@ def main() -> None:
                "drop_pp_per_seed": [round(r["drop_pp"], 2) for r in rs],
                "val_mean": statistics.mean(r["val"] for r in rs),
                "epochs_run_mean": statistics.mean(r["epochs_run"] for r in rs)}
-        for name in RECIPES for rs in [[r for r in rows if r["recipe"] == name]]
+        for name in recipes for rs in [[r for r in rows if r["recipe"] == name]]
     }
     out = {"case": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": rows,
            "machine": {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1}}
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[f"{args.model}/{args.data}@{args.target}, base selected by {args.base_select}"] = out
+    key = f"{args.model}/{args.data}@{args.target}, base selected by {args.base_select}"
+    key += f", base shift {args.base_shift}" if args.base_shift else ""
+    key += f", seeds {args.seeds}" if args.seeds != DEFAULT_SEEDS else ""
+    results[key] = out
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     print(json.dumps(summary, indent=1))

@@ -1,4 +1,5 @@
-"""The training loop's checkpoint rule: which validation epoch ``train`` hands back."""
+"""The training loop's checkpoint rule (which validation epoch ``train`` hands back) and its
+translated copies of training images (``TrainConfig.shift``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from deepfleet.data import Dataset
 from deepfleet.errors import ConfigError
-from deepfleet.training import TrainConfig, train, validation_score
+from deepfleet.training import TrainConfig, shift_offsets, train, training_tensors, translate, validation_score
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,39 @@ def test_select_loss_keeps_the_lowest_loss_epoch(separable: Dataset) -> None:
 def test_unknown_select_rule_is_named() -> None:
     with pytest.raises(ConfigError, match="'newest'.*accuracy\\+loss|accuracy\\+loss.*'newest'"):
         TrainConfig(select="newest")
+
+
+def test_shift_offsets_are_every_offset_at_that_manhattan_distance() -> None:
+    assert shift_offsets(0) == []
+    for shift in (1, 2, 3):
+        offs = shift_offsets(shift)
+        want = {(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)
+                if abs(dy) + abs(dx) == shift}
+        assert len(offs) == 4 * shift and set(offs) == want
+
+
+def test_translate_moves_the_image_and_repeats_the_edge() -> None:
+    X = torch.zeros(1, 1, 6, 6)
+    X[0, 0, 2, 3] = 1.0  # one bright pixel away from the border
+    X[0, 0, 5, :] = 0.5  # the bottom row, to see the edge repeated
+    moved = translate(X, 1, -2)  # down 1, left 2: the bottom row leaves the frame
+    assert moved[0, 0, 3, 1] == 1.0 and moved.sum() == pytest.approx(1.0)
+    up = translate(X, -2, 0)  # up 2: the bottom row moves to row 3 and is repeated below it
+    assert up[0, 0, 0, 3] == 1.0 and up.sum() == pytest.approx(1.0 + 0.5 * 6 * 3)
+    assert torch.all(up[0, 0, 3:, :] == 0.5)
+
+
+def test_training_tensors_add_shifted_images_and_leave_sequences_alone(tiny_digits: Dataset, tiny_sequences: Dataset) -> None:
+    X, y = training_tensors(tiny_digits, TrainConfig(shift=2))
+    n = len(tiny_digits.y_train)
+    assert X.shape == (9 * n, *tiny_digits.X_train.shape[1:]) and torch.equal(y, torch.as_tensor(tiny_digits.y_train).repeat(9))
+    assert torch.equal(X[:n], torch.as_tensor(tiny_digits.X_train))  # the originals come first, unchanged
+    assert torch.equal(X[n : 2 * n], translate(torch.as_tensor(tiny_digits.X_train), *shift_offsets(2)[0]))
+    Xs, ys = training_tensors(tiny_sequences, TrainConfig(shift=2))
+    assert torch.equal(Xs, torch.as_tensor(tiny_sequences.X_train)) and len(ys) == len(tiny_sequences.y_train)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2"])
+def test_a_bad_shift_is_named(bad: object) -> None:
+    with pytest.raises(ConfigError, match=f"shift.*{bad!r}"):
+        TrainConfig(shift=bad)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ from deepfleet.training import (
     device_of,
     distillation_loss,
     logits_of,
+    training_tensors,
 )
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.GRU)
@@ -138,7 +139,7 @@ def finetune(
     dev = device_of(model)
     final = reparam.weights(final=True)  # builds every encoding: once
     others = [p for n, p in model.named_parameters() if n not in final]
-    X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
+    X, y = training_tensors(data, cfg)
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
     install(model, final)
     if cfg.epochs == 0:
