@@ -7,6 +7,7 @@ from deepfleet.compressors._cost import cost, cost_model, full_keep, kept_fracti
 from deepfleet.compressors._extract import StackedRNN, check_extraction, extract
 from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._masked import masked_model
+from deepfleet.errors import ModelError
 from tests.conftest import random_keep
 
 
@@ -75,3 +76,24 @@ def test_every_group_must_keep_a_unit() -> None:
     keep[0][:] = False
     with pytest.raises(ValueError, match="keeps no unit"):
         extract(st, st.graph_module, keep)
+
+
+class _Fails(torch.nn.Module):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.error == "view":
+            return x.view(-1, 800)  # a size written into forward(): cannot follow a smaller model
+        raise RuntimeError(self.error)
+
+
+def test_an_extracted_model_that_cannot_run_gets_the_fix_for_its_cause() -> None:
+    masked = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with pytest.raises(ModelError, match=r"invalid for input of size.*hard-coded sizes.*torch\.flatten"):
+        check_extraction(masked, lambda: None, _Fails("view"), x)
+    with pytest.raises(ModelError, match="same device.*please report it") as info:
+        check_extraction(masked, lambda: None, _Fails("Expected all tensors to be on the same device"), x)
+    assert "hard-coded" not in str(info.value)

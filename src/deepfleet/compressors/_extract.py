@@ -196,11 +196,12 @@ def check_extraction(
         try:
             out = extracted(x)
         except RuntimeError as exc:
-            raise ModelError(
-                f"the extracted model fails to run ({str(exc).splitlines()[0]}); a forward() "
-                "with hard-coded sizes (e.g. x.view(-1, 800)) cannot shrink: use "
-                "torch.flatten(x, 1) or x.view(x.size(0), -1)"
-            ) from None
+            first = str(exc).splitlines()[0]
+            # a shape error is the user's forward() (sizes written into it); anything else is ours
+            fix = ("a forward() with hard-coded sizes (e.g. x.view(-1, 800)) cannot shrink: use "
+                   "torch.flatten(x, 1) or x.view(x.size(0), -1)") if "shape" in first or "size" in first else (
+                   "this is a bug in deepfleet's extraction for this architecture, please report it")
+            raise ModelError(f"the extracted model fails to run ({first}); {fix}") from None
     err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if err > tol:
         raise ModelError(
