@@ -24,9 +24,7 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -153,17 +151,12 @@ def _median_ms(model: Any, x: Any, seconds: float = 2.0) -> float:
 
 
 def _timing_part() -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "DEEPFLEET_CACHE": str(Path(tmp) / "cache")}
-        t = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "deepfleet.cli", "compress", "lenet5", "--data", "digits", "--json",
-             "--out", str(Path(tmp) / "out")],
-            capture_output=True, text=True, env=env, check=True,
-        )
-        wall = time.perf_counter() - t
-    r = json.loads(proc.stdout)
-    return {"wall_seconds": round(wall, 1), "cpu_count": os.cpu_count(), "kept_params": r["kept_params"],
+    sys.path.insert(0, str(HERE))
+    from _compress_cli import compress_batch
+
+    batch = compress_batch("cpu", [0])
+    r = batch["runs"][0]
+    return {"wall_seconds": batch["wall_seconds"], "cpu_count": os.cpu_count(), "kept_params": r["kept_params"],
             "accuracy_before": r["accuracy_before"], "accuracy_after": r["accuracy_after"]}
 
 

@@ -20,47 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "compress_cuda.json"
-KEEP = ("device", "seed", "kept_params", "accuracy_before", "accuracy_after", "extraction_error",
-        "search_iterations", "seconds")
-
-
-def _start(device: str, seed: int, tmp: Path, cores: str | None, threads: int | None) -> subprocess.Popen[str]:
-    env = {**os.environ, "DEEPFLEET_CACHE": str(tmp / f"cache-{device}-{seed}")}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "deepfleet.cli", "compress", "lenet5", "--data", "digits", "--json",
-           "--seed", str(seed), "--device", device, "--out", str(tmp / f"out-{device}-{seed}")]
-    if cores:
-        cmd = ["taskset", "-c", cores, *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"compress failed (exit {proc.returncode}):\n{err[-3000:]}")
-    r = json.loads(out)
-    return {k: r.get(k) for k in KEEP}
-
-
-def _batch(device: str, seeds: list[int], cores: str | None, threads: int | None) -> dict[str, Any]:
-    """Run one compress per seed at the same time on ``device``; wall time of the whole batch."""
-    with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        procs = [_start(device, s, Path(d), cores, threads) for s in seeds]
-        runs = [_finish(p) for p in procs]
-        wall = time.perf_counter() - t
-    return {"device": device, "cores": cores or "all", "threads": threads or "default", "runs": runs, "wall_seconds": round(wall, 1),
-            "runs_per_minute": round(60 * len(seeds) / wall, 2)}
+sys.path.insert(0, str(HERE))
+from _compress_cli import compress_batch  # noqa: E402
 
 
 def _machine() -> dict[str, Any]:
@@ -82,12 +49,13 @@ def main() -> None:
     devices = args.devices.split(",")
     res: dict[str, Any] = {"machine": _machine(), "single": []}
     for dev in devices:
-        res["single"].append(_batch(dev, [0], args.cpu_cores if dev == "cpu" else None, args.threads))
+        res["single"].append(compress_batch(dev, [0], cores=args.cpu_cores if dev == "cpu" else None,
+                                            threads=args.threads))
         print(json.dumps(res["single"][-1]), flush=True)
     if args.side_by_side > 1:
         dev = devices[0]
-        res["side_by_side"] = _batch(dev, list(range(args.side_by_side)),
-                                     args.cpu_cores if dev == "cpu" else None, args.threads)
+        res["side_by_side"] = compress_batch(dev, list(range(args.side_by_side)),
+                                             cores=args.cpu_cores if dev == "cpu" else None, threads=args.threads)
         print(json.dumps(res["side_by_side"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, sort_keys=True))

@@ -10,7 +10,14 @@ from torch import nn
 
 from deepfleet.data import Dataset
 from deepfleet.errors import ConfigError
-from deepfleet.training import TrainConfig, shift_offsets, train, training_tensors, translate, validation_score
+from deepfleet.training import (
+    TrainConfig,
+    shift_offsets,
+    train,
+    training_tensors,
+    translate,
+    validation_score,
+)
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,9 @@ def seed_everything(seed: int) -> None:
 
 def shift_offsets(shift: int) -> list[tuple[int, int]]:
     """Every (dy, dx) at Manhattan distance ``shift`` from (0, 0): 4 * shift offsets, none for 0."""
-    return [(dy, sign * (shift - abs(dy))) for dy in range(-shift, shift + 1)
-            for sign in ((1,) if abs(dy) == shift else (-1, 1))] if shift else []
+    if shift == 0:
+        return []
+    return [(dy, dx) for dy in range(-shift, shift + 1) for dx in sorted({abs(dy) - shift, shift - abs(dy)})]
 
 
 def translate(X: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -198,9 +198,11 @@ def check_extraction(
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             # a shape error is the user's forward() (sizes written into it); anything else is ours
-            fix = ("a forward() with hard-coded sizes (e.g. x.view(-1, 800)) cannot shrink: use "
-                   "torch.flatten(x, 1) or x.view(x.size(0), -1)") if "shape" in first or "size" in first else (
-                   "this is a bug in deepfleet's extraction for this architecture, please report it")
+            if "shape" in first or "size" in first:
+                fix = ("a forward() with hard-coded sizes (e.g. x.view(-1, 800)) cannot shrink: use "
+                       "torch.flatten(x, 1) or x.view(x.size(0), -1)")
+            else:
+                fix = "this is a bug in deepfleet's extraction for this architecture, please report it"
             raise ModelError(f"the extracted model fails to run ({first}); {fix}") from None
     err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if err > tol:
