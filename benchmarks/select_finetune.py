@@ -37,6 +37,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # translated copies of the training images (TrainConfig.shift), with and without distillation
     "shift 2 + select accuracy+loss": {"select": "accuracy+loss", "shift": 2},
     "shift 2 + kd 0.7 + select accuracy+loss": {"kd_alpha": 0.7, "select": "accuracy+loss", "shift": 2},
+    # pure distillation (the labels are the original's outputs only), on the training images and
+    # on their translated copies too: "function matching" (Beyer et al., 2022)
+    "kd 1.0 + select accuracy+loss": {"kd_alpha": 1.0, "select": "accuracy+loss", "shift": 0},
+    "shift 2 + kd 1.0 + select accuracy+loss": {"kd_alpha": 1.0, "select": "accuracy+loss", "shift": 2},
+    "shift 2 + kd 1.0, 120 epochs": {"kd_alpha": 1.0, "select": "accuracy+loss", "shift": 2, "epochs": 120,
+                                     "patience": 40},
 }
 DEFAULT_SEEDS = "0,1,2,3,4,5,6,7,8,9,10,11"
 
@@ -54,6 +60,16 @@ def dev_split(data: Any, holdout: int, seed: int) -> Any:
               data.X_train[dev], data.y_train[dev])
     return Dataset(f"{data.name}-dev{seed}", *arrays, num_classes=data.num_classes,
                    description=f"development split of {data.name}", fingerprint=fingerprint(*arrays))
+
+
+def merge_recipes(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the recipes that only ``old`` ran kept (their summaries and runs): a case's
+    results accumulate over invocations that each run some recipes on the same seeds."""
+    if old is None:
+        return new
+    kept = [name for name in old["summary"] if name not in new["summary"]]
+    return new | {"summary": {**{n: old["summary"][n] for n in kept}, **new["summary"]},
+                  "runs": [r for r in old["runs"] if r["recipe"] in kept] + new["runs"]}
 
 
 def _job(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -123,7 +139,7 @@ def main() -> None:
     key = f"{args.model}/{args.data}@{args.target}, base selected by {args.base_select}"
     key += f", base shift {args.base_shift}" if args.base_shift else ""
     key += f", seeds {args.seeds}" if args.seeds != DEFAULT_SEEDS else ""
-    results[key] = out
+    results[key] = merge_recipes(results.get(key), out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     print(json.dumps(summary, indent=1))
