@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from _results import save_case
+from select_finetune import dev_split
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,9 +43,6 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(HERE))
-    from select_finetune import dev_split
-
     from deepfleet.api import BASE_TRAINING, FINETUNE, trained_base
     from deepfleet.compressors._deepiot import DeepIoTConfig
     from deepfleet.compressors._pipeline import deepiot_compress
@@ -99,14 +97,9 @@ def main() -> None:
                "drop_pp_per_seed": [round(r["drop_pp"], 2) for r in rows],
                "fewer_pixels_drop_pp_mean": statistics.mean(100 * (r["base_dev"] - r["fewer_pixels_dev"]) for r in rows),
                "units_per_seed": [r["units"] for r in rows]}
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    key = f"{args.select} {rows[0]['pixels']} pixels @{args.target}, seeds {args.seeds}"
-    results[key] = {"case": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": rows,
-                    "machine": {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     print(json.dumps(summary, indent=1))
-    print(f"saved {args.out}")
+    save_case(args.out, f"{args.select} {rows[0]['pixels']} pixels @{args.target}, seeds {args.seeds}",
+              {"case": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": rows})
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from _results import save_case
 
 HERE = Path(__file__).resolve().parent
 
@@ -133,17 +134,12 @@ def main() -> None:
                "epochs_run_mean": statistics.mean(r["epochs_run"] for r in rs)}
         for name in recipes for rs in [[r for r in rows if r["recipe"] == name]]
     }
-    out = {"case": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": rows,
-           "machine": {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1}}
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     key = f"{args.model}/{args.data}@{args.target}, base selected by {args.base_select}"
     key += f", base shift {args.base_shift}" if args.base_shift else ""
     key += f", seeds {args.seeds}" if args.seeds != DEFAULT_SEEDS else ""
-    results[key] = merge_recipes(results.get(key), out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     print(json.dumps(summary, indent=1))
-    print(f"saved {args.out}")
+    save_case(args.out, key, {"case": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": rows},
+              merge=merge_recipes)
 
 
 if __name__ == "__main__":
