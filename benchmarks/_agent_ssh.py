@@ -23,7 +23,7 @@ from agent_overhead import _pct as _percentile  # type: ignore[import-not-found]
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import LOCAL_DEVICE, Device, EnergySpec, load_fleet
-from deepfleet.orchestrator.sandbox import LoopbackSshd
+from deepfleet.sandbox import LoopbackSshd
 
 # 1 BLAS thread on one CPU, the agent's CI-of-the-median rule (95 % CI within 2 % of the p50).
 PINNED: dict[str, Any] = {"threads": 1, "warmup": 20, "min_seconds": 1.0, "max_seconds": 10.0,
@@ -122,7 +122,7 @@ def _lenet_devices(tmp: Path) -> tuple[list[Device], str | None, Any]:
     local = dataclasses.replace(LOCAL_DEVICE, workdir=str(tmp / "local-work"))
     if os.geteuid() != 0:
         return [local], "not root: no sandbox devices", None
-    from deepfleet.orchestrator.sandbox import up
+    from deepfleet.sandbox import up
 
     state = tmp / "sandbox"
     try:
@@ -150,7 +150,7 @@ def run_lenet(summary: dict[str, Any], *, cpu: int) -> dict[str, Any]:
                 out["devices"][device.name] = _lenet_on(device, arts, cpu)
         finally:
             if state is not None:
-                from deepfleet.orchestrator.sandbox import down
+                from deepfleet.sandbox import down
 
                 down(state)
     out["loadavg_at_start"], out["loadavg_at_end"] = load_start, _loadavg()

@@ -59,8 +59,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors._l1 import uniform_l1_keep
     from deepfleet.compressors._pipeline import deepiot_compress, layer_table
+    from deepfleet.compressors.training import accuracy, train
     from deepfleet.data import load_data
-    from deepfleet.training import accuracy, train
 
     t0 = time.perf_counter()
     data = load_data(spec["data"])

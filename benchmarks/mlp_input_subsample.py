@@ -46,9 +46,9 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     from deepfleet.api import BASE_TRAINING, FINETUNE, trained_base
     from deepfleet.compressors._deepiot import DeepIoTConfig
     from deepfleet.compressors._pipeline import deepiot_compress
+    from deepfleet.compressors.training import accuracy, train
     from deepfleet.data import Dataset, load_data
     from deepfleet.models._zoo import MLP
-    from deepfleet.training import accuracy, train
 
     seed = spec["seed"]
     data = dev_split(load_data("digits"), spec["holdout"], seed)

@@ -80,8 +80,8 @@ def _job(spec: dict[str, Any]) -> list[dict[str, Any]]:
     from deepfleet.api import BASE_TRAINING, FINETUNE, trained_base
     from deepfleet.compressors._deepiot import DeepIoTConfig
     from deepfleet.compressors._pipeline import deepiot_compress
+    from deepfleet.compressors.training import accuracy, train
     from deepfleet.data import load_data
-    from deepfleet.training import accuracy, train
 
     seed = spec["seed"]
     data = dev_split(load_data(spec["data"]), spec["holdout"], seed)

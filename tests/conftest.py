@@ -34,9 +34,9 @@ from deepfleet.device_agent import powersim
 from deepfleet.models import build_model
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import LOCAL_DEVICE, Device
-from deepfleet.orchestrator.sandbox import LoopbackSshd, SandboxState, down, read_state, up
-from deepfleet.orchestrator.sandbox._sshd import keygen, sshd_binary
 from deepfleet.orchestrator.ssh import Timeouts
+from deepfleet.sandbox import LoopbackSshd, SandboxState, down, read_state, up
+from deepfleet.sandbox._sshd import keygen, sshd_binary
 
 # The suite's models are tiny: one thread is faster than two fighting over shared cores
 # (measured: a one-epoch GRU fine-tune took 0.14 s with 1 thread, ~10 s with 2 on a loaded box).
@@ -398,7 +398,7 @@ def tiny_sequences() -> Dataset:
 
 
 def _trained(model: nn.Module, data: Dataset, seed: int) -> nn.Module:
-    from deepfleet.training import TrainConfig, train
+    from deepfleet.compressors.training import TrainConfig, train
 
     torch.manual_seed(seed)
     model, _ = train(model, data, TrainConfig(epochs=3, lr=3e-3), seed=seed, progress=False)
@@ -438,7 +438,7 @@ def tiny_case(request: pytest.FixtureRequest) -> tuple[nn.Module, Dataset]:
 
 def quick_context(seed: int = 0, epochs: int = 1) -> Context:
     """A compression context with a one-epoch fine-tuning schedule (tests only)."""
-    from deepfleet.training import TrainConfig
+    from deepfleet.compressors.training import TrainConfig
 
     return Context(seed=seed, finetune=TrainConfig(epochs=epochs, kd_alpha=0.5, lr=1e-3))
 

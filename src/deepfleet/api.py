@@ -39,10 +39,10 @@ from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors._export import Exported, export_graph
 from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._pipeline import layer_table
+from deepfleet.compressors.training import TrainConfig, accuracy, seed_everything, train
 from deepfleet.data import Dataset, load_data
 from deepfleet.errors import ConfigError
 from deepfleet.models import build_model
-from deepfleet.training import TrainConfig, accuracy, seed_everything, train
 
 BASE_TRAINING = TrainConfig(epochs=60, patience=15)
 # Fine-tuning of the extracted model: plain cross-entropy at lr 3e-3, no augmentation. The lr was

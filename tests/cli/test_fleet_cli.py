@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from deepfleet.cli import main
 from deepfleet.orchestrator.fleet import load_fleet
-from deepfleet.orchestrator.sandbox._sshd import sshd_binary
 from deepfleet.orchestrator.transport import open_transport
+from deepfleet.sandbox._sshd import sshd_binary
 
 
 def test_sandbox_up_prints_started_skipped_and_fleet_path_then_down(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from deepfleet.artifact import Artifact
 from deepfleet.cli import main
 from deepfleet.orchestrator.results import read_results
-from deepfleet.orchestrator.sandbox import LoopbackSshd
+from deepfleet.sandbox import LoopbackSshd
 from tests.conftest import DeviceFor
 
 QUICK = ["--runs", "5", "--reference-every", "0"]

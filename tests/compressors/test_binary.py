@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deepfleet.compressors import SignActivation, export_graph, make_compressor
-from deepfleet.training import accuracy
+from deepfleet.compressors.training import accuracy
 from tests.conftest import quick_context, runtime_error
 
 

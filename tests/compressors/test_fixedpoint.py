@@ -133,7 +133,7 @@ def test_low_precision_training_keeps_weights_on_the_grid(tiny_cnn, tiny_digits)
 
 
 def test_quantisation_aware_training_improves_on_post_training_at_low_bits(tiny_cnn, tiny_digits) -> None:
-    from deepfleet.training import accuracy
+    from deepfleet.compressors.training import accuracy
 
     ptq = FixedPoint(FixedPointConfig(bits=2, training="none")).compress(tiny_cnn, tiny_digits, quick_context())
     qat = FixedPoint(FixedPointConfig(bits=2, training="ste")).compress(tiny_cnn, tiny_digits, quick_context(epochs=3))

@@ -24,8 +24,8 @@ from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device, load_fleet
 from deepfleet.orchestrator.measure import MeasureSettings, Outcome, measure_many
 from deepfleet.orchestrator.results import read_results
-from deepfleet.orchestrator.sandbox import LoopbackSshd, SandboxState, cut_link, heal_link
-from deepfleet.orchestrator.sandbox._sshd import keygen
+from deepfleet.sandbox import LoopbackSshd, SandboxState, cut_link, heal_link
+from deepfleet.sandbox._sshd import keygen
 from tests.conftest import QUICK_REQUEST, DeviceFor
 
 Factory = Callable[[Device], DeviceSession]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from deepfleet.errors import ConfigError, DeviceError
-from deepfleet.orchestrator.sandbox import LoopbackSshd
-from deepfleet.orchestrator.sandbox._sshd import free_port, keygen
 from deepfleet.orchestrator.ssh import SSHTransport, Timeouts
+from deepfleet.sandbox import LoopbackSshd
+from deepfleet.sandbox._sshd import free_port, keygen
 from tests.conftest import DeviceFor
 
 FAST = Timeouts(connect=3, banner=3, auth=3, channel_open=3, kill=3,

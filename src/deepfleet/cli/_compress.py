@@ -63,7 +63,7 @@ def compress(
     and bits before and after.
     """
     from deepfleet.api import compress as run_compress
-    from deepfleet.report_text import compress_table
+    from deepfleet.cli._tables import compress_table
 
     result = run_compress(
         model, data=data, method=method, bits=bits, rounding=rounding, settings=parse_settings(assignments),

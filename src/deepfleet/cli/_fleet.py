@@ -113,7 +113,7 @@ def sandbox_up(devices: str | None, loopback: bool, state_dir: Path | None) -> N
     Prints each device started, each skipped with the reason, and the fleet file's path (last
     line). Kinds this machine cannot run are skipped, not fatal; no device at all is an error.
     """
-    from deepfleet.orchestrator.sandbox import up
+    from deepfleet.sandbox import up
 
     kinds = [k for k in devices.split(",") if k.strip()] if devices is not None else None
     path = up(kinds, state_dir=state_dir, loopback=loopback, echo=click.echo)
@@ -124,6 +124,6 @@ def sandbox_up(devices: str | None, loopback: bool, state_dir: Path | None) -> N
 @_dir_option
 def sandbox_down(state_dir: Path | None) -> None:
     """Stop every sandbox device and remove what ``up`` created."""
-    from deepfleet.orchestrator.sandbox import down
+    from deepfleet.sandbox import down
 
     down(state_dir, echo=click.echo)

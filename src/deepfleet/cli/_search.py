@@ -50,7 +50,7 @@ def search(study_file: str, trials: int | None, address: str | None, storage: st
            fleet: str | None, out: str | None, as_json: bool) -> None:
     """Search compression settings with Optuna on Ray, measuring candidates on devices."""
     from deepfleet.orchestrator.search_driver import Search
-    from deepfleet.search._spec import load_study
+    from deepfleet.search import load_study
 
     spec = load_study(study_file)
     if trials is not None and trials < 1:
@@ -68,6 +68,41 @@ def search(study_file: str, trials: int | None, address: str | None, storage: st
         _print_front(summary)
 
 
+def _sandbox_fleet() -> Path | None:
+    """The fleet file of the sandbox fleet when one is up (``deepfleet fleet sandbox up``)."""
+    from deepfleet.sandbox import default_state_dir, read_state
+
+    state = read_state(default_state_dir())
+    if state is None or not state.fleet_file.is_file():
+        return None
+    return state.fleet_file
+
+
+def demo_study(*, trials: int, fleet: str | None) -> tuple[Any, str | None, str]:
+    """(the demo study for this machine, fleet file or None for the local device, a line
+    saying what runs where). The study is ``search/demo.yaml`` with its classes set to the
+    fleet's timed classes (emulated ARM boards are for functional truth, not timings)."""
+    import yaml
+
+    from deepfleet.orchestrator.fleet import load_fleet
+    from deepfleet.search import DEMO_STUDY, parse_study
+
+    fleet_path = Path(fleet) if fleet else _sandbox_fleet()
+    raw = yaml.safe_load(DEMO_STUDY.read_text())
+    if fleet_path is not None:
+        devices = load_fleet(fleet_path).devices
+        timed = [d.device_class for d in devices if "qemu" not in (d.simulated or "")]
+        classes = sorted(set(timed or [d.device_class for d in devices]))
+        where = f"measured on fleet {fleet_path} (classes {', '.join(classes)})"
+    else:
+        classes = ["local"]
+        where = "measured on this machine (the local device)"
+    raw.update(classes=classes, trials=trials,
+               objectives=["accuracy", {"metric": "latency_p50", "class": classes[0]}])
+    note = f"{trials} trials on {raw['model']} / {raw['data']}, {where}"
+    return parse_study(raw, str(DEMO_STUDY)), str(fleet_path) if fleet_path else None, note
+
+
 @click.command()
 @click.option("--trials", type=int, default=10, show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
@@ -75,10 +110,9 @@ def search(study_file: str, trials: int | None, address: str | None, storage: st
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
 def demo(trials: int, out: str, fleet: str | None, resume: bool) -> None:
     """The embedded default: a small search on lenet5 / digits (local Ray, SQLite, local device)."""
-    from deepfleet.orchestrator.demo import demo_spec
     from deepfleet.orchestrator.search_driver import Search
 
-    spec, fleet_path, note = demo_spec(trials=trials, fleet=fleet)
+    spec, fleet_path, note = demo_study(trials=trials, fleet=fleet)
     click.echo(f"deepfleet demo: {note}", err=True)
     summary = _interruptible(Search(spec, run_dir=Path(out), resume=resume, fleet=fleet_path).run,
                              f"deepfleet demo --resume --out {out}")

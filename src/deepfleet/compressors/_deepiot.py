@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from deepfleet.compressors._cost import CostModel, kept_fraction
 from deepfleet.compressors._graph import Structure
 from deepfleet.compressors._masked import MaskState, rnn_of, rnn_weights
+from deepfleet.compressors.training import TrainConfig, accuracy, device_of, distillation_loss
 from deepfleet.data import Dataset
 from deepfleet.errors import ConfigError
-from deepfleet.training import TrainConfig, accuracy, device_of, distillation_loss
 
 _EPS = 1e-6
 

@@ -24,8 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from tqdm.auto import tqdm
 
 from deepfleet.compressors._ops import trace
-from deepfleet.data import Dataset
-from deepfleet.training import (
+from deepfleet.compressors.training import (
     BestEpoch,
     TrainConfig,
     adam_cosine,
@@ -35,6 +34,7 @@ from deepfleet.training import (
     logits_of,
     training_tensors,
 )
+from deepfleet.data import Dataset
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.GRU)
 
@@ -131,7 +131,7 @@ def finetune(
     """Train ``model`` in place with ``reparam``'s weights; keep the best validation epoch
     (by ``cfg.select``; the untrained start counts as an epoch).
 
-    Adam with cosine decay and early stopping like :func:`deepfleet.training.train`; the loss
+    Adam with cosine decay and early stopping like :func:`deepfleet.compressors.training.train`; the loss
     distils from ``teacher`` when ``cfg.kd_alpha > 0``. On return the model holds the final
     weights of the best epoch (the reparam's tensors are restored to that epoch too). With
     ``cfg.epochs == 0`` it only installs the final weights.

@@ -25,9 +25,9 @@ from torch import nn
 from deepfleet.compressors._checks import check_fraction, check_positive
 from deepfleet.compressors._finetune import with_overrides
 from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.training import train
 from deepfleet.data import Dataset
 from deepfleet.errors import ConfigError
-from deepfleet.training import train
 
 
 @dataclass(frozen=True, kw_only=True)

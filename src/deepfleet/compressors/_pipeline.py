@@ -15,8 +15,8 @@ from deepfleet.compressors._extract import check_extraction, extract, rnn_layers
 from deepfleet.compressors._finetune import weight_names
 from deepfleet.compressors._graph import Structure, analyse
 from deepfleet.compressors._masked import masked_model, rnn_weights
+from deepfleet.compressors.training import TrainConfig, device_of, logits_of, train
 from deepfleet.data import Dataset
-from deepfleet.training import TrainConfig, device_of, logits_of, train
 
 
 @dataclass
@@ -46,7 +46,7 @@ def deepiot_compress(
 
     Fine-tuning distils from ``teacher`` (default ``base``) when ``finetune.kd_alpha > 0``.
     """
-    from deepfleet.training import accuracy
+    from deepfleet.compressors.training import accuracy
 
     dev = device_of(base)
     example = torch.as_tensor(data.X_train[:2]).to(dev)

@@ -20,8 +20,8 @@ from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._l1 import uniform_l1_keep
 from deepfleet.compressors._pipeline import deepiot_compress, layer_table
 from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.training import device_of, train
 from deepfleet.data import Dataset
-from deepfleet.training import device_of, train
 
 
 class DeepIoT(BaseCompressor):

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors.training import TrainConfig
 from deepfleet.data import Dataset
-from deepfleet.training import TrainConfig
 
 __all__ = ["STAGES", "BaseCompressor", "Compressed", "Context"]
 

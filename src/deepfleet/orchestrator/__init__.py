@@ -5,7 +5,7 @@
 - :mod:`~deepfleet.orchestrator.transport`: the :class:`Transport` plug-in point (run, upload,
   persistent JSON-lines process) and its local implementation; ``open_transport(device)``;
 - :mod:`~deepfleet.orchestrator.ssh`: the verified Paramiko implementation;
-- :mod:`~deepfleet.orchestrator.sandbox`: real sshd devices on this machine for tests and demos;
+- :mod:`~deepfleet.sandbox`: real sshd devices on this machine for tests and demos;
 - :mod:`~deepfleet.orchestrator.device`: ``DeviceSession``, the persistent agent on one device;
 - :mod:`~deepfleet.orchestrator.measure`: ``measure_many`` (every artifact on every device, rows
   written as they end) and ``MeasureSettings``; :mod:`~deepfleet.orchestrator.check`:

@@ -101,8 +101,8 @@ def train_base(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from deepfleet.api import BASE_TRAINING, trained_base
+    from deepfleet.compressors.training import accuracy
     from deepfleet.data import load_data
-    from deepfleet.training import accuracy
 
     torch.set_num_threads(int(job.get("threads", 1)))
     data = load_data(job["data"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deepfleet import _files
 from deepfleet.errors import DeviceError
-from deepfleet.orchestrator.sandbox._proc import sh
+from deepfleet.sandbox._proc import sh
 
 __all__ = [
     "RECIPE",

@@ -17,7 +17,9 @@ import pytest
 
 from deepfleet.errors import ConfigError, DeviceError
 from deepfleet.orchestrator.fleet import Device, load_fleet
-from deepfleet.orchestrator.sandbox import (
+from deepfleet.orchestrator.ssh import SSHTransport, Timeouts
+from deepfleet.orchestrator.transport import open_transport
+from deepfleet.sandbox import (
     SandboxState,
     cut_link,
     down,
@@ -27,10 +29,8 @@ from deepfleet.orchestrator.sandbox import (
     stop_device,
     up,
 )
-from deepfleet.orchestrator.sandbox._proc import sh
-from deepfleet.orchestrator.sandbox._state import load
-from deepfleet.orchestrator.ssh import SSHTransport, Timeouts
-from deepfleet.orchestrator.transport import open_transport
+from deepfleet.sandbox._proc import sh
+from deepfleet.sandbox._state import load
 from tests.conftest import sandbox_missing
 from tests.orchestrator.test_transport_contract import ECHO
 

@@ -17,11 +17,11 @@ from typing import Any
 
 from deepfleet.device_agent import powersim
 from deepfleet.errors import DeviceError
-from deepfleet.orchestrator.sandbox import _cgroup, _netns
-from deepfleet.orchestrator.sandbox._kinds import Kind
-from deepfleet.orchestrator.sandbox._proc import kill_pids, kill_tree, sh, wait_for_file
-from deepfleet.orchestrator.sandbox._roots import mount_root
-from deepfleet.orchestrator.sandbox._sshd import (
+from deepfleet.sandbox import _cgroup, _netns
+from deepfleet.sandbox._kinds import Kind
+from deepfleet.sandbox._proc import kill_pids, kill_tree, sh, wait_for_file
+from deepfleet.sandbox._roots import mount_root
+from deepfleet.sandbox._sshd import (
     LoopbackSshd,
     Sshd,
     keygen,

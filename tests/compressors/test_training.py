@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepfleet.data import Dataset
-from deepfleet.errors import ConfigError
-from deepfleet.training import (
+from deepfleet.compressors.training import (
     TrainConfig,
     shift_offsets,
     train,
@@ -18,6 +16,8 @@ from deepfleet.training import (
     translate,
     validation_score,
 )
+from deepfleet.data import Dataset
+from deepfleet.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepfleet.errors import DeviceError
-from deepfleet.orchestrator.sandbox._proc import kill_tree, sh, wait_for_file
+from deepfleet.sandbox._proc import kill_tree, sh, wait_for_file
 
 __all__ = [
     "LoopbackSshd",

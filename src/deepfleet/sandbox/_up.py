@@ -21,10 +21,10 @@ import yaml
 from deepfleet._files import cache_dir
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.fleet import load_fleet
-from deepfleet.orchestrator.sandbox import _cgroup, _device, _roots, _state
-from deepfleet.orchestrator.sandbox._kinds import Kind, name_devices
-from deepfleet.orchestrator.sandbox._proc import sh
-from deepfleet.orchestrator.sandbox._sshd import keygen, known_hosts_entry, sshd_binary
+from deepfleet.sandbox import _cgroup, _device, _roots, _state
+from deepfleet.sandbox._kinds import Kind, name_devices
+from deepfleet.sandbox._proc import sh
+from deepfleet.sandbox._sshd import keygen, known_hosts_entry, sshd_binary
 
 __all__ = ["default_state_dir", "down", "up"]
 
@@ -117,7 +117,7 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
     With ``loopback`` only sshd servers on 127.0.0.1 ports are used, as without root. A sandbox
     already up in ``state_dir`` is taken down first. Kinds this machine cannot run
     are skipped with a reason (passed to ``echo`` and kept in the state: see
-    :func:`deepfleet.orchestrator.sandbox.read_state`). Raises :class:`ConfigError` for an
+    :func:`deepfleet.sandbox.read_state`). Raises :class:`ConfigError` for an
     unknown kind and :class:`DeviceError` when no device at all could be started.
     """
     say: Echo = echo or (lambda _line: None)

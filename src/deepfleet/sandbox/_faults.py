@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from deepfleet.errors import DeviceError
-from deepfleet.orchestrator.sandbox import _device, _netns, _state
-from deepfleet.orchestrator.sandbox._up import default_state_dir
+from deepfleet.sandbox import _device, _netns, _state
+from deepfleet.sandbox._up import default_state_dir
 
 __all__ = ["cut_link", "heal_link", "start_device", "stop_device"]
 

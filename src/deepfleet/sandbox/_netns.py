@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from deepfleet.orchestrator.sandbox._proc import kill_pids, sh
+from deepfleet.sandbox._proc import kill_pids, sh
 
 __all__ = ["Netns", "create", "cut", "delete", "heal", "ns_pids", "prefix_in_use", "shape"]
 

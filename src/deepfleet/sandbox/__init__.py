@@ -12,11 +12,11 @@ servers), ``_device`` (one device's lifetime), ``_state`` (the record ``down`` r
 run in its cgroup-counter mode.
 """
 
-from deepfleet.orchestrator.sandbox._faults import cut_link, heal_link, start_device, stop_device
-from deepfleet.orchestrator.sandbox._kinds import DEFAULT_KINDS, KINDS, Kind
-from deepfleet.orchestrator.sandbox._sshd import LoopbackSshd
-from deepfleet.orchestrator.sandbox._state import SandboxDevice, SandboxState, read_state
-from deepfleet.orchestrator.sandbox._up import default_state_dir, down, up
+from deepfleet.sandbox._faults import cut_link, heal_link, start_device, stop_device
+from deepfleet.sandbox._kinds import DEFAULT_KINDS, KINDS, Kind
+from deepfleet.sandbox._sshd import LoopbackSshd
+from deepfleet.sandbox._state import SandboxDevice, SandboxState, read_state
+from deepfleet.sandbox._up import default_state_dir, down, up
 
 __all__ = [
     "DEFAULT_KINDS",
