@@ -14,7 +14,6 @@ Pure functions of frames (no I/O). The definitions a report rests on live here:
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -94,12 +93,11 @@ def class_metrics(per_device: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _constraints_ok(text: object) -> bool:
-    """True when every constraint value (``value - max``) is <= 0; no constraints is fine."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
+def _constraints_ok(constraints: object) -> bool:
+    """True when every constraint's ``excess`` (value - max) is <= 0; no constraints is fine."""
+    if constraints is None or (isinstance(constraints, float) and math.isnan(constraints)):
         return True
-    values = json.loads(str(text))
-    return all(v is not None and float(v) <= _EPS for v in values.values())
+    return all(c["excess"] is not None and float(c["excess"]) <= _EPS for c in constraints)  # type: ignore[attr-defined]
 
 
 def candidate_frame(candidates: pd.DataFrame) -> pd.DataFrame:
@@ -112,7 +110,7 @@ def candidate_frame(candidates: pd.DataFrame) -> pd.DataFrame:
     base = (c.loc[_is(c["kind"], "baseline")].groupby("model_key")["accuracy_val"].first())
     computed = 100.0 * (c["model_key"].map(base) - c["accuracy_val"])
     c["drop_pp"] = c["accuracy_drop_pp"].where(c["accuracy_drop_pp"].notna(), computed)
-    c["feasible"] = _is(c["outcome"], "measured") & c["constraints_json"].map(_constraints_ok)
+    c["feasible"] = _is(c["outcome"], "measured") & c["constraints"].map(_constraints_ok)
     return c
 
 

@@ -315,7 +315,7 @@ def _objectives_section(cands: pd.DataFrame | None, entries: list[dict[str, Any]
         return Section("objectives", "Objectives vs trial",
                        notes=["Not available: no candidate row has objectives."])
     return Section("objectives", "Objectives vs trial", notes=[
-        "The values told to Optuna (objectives_json), by trial; triangles are predicted values "
+        "The values told to Optuna (the candidates' objectives), by trial; triangles are predicted values "
         "(not measured), circles measured ones."], figures=[Figure("objectives", png)])
 
 
