@@ -314,7 +314,7 @@ def compress_model(
         node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2))
     deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
     details: dict[str, Any] = {
-        "device": str(dev), "methods": methods, "target": target, "metric": metric, **acc,
+        "seed": seed, "device": str(dev), "methods": methods, "target": target, "metric": metric, **acc,
         "params_before": params_before, "params_after": sum(p.numel() for p in small.parameters()),
         "val_accuracy_search": deepiot.get("val_accuracy_search"),
         "extraction_error": deepiot.get("extraction_error"),
@@ -344,30 +344,16 @@ def original_model(model: str, *, data: str, seed: int = 0, base: BaseSpec | Non
     return cand, files, cached
 
 
-def compress(
-    model: str,
-    *,
-    data: str,
-    method: str | Sequence[str] = "deepiot",
-    bits: int | None = None,
-    rounding: str | None = None,
-    settings: Mapping[str, Mapping[str, Any]] | None = None,
-    target_params: float | None = None,
-    target_macs: float | None = None,
-    seed: int = 0,
-    out: str | os.PathLike[str] = "runs/compress",
-    device: str = "auto",
-    quick: bool = False,
-    progress: bool = True,
-    search: DeepIoTConfig | None = None,
-    finetune: TrainConfig | None = None,
-) -> dict[str, Any]:
-    """Compress a zoo model (or ``module:function``) on a data set; return the summary dict.
+def compress(model: str, *, out: str | os.PathLike[str] = "runs/compress", **options: Any) -> dict[str, Any]:
+    """Compress a zoo model (or ``module:function``) on a data set, write both artifacts and a
+    JSON summary under ``out``, and return the summary dict.
 
-    ``method`` is one method or a pipeline (comma list or sequence, applied in order; names in
-    :data:`deepfleet.compressors.REGISTRY`); ``bits``/``rounding``/``settings`` configure it
-    (see :func:`build_pipeline`). Keys: model, data, methods, steps (per method: info and
-    seconds), params_before/after, macs_before/after, accuracy_before/after (test split,
+    ``options`` are :func:`compress_model`'s: ``data`` (required), ``method`` (one method or a
+    pipeline: comma list or sequence, applied in order; names in
+    :data:`deepfleet.compressors.REGISTRY`), ``bits``/``rounding``/``settings`` (see
+    :func:`build_pipeline`), ``target_params``/``target_macs``, ``seed``, ``device``, ``quick``,
+    ``progress``, ``search``, ``finetune``. Keys: model, data, methods, steps (per method: info
+    and seconds), params_before/after, macs_before/after, accuracy_before/after (test split,
     fractions), val_accuracy_before/after, kept_fraction, kept_params (parameters left by
     pruning / parameters before; quantisers keep them all), kept_macs, layers, artifact,
     artifact_original, bytes_before/after (artifact bytes on disk), seconds, plus settings;
@@ -376,16 +362,15 @@ def compress(
     before anything is written.
     """
     t0 = time.perf_counter()
-    c = compress_model(model, data=data, method=method, bits=bits, rounding=rounding, settings=settings,
-                       target_params=target_params, target_macs=target_macs, seed=seed, device=device,
-                       quick=quick, progress=progress, search=search, finetune=finetune)
+    c = compress_model(model, **options, with_original=True)
+    seed = c.details["seed"]
     assert c.original is not None and c.original_artifact is not None  # with_original
     art_small = save_artifact(Path(out) / "artifacts", c.artifact)
     art_base = save_artifact(Path(out) / "artifacts", c.original_artifact)
     d, cand = c.details, c.candidate
     kept_macs = cand.macs / d["macs_before"]
     summary: dict[str, Any] = {
-        "model": model, "data": cand.data, "seed": seed, **d,
+        "model": model, "data": cand.data, **d,
         "kept_fraction": cand.kept_params if d["metric"] == "params" else kept_macs,
         "kept_params": cand.kept_params, "kept_macs": kept_macs, "macs_after": cand.macs,
         "artifact": str(art_small.path), "artifact_original": str(art_base.path),

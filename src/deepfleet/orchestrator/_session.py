@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 
 from deepfleet._files import write_json
 from deepfleet.candidate import Candidate
@@ -69,12 +68,6 @@ def measure_settings(spec: StudySpec) -> MeasureSettings:
                "max_seconds": m.max_seconds, "batch": m.batch, "threads": m.threads, "ci_target": 0.03,
                "thermal": {"settle_max_s": 5.0}}
     return MeasureSettings(request=request, reference_every=m.reference_every)
-
-
-def plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Results rows as plain dicts (None for missing), without the per-run lists."""
-    frame = frame.drop(columns=["latencies_ms", "affinity"]).astype(object)
-    return frame.where(frame.notna(), None).to_dict("records")
 
 
 def remember_training(run_dir: Path, key: str, candidate: Candidate) -> None:

@@ -36,7 +36,7 @@ from deepfleet.orchestrator.device_actor import start_device_actors
 from deepfleet.orchestrator.fleet import Fleet
 from deepfleet.orchestrator.progress import SearchProgress
 from deepfleet.orchestrator.raycluster import driver_node_id, start_ray
-from deepfleet.orchestrator.results import read_results
+from deepfleet.orchestrator.results import plain_rows, read_results
 from deepfleet.orchestrator.trainer import Trained, TrainJob, train_base, train_candidate
 from deepfleet.search import StudySpec, finished, judge, open_study, prediction_errors, suggest
 from deepfleet.search._judge import Failed, Final, Measure, Prediction
@@ -109,7 +109,7 @@ class Search:
         self.actors = start_device_actors(self.devices, str(self.run_dir / "results"), spec.name, node,
                                           _session.measure_settings(spec))
         if (self.run_dir / "results").is_dir():
-            self.rows = _session.plain_rows(read_results(self.run_dir / "results", study=spec.name))
+            self.rows = plain_rows(read_results(self.run_dir / "results", study=spec.name))
         self.trainer = ray.remote(train_candidate).options(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
                                                           max_retries=0)
         self.base: Trained | None = None

@@ -2,10 +2,10 @@
 
 Pure functions of frames (no I/O). The definitions a report rests on live here:
 
-* **device value** of an artifact: the median over that device's successful, non-reference rows
-  (a device measured twice contributes one value);
-* **class value**: the median over the class's devices of their device values (the rule the
-  search's objectives use, so report and search agree);
+* **device value** and **class value** of each metric: as :mod:`deepfleet.metrics` defines them
+  (the one definition the search's objectives and the predictor use too, so report and search
+  agree): a device's median over its successful, non-reference rows, then the median over the
+  class's devices;
 * **energy** is kept per kind: ``energy_measured_mj`` (a real sensor), ``energy_simulated_mj``
   (a sensor that is a model) and ``energy_estimated_mj`` (the operation-count estimate every row
   carries). They are separate columns, never combined;
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from deepfleet import metrics
+from deepfleet.orchestrator.results import plain_rows
 from deepfleet.report._stats import pareto_mask
 
 __all__ = [
@@ -35,9 +37,13 @@ __all__ = [
 ]
 
 DEFAULT_MAX_DROP_PP = 0.5
+# The report's columns and the metric each shows (deepfleet.metrics defines how a metric is read
+# from rows and combined over devices and classes: the report applies that, never its own rule).
+COLUMNS = {"p50_ms": "latency_p50", "p90_ms": "latency_p90", "p99_ms": "latency_p99",
+           "energy_measured_mj": "energy", "energy_simulated_mj": "energy_simulated",
+           "energy_estimated_mj": "energy_estimated"}
 # energy kind -> class-metric column; the order is the order of columns and plot panels
-ENERGY_COLUMNS = {"measured": "energy_measured_mj", "simulated": "energy_simulated_mj",
-                  "estimated": "energy_estimated_mj"}
+ENERGY_COLUMNS = {metrics.METRICS[m].energy_kind: c for c, m in COLUMNS.items() if c.startswith("energy")}
 CHOSEN_RULE = (
     "The chosen candidate of a model on a device class is, among its candidates that (1) were "
     "measured and broke no constraint of the study, (2) lose at most MAX_DROP percentage points "
@@ -47,7 +53,7 @@ CHOSEN_RULE = (
     "higher validation accuracy, then fewer bytes, then the earlier trial. It is therefore on "
     "the Pareto front (validation accuracy vs p50 latency) of the feasible candidates."
 )
-_METRICS = ["p50_ms", "p90_ms", "p99_ms", *ENERGY_COLUMNS.values()]
+_METRICS = list(COLUMNS)
 # Limits are inclusive, and accuracies are ratios of counts: 100 * (0.98 - 0.975) is
 # 0.5000000000000004 in floating point, which must still pass a 0.5 pp limit.
 _EPS = 1e-9
@@ -66,21 +72,13 @@ def ok_rows(results: pd.DataFrame, *, reference: bool = False) -> pd.DataFrame:
 
 def device_metrics(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (artifact_hash, device_class, device) over successful non-reference rows:
-    medians of p50/p90/p99 and of each energy kind, and ``rows`` (how many measurements)."""
-    r = ok_rows(results)
-    kind = r["energy_kind"]
-    frame = pd.DataFrame({
-        "artifact_hash": r["artifact_hash"], "device_class": r["device_class"],
-        "device": r["device"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"], "p99_ms": r["p99_ms"],
-        # each kind only from rows of that kind; the estimate is on every row
-        "energy_measured_mj": r["energy_per_inference_mj"].where(_is(kind, "measured")),
-        "energy_simulated_mj": r["energy_per_inference_mj"].where(_is(kind, "simulated")),
-        "energy_estimated_mj": r["estimated_energy_mj"],
-    })
+    each metric's device value (:func:`deepfleet.metrics.device_table`) and ``rows`` (how many
+    measurements)."""
     keys = ["artifact_hash", "device_class", "device"]
-    out = frame.groupby(keys, sort=True, observed=True)[_METRICS].median()
-    out["rows"] = frame.groupby(keys, sort=True, observed=True).size()
-    return out.reset_index()
+    table = metrics.device_table(plain_rows(ok_rows(results)))
+    frame = pd.DataFrame(table, columns=[*keys, "rows", *COLUMNS.values()])
+    frame = frame.rename(columns={m: c for c, m in COLUMNS.items()})
+    return frame[[*keys, *_METRICS, "rows"]].astype({c: float for c in _METRICS})
 
 
 def class_metrics(per_device: pd.DataFrame) -> pd.DataFrame:
