@@ -521,7 +521,7 @@ def to_onnx(graph: dict[str, Any], arrays: dict[str, np.ndarray]) -> OnnxModel:
         outputs, [numpy_helper.from_array(v, k) for k, v in b.inits.items()],
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="deepfleet",
-                              doc_string="deepfleet-graph v%d converted to ONNX" % graph["version"])
+                              doc_string=f"deepfleet-graph v{graph['version']} converted to ONNX")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     fq = [op["attrs"]["bits"] for op in graph["ops"] if op["op"] == "fake_quant"]
@@ -604,3 +604,19 @@ def check_onnx(model: OnnxModel, graph: dict[str, Any], arrays: dict[str, np.nda
             f"weights, {model.info['activations']} activations); {where}"
         )
     return err
+
+
+def export_onnx(graph: dict[str, Any], arrays: dict[str, np.ndarray], *, x: np.ndarray | None = None,
+                expected: list[np.ndarray] | None = None, against: str = "the numpy runtime") -> OnnxModel:
+    """Convert and check: onnxruntime must reproduce ``expected`` (the outputs of the model
+    the graph was exported from, on ``x``); without them, the numpy runtime's outputs on a
+    fixed standard-normal batch of 4. Raises ExportError (see :func:`check_onnx`)."""
+    model = to_onnx(graph, arrays)
+    if x is None:
+        shape = (4, *graph["input"]["shape"])
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    if expected is None:
+        out = Model(graph, arrays).run(x)
+        expected = list(out) if isinstance(out, tuple) else [out]
+    check_onnx(model, graph, arrays, x, expected, against=against)
+    return model

@@ -25,6 +25,7 @@ from torch import nn
 
 from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
+from deepfleet._onnx import OnnxModel, export_onnx
 from deepfleet.artifact import Artifact, write_artifact
 from deepfleet.compressors import (
     REGISTRY,
@@ -168,6 +169,14 @@ def build_pipeline(
     return built
 
 
+def _onnx_checked(model: nn.Module, exported: Exported, x: Any) -> OnnxModel:
+    """model.onnx for an exported model, checked against the torch model itself on ``x``."""
+    with torch.no_grad():
+        out = model.eval()(torch.as_tensor(x).to(next(model.parameters()).device))
+    expected = [t.detach().cpu().numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
+    return export_onnx(exported.graph, exported.arrays, x=x, expected=expected, against="torch")
+
+
 def write_artifacts(
     root: Path,
     *,
@@ -182,7 +191,9 @@ def write_artifacts(
 ) -> tuple[tuple[Exported, Artifact], tuple[Exported, Artifact]]:
     """Export the compressed model (with its encodings) and the original the same way, and
     write both artifacts under ``root`` with their manifests (provenance, compressor
-    ``settings``, params, MACs, validation accuracy after / before)."""
+    ``settings``, params, MACs, validation accuracy after / before), each with its
+    ``model.onnx``, checked against the torch model on validation samples. Raises ExportError
+    (nothing written) when onnxruntime differs from torch beyond tolerance."""
     provenance = {
         "deepfleet_version": __version__, "model": model, "data": data.name,
         "data_fingerprint": data.fingerprint, "seed": seed, "input_shape": list(data.input_shape),
@@ -190,14 +201,15 @@ def write_artifacts(
     }
     exp_small = export_graph(small.cpu(), data.input_shape, encodings)
     exp_base = export_graph(base.cpu(), data.input_shape)
+    onnx_small, onnx_base = (_onnx_checked(m, e, data.X_val[:32]) for m, e in ((small, exp_small), (base, exp_base)))
     art_small = write_artifact(root, exp_small.graph, exp_small.arrays, {
         **provenance, "compressor": settings, "params": exp_small.params, "macs": exp_small.macs,
         "val_accuracy": val_accuracy[0],
-    })
+    }, onnx=onnx_small)
     art_base = write_artifact(root, exp_base.graph, exp_base.arrays, {
         **provenance, "compressor": {"methods": []}, "params": exp_base.params,
         "macs": exp_base.macs, "val_accuracy": val_accuracy[1],
-    })
+    }, onnx=onnx_base)
     return (exp_small, art_small), (exp_base, art_base)
 
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import ray
 
-from deepfleet.device_agent.agent import ARTIFACT_FILES
+from deepfleet.artifact import artifact_files
 
 
 def _artifact_bytes(path: str | Path) -> dict[str, bytes]:
     p = Path(path)
-    return {name: (p / name).read_bytes() for name in ARTIFACT_FILES}
+    return {name: (p / name).read_bytes() for name in artifact_files(p)}  # model.onnx too
 
 
 def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
