@@ -76,13 +76,14 @@ class _Builder:
     def ints(self, values: list[int] | tuple[int, ...]) -> str:
         return self.const("i64[" + ",".join(map(str, values)) + "]", list(values), np.int64)
 
-    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+    def node(self, op: str, inputs: list[str], out: str | list[str] | None = None, **attrs: Any) -> str:
+        """Append a node; return its (first) output, named ``out`` or a fresh name."""
         from onnx import helper
 
         self.count += 1
-        out = out or f"_t{self.count}"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=f"n{self.count}_{op}", **attrs))
-        return out
+        outs = out if isinstance(out, list) else [out or f"_t{self.count}"]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=f"n{self.count}_{op}", **attrs))
+        return outs[0]
 
     def ref(self, name: str) -> str:
         return self.alias.get(name, name)
@@ -93,15 +94,16 @@ class _Ctx:
     graph: dict[str, Any]
     arrays: dict[str, np.ndarray]
     shapes: dict[str, tuple[int, ...]]  # value -> shape at batch 2 (name@3: at batch 3)
-    quantised: set[str]  # values that an 8-bit quantiser reads (only it, or besides others)
+    quantised: set[str]  # values quantised to 8 bits right after they are computed
+    used: dict[str, set[str]]  # op name -> its outputs that something reads
 
 
-def _weight(b: _Builder, c: _Ctx, ref: str, *, qdq: bool = True) -> str:
+def _weight(b: _Builder, c: _Ctx, ref: str) -> str:
     """The ONNX value of artifact weight ``ref``: an int8 initialiser through DequantizeLinear
     for 8-bit fixed-point codes, else the decoded float32 tensor."""
     spec = c.graph.get("tensors", {}).get(ref, {})
     codes = _int8_codes(spec, c.arrays)
-    if qdq and codes is not None:
+    if codes is not None:
         b.int8_weights += 1
         q = b.const(ref + ".codes", codes.reshape(spec["shape"]), np.int8)
         scale = b.const(ref + ".scale", 2.0 ** -spec["frac_bits"])
@@ -157,10 +159,6 @@ def _affine(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
     b.node("Add", [b.node("Mul", [xs[0], s]), t], out)
 
 
-def _sigmoid_mul(b: _Builder, x: str, out: str) -> str:
-    return b.node("Mul", [x, b.node("Sigmoid", [x])], out)
-
-
 def _act(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
     a, x = op["attrs"], xs[0]
     fn = a["fn"]
@@ -174,7 +172,7 @@ def _act(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
     elif fn == "hardtanh":
         b.node("Clip", [x, b.const(f"f32({a['min']})", a["min"]), b.const(f"f32({a['max']})", a["max"])], out)
     elif fn == "silu":
-        _sigmoid_mul(b, x, out)
+        b.node("Mul", [x, b.node("Sigmoid", [x])], out)
     elif fn == "gelu" and a.get("approximate") == "tanh":
         cube = b.node("Mul", [b.node("Mul", [x, x]), x])
         inner = b.node("Add", [x, b.node("Mul", [cube, b.const("f32(0.044715)", 0.044715)])])
@@ -344,48 +342,47 @@ def _rnn_weight(b: _Builder, c: _Ctx, op: dict, layer: int, role: str, D: int) -
     return b.const(name, np.stack([_gates(decode_tensor(r, s, c.arrays), kind) for r, s in zip(refs, specs)]))
 
 
+def _rnn_bias(c: _Ctx, op: dict, layer: int, D: int, hidden: int) -> np.ndarray:
+    """B of one layer, (D, 2*G*H): [b_ih, b_hh] per direction, zeros where torch has none."""
+    kind, rows = op["attrs"]["kind"], []
+    for d in range(D):
+        parts = []
+        for role in ("b_ih", "b_hh"):
+            ref = op["weights"].get(f"l{layer}_d{d}_{role}")
+            value = (np.zeros(_GATES[kind][0] * hidden, np.float32) if ref is None
+                     else decode_tensor(ref, c.graph.get("tensors", {}).get(ref, {}), c.arrays))
+            parts.append(_gates(value, kind))
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
 def _rnn(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
-    """Stacked (bi)LSTM/GRU as one ONNX LSTM/GRU per layer, time-major inside."""
-    a, w = op["attrs"], op["weights"]
-    kind, D, name = a["kind"], 2 if a["bidirectional"] else 1, op["name"]
-    used = c.graph["_used"].get(name, set())
+    """Stacked (bi)LSTM/GRU as one ONNX LSTM/GRU per layer, time-major inside; only the
+    outputs something reads (``name:0`` the sequence, ``name:1``... final h and c) are made."""
+    a, kind, name = op["attrs"], op["attrs"]["kind"], op["name"]
+    D, used, layers = 2 if a["bidirectional"] else 1, c.used.get(op["name"], set()), len(a["hidden"])
     x = b.node("Transpose", [xs[0]], perm=[1, 0, 2]) if a["batch_first"] else xs[0]  # (T, B, I)
     for layer, hidden in enumerate(a["hidden"]):
         W = _rnn_weight(b, c, op, layer, "w_ih", D)
         R = _rnn_weight(b, c, op, layer, "w_hh", D)
-        bias = []
-        for d in range(D):
-            parts = []
-            for role in ("b_ih", "b_hh"):
-                ref = w.get(f"l{layer}_d{d}_{role}")
-                value = np.zeros(_GATES[kind][0] * hidden, np.float32) if ref is None else decode_tensor(
-                    ref, c.graph.get("tensors", {}).get(ref, {}), c.arrays)
-                parts.append(_gates(value, kind))
-            bias.append(np.concatenate(parts))
-        B = b.const(f"{name}.l{layer}_b", np.stack(bias))
-        finals = [1 + 2 * (layer * D + d) for d in range(D)]
-        want_h = any(f"{name}:{i}" in used for i in finals)
-        want_c = any(f"{name}:{i + 1}" in used for i in finals)
-        if kind == "gru" and want_c:
+        B = b.const(f"{name}.l{layer}_b", _rnn_bias(c, op, layer, D, hidden))
+        finals = [1 + 2 * (layer * D + d) for d in range(D)]  # output index of h; c follows it
+        if kind == "gru" and any(f"{name}:{i + 1}" in used for i in finals):
             raise ExportError(f"op {name!r}: a GRU has no cell state to read")
-        outs = [f"_{name}.l{layer}.y", f"_{name}.l{layer}.h" if want_h else "", f"_{name}.l{layer}.c" if want_c else ""]
-        from onnx import helper
-
+        outs = [f"_{name}.l{layer}.{s}" for s in ("y", "h", "c")[: 3 if kind == "lstm" else 2]]
         attrs: dict[str, Any] = {"hidden_size": hidden, "direction": "bidirectional" if D == 2 else "forward"}
         if kind == "gru":
             attrs["linear_before_reset"] = 1  # torch applies the reset gate after W_hn h + b_hn
-        b.count += 1
-        b.nodes.append(helper.make_node(kind.upper(), [x, W, R, B], outs[: 3 if kind == "lstm" else 2],
-                                        name=f"n{b.count}_{kind.upper()}", **attrs))
+        b.node(kind.upper(), [x, W, R, B], outs, **attrs)
         for d, i in enumerate(finals):
-            for k, state in ((i, outs[1]), (i + 1, outs[2])):
-                if f"{name}:{k}" in used:
+            for k, state in zip((i, i + 1), outs[1:]):
+                if f"{name}:{k}" in used:  # (D, B, H) -> (B, H) of direction d
                     b.node("Gather", [state, b.const(f"i64({d})", d, np.int64)], f"{name}:{k}", axis=0)
-        y = b.node("Transpose", [outs[0]], perm=[0, 2, 1, 3])  # (T, D, B, H) -> (T, B, D, H)
-        x = b.node("Reshape", [y, b.ints([0, 0, -1])])  # (T, B, D*H)
+        if layer < layers - 1 or f"{name}:0" in used:
+            y = b.node("Transpose", [outs[0]], perm=[0, 2, 1, 3])  # (T, D, B, H) -> (T, B, D, H)
+            x = b.node("Reshape", [y, b.ints([0, 0, -1])])  # (T, B, D*H)
     if f"{name}:0" in used:
-        b.node("Transpose" if a["batch_first"] else "Identity", [x], f"{name}:0",
-               **({"perm": [1, 0, 2]} if a["batch_first"] else {}))
+        b.node("Transpose", [x], f"{name}:0", perm=[1, 0, 2]) if a["batch_first"] else b.node("Identity", [x], f"{name}:0")
 
 
 def _qdq(b: _Builder, x: str, a: dict, out: str | None = None) -> str:
@@ -493,7 +490,7 @@ def to_onnx(graph: dict[str, Any], arrays: dict[str, np.ndarray]) -> OnnxModel:
     start, requant, alias = _qdq_plan(graph)
     ops = {op["name"]: op for op in graph["ops"]}
     quantised = set(requant) | {ops[name]["inputs"][k] for name, k in start}
-    ctx = _Ctx({**graph, "_used": used}, arrays, _value_shapes(graph, arrays), quantised)
+    ctx = _Ctx(graph, arrays, _value_shapes(graph, arrays), quantised, used)
     b = _Builder()
     for op in graph["ops"]:
         if op["name"] in alias:  # an 8-bit quantiser moved up to the layer before it
@@ -510,7 +507,9 @@ def to_onnx(graph: dict[str, Any], arrays: dict[str, np.ndarray]) -> OnnxModel:
             _qdq(b, out, requant[op["name"]], op["name"])
     outputs = []
     for i, o in enumerate(graph["outputs"]):
-        name = o if b.ref(o) == o and o != graph["input"]["name"] else b.node("Identity", [b.ref(o)], f"output{i}")
+        name = o
+        if b.ref(o) != o or o == graph["input"]["name"]:  # a moved quantiser, or the input itself
+            name = b.node("Identity", [b.ref(o)], o if o != graph["input"]["name"] else f"output{i}")
         shape2, shape3 = ctx.shapes[o], ctx.shapes[o + "@3"]
         dims = [d if d == e else ("batch" if e - d == 1 else None) for d, e in zip(shape2, shape3)]
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
