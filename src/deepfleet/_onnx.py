@@ -37,9 +37,10 @@ _INT64_MAX, _INT64_MIN = 2**63 - 1, -(2**63)
 _COMMUTING = {"max_pool", "reshape", "permute", "getitem", "squeeze", "unsqueeze", "cat", "stack"}
 TOLERANCE_FLOAT = 1e-4  # max |onnxruntime - reference| / max |reference|, float graphs
 # Integer kernels requantise with a float multiplier and an int32 bias: a value on a rounding
-# boundary lands one step away, and such steps travel to the outputs (measured: up to ~2 % of
-# the largest output on the zoo). Argmax agreement is checked besides.
-TOLERANCE_QDQ = 0.08
+# boundary lands one step away, and such steps travel to the outputs, through a recurrence too
+# (measured on the trained zoo at 8/8 bits, test split: 0.1-1.3 %, 2.7 % for DeepIoT +
+# fixed-point DeepSense). A converter bug (a wrong gate order, a wrong op) is tens of percent.
+TOLERANCE_QDQ = 0.1
 
 
 @dataclass(frozen=True)
