@@ -19,7 +19,7 @@ from torch import nn
 import deepfleet._onnx as onnx_module
 from deepfleet._onnx import CONVERTERS, TOLERANCE_QDQ, export_onnx, run_onnx, session, to_onnx
 from deepfleet.api import write_artifacts
-from deepfleet.artifact import ONNX_FILE, open_artifact, write_artifact
+from deepfleet.artifact import ONNX_FILE, artifact_files, open_artifact, write_artifact
 from deepfleet.compressors import make_compressor, run_pipeline
 from deepfleet.compressors._export import export_graph
 from deepfleet.compressors._extract import extract
@@ -204,6 +204,12 @@ def test_bytes_are_deterministic_and_the_manifest_holds_their_hash(tmp_path, tin
     onnx_entry = json.loads((a.path / "manifest.json").read_text())["onnx"]
     assert onnx_entry["sha256"] == agent.file_digest(str(a.path / ONNX_FILE))
     assert onnx_entry["file"] == ONNX_FILE and onnx_entry["weights"] == "int8 QDQ"
+    # a search trial ships it to the driver with the other files (bytes through Ray)
+    from deepfleet.orchestrator.trainer import _artifact_bytes, write_artifact_files
+
+    assert artifact_files(a.path) == (*agent.ARTIFACT_FILES, ONNX_FILE)
+    shipped = write_artifact_files(tmp_path / "driver", a.digest, _artifact_bytes(a.path))
+    assert open_artifact(shipped).manifest["onnx"] == onnx_entry  # verified, model.onnx included
     # a changed byte of model.onnx is seen on the host and by the agent's onnxruntime backend
     bad = tmp_path / "bad" / a.digest
     shutil.copytree(a.path, bad)
