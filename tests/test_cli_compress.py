@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import deepfleet
+from deepfleet._onnx import run_onnx
+from deepfleet.artifact import open_artifact
 from deepfleet.device_agent.agent import load_model
 
 CLI = [sys.executable, "-m", "deepfleet.cli"]
@@ -78,6 +80,18 @@ def test_a_pipeline_reports_its_methods_and_shrinks_the_artifact(quick_run, pipe
     assert manifest["compressor"]["methods"] == ["deepiot", "fixedpoint"]
     pred = load_model(fp["artifact"]).run(digits.X_test).argmax(1)
     assert abs(float((pred == digits.y_test).mean()) - fp["accuracy_after"]) < 1e-9
+
+
+def test_model_onnx_beside_both_artifacts_predicts_what_torch_predicted(quick_run, pipeline_run, digits) -> None:
+    for r, weights, acts in ((quick_run[0], "float32", "float32"),
+                             (pipeline_run, "int8 QDQ", "fixed point as float ops")):
+        small, orig = open_artifact(r["artifact"]), open_artifact(r["artifact_original"])  # verified
+        assert small.manifest["onnx"]["weights"] == weights and small.manifest["onnx"]["activations"] == acts
+        assert orig.manifest["onnx"]["weights"] == "float32"
+        for art, acc in ((small, r["accuracy_after"]), (orig, r["accuracy_before"])):
+            pred = run_onnx((art.path / "model.onnx").read_bytes(), digits.X_test)[0].argmax(1)
+            # the summary's test accuracy, to one sample (a float32 argmax tie may fall otherwise)
+            assert abs(float((pred == digits.y_test).mean()) - acc) <= 1 / len(digits.y_test) + 1e-9
 
 
 def test_second_run_reuses_the_cached_base_model(quick_run, tmp_path: Path, monkeypatch) -> None:

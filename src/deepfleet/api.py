@@ -28,6 +28,7 @@ from torch import nn
 
 from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
+from deepfleet._onnx import export_onnx
 from deepfleet.artifact import ArtifactFiles, build_artifact, save_artifact
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
@@ -210,12 +211,19 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
                     ) -> tuple[Exported, ArtifactFiles]:
     """Export ``net`` (with its quantised weight ``encodings``) as an artifact in memory, its
     manifest holding the provenance, the ``compressor`` settings, params, MACs and validation
-    accuracy."""
-    exported = export_graph(net.cpu(), data.input_shape, encodings or {})
+    accuracy, with ``model.onnx`` checked against ``net`` itself on validation samples. Raises
+    ExportError when onnxruntime differs from torch beyond tolerance."""
+    net = net.cpu().eval()
+    exported = export_graph(net, data.input_shape, encodings or {})
+    x = data.X_val[:32]
+    with torch.no_grad():
+        out = net(torch.as_tensor(x))
+    expected = [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
+    onnx = export_onnx(exported.graph, exported.arrays, x=x, expected=expected, against="torch")
     files = build_artifact(exported.graph, exported.arrays, {
         **_provenance(model, data, seed), "compressor": compressor, "params": exported.params,
         "macs": exported.macs, "val_accuracy": val_accuracy,
-    })
+    }, onnx=onnx)
     return exported, files
 
 

@@ -2,9 +2,11 @@
 
 An artifact is a directory named by the sha256 of its content (see
 ``device_agent.agent.artifact_digest``, the one definition of that hash) holding ``graph.json``,
-``weights.npz`` and ``manifest.json``. Files are written deterministically (sorted JSON keys, a
-stored zip with fixed timestamps), so the same model exported twice has the same hash, and the
-directory appears atomically (written under a temporary name, then renamed).
+``weights.npz`` and ``manifest.json``, and beside them ``model.onnx`` (the same graph for
+onnxruntime, see ``deepfleet._onnx``) whose sha256 the manifest holds, so the artifact hash
+covers it too. Files are written deterministically (sorted JSON keys, a stored zip with fixed
+timestamps, ONNX built field by field), so the same model exported twice has the same hash, and
+the directory appears atomically (written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -18,12 +20,23 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfleet.device_agent.agent import ARTIFACT_FILES, artifact_digest, digest_of
+from deepfleet.device_agent.agent import (
+    ARTIFACT_FILES,
+    BACKEND_FILES,
+    artifact_digest,
+    digest_of,
+    file_digest,
+)
 from deepfleet.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from deepfleet._onnx import OnnxModel
+
+ONNX_FILE = BACKEND_FILES["onnxruntime"]  # "model.onnx", where the agent's backend reads it
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: no wall clock in the content
 
@@ -38,6 +51,11 @@ class Artifact:
     def bytes(self) -> int:
         """Size on disk of the three files."""
         return sum((self.path / f).stat().st_size for f in ARTIFACT_FILES)
+
+
+def artifact_files(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The files an artifact directory ships: the three, and model.onnx when it has one."""
+    return ARTIFACT_FILES + ((ONNX_FILE,) if (Path(path) / ONNX_FILE).is_file() else ())
 
 
 def _dump_json(obj: Any) -> bytes:
@@ -73,17 +91,34 @@ class ArtifactFiles:
 
     @property
     def bytes(self) -> int:
-        return sum(len(b) for b in self.files.values())
+        """Bytes of the three artifact files (what the numpy runtime needs; ``model.onnx`` is
+        the same model for another runtime and not counted)."""
+        return sum(len(self.files[f]) for f in ARTIFACT_FILES)
 
 
-def build_artifact(graph: dict[str, Any], arrays: dict[str, np.ndarray],
-                   manifest: dict[str, Any]) -> ArtifactFiles:
-    """The artifact's files and digest, in memory. ``manifest`` gains ``weights_bytes`` (size of
-    weights.npz); it must hold plain JSON data."""
+def build_artifact(graph: dict[str, Any], arrays: dict[str, np.ndarray], manifest: dict[str, Any], *,
+                   onnx: OnnxModel | bool = True) -> ArtifactFiles:
+    """The artifact's files and digest, in memory.
+
+    ``manifest`` gains ``weights_bytes`` (size of weights.npz); it must hold plain JSON data.
+    ``onnx``: True converts the graph to ``model.onnx``, checked against the numpy runtime
+    (``deepfleet._onnx.export_onnx``); an ``OnnxModel`` is written as given (its caller checked
+    it, against torch); False writes none (a graph that cannot run). With one, the manifest
+    gains ``onnx``: file, sha256, opset, and what its weights and activations are. Raises
+    ExportError when the conversion or its check fails.
+    """
+    if onnx is True:
+        from deepfleet._onnx import export_onnx
+
+        onnx = export_onnx(graph, arrays)
     weights = _npz_bytes(arrays)
-    files = {"graph.json": _dump_json(graph), "weights.npz": weights,
-             "manifest.json": _dump_json({**manifest, "weights_bytes": len(weights)})}
-    digest = digest_of({name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+    manifest = {**manifest, "weights_bytes": len(weights)}
+    files = {"graph.json": _dump_json(graph), "weights.npz": weights}
+    if onnx:
+        files[ONNX_FILE] = onnx.data
+        manifest["onnx"] = {"file": ONNX_FILE, "sha256": hashlib.sha256(onnx.data).hexdigest(), **onnx.info}
+    files["manifest.json"] = _dump_json(manifest)
+    digest = digest_of({name: hashlib.sha256(files[name]).hexdigest() for name in ARTIFACT_FILES})
     return ArtifactFiles(digest, files)
 
 
@@ -108,10 +143,10 @@ def save_artifact(root: str | os.PathLike[str], artifact: ArtifactFiles) -> Arti
 
 def write_artifact(
     root: str | os.PathLike[str], graph: dict[str, Any], arrays: dict[str, np.ndarray],
-    manifest: dict[str, Any],
+    manifest: dict[str, Any], *, onnx: OnnxModel | bool = True,
 ) -> Artifact:
     """:func:`build_artifact` then :func:`save_artifact`."""
-    return save_artifact(root, build_artifact(graph, arrays, manifest))
+    return save_artifact(root, build_artifact(graph, arrays, manifest, onnx=onnx))
 
 
 def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artifact:
@@ -129,4 +164,11 @@ def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artif
             f"artifact {p} is corrupt: its content hashes to {digest[:12]}..., not its name; "
             "export it again"
         )
-    return Artifact(p, digest, json.loads((p / "manifest.json").read_text()))
+    manifest = json.loads((p / "manifest.json").read_text())
+    onnx = manifest.get("onnx")
+    if verify and onnx and (not (p / ONNX_FILE).is_file() or file_digest(str(p / ONNX_FILE)) != onnx["sha256"]):
+        raise ArtifactError(
+            f"artifact {p} is corrupt: its {ONNX_FILE} is missing or does not match the sha256 in "
+            "its manifest; export it again"
+        )
+    return Artifact(p, digest, manifest)

@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "ModelError",
     "UnsupportedLayerError",
+    "ExportError",
     "DeviceError",
     "ArtifactError",
     "ResultsError",
@@ -37,6 +38,12 @@ class ModelError(DeepfleetError):
 
 class UnsupportedLayerError(ModelError):
     """A model contains a layer or operation that the compressor or exporter cannot handle."""
+
+
+class ExportError(ModelError):
+    """An export that cannot be written faithfully (model.onnx that cannot be converted, or
+    whose onnxruntime outputs differ from the model's beyond tolerance: the message says by how
+    much and at which op)."""
 
 
 class DeviceError(DeepfleetError):

@@ -111,14 +111,14 @@ def test_corrupt_artifact_on_the_device_is_refused_and_uploaded_again(
     device = device_for(sshd_server)
     with fast_session(device) as session:
         first = session.measure(tiny_artifact.path, QUICK_REQUEST)
-        assert first["ok"] and session.uploads == 3  # graph, weights, manifest: first sight
+        assert first["ok"] and session.uploads == 4  # graph, weights, manifest, model.onnx: first sight
         remote = Path(device.workdir) / "artifacts" / tiny_artifact.digest / "weights.npz"
         data = bytearray(remote.read_bytes())
         data[-40] ^= 0xFF  # one flipped byte: same size, different hash
         remote.write_bytes(bytes(data))
         again = session.measure(tiny_artifact.path, QUICK_REQUEST)
         assert again["ok"] and not again["model_cached"]
-        assert session.uploads == 4  # only the damaged file went again
+        assert session.uploads == 5  # only the damaged file went again
         assert remote.read_bytes() == (tiny_artifact.path / "weights.npz").read_bytes()
 
 

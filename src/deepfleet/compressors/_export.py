@@ -236,8 +236,8 @@ class _Exporter:
         shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
         src = node.args[0]
         src_op = next((o for o in self.ops if o["name"] == self.env.get(src.name)), None) if isinstance(src, fx.Node) else None
-        encoded = src_op is not None and self.sources.get(src_op["weights"]["weight"]) in self.encodings
-        if src_op is not None and src_op["op"] in ("conv", "linear") and len(src.users) == 1 and not encoded:
+        foldable = src_op is not None and src_op["op"] in ("conv", "linear") and len(src.users) == 1
+        if foldable and self.sources.get(src_op["weights"]["weight"]) not in self.encodings:
             # Fold: W' = W * scale (per output channel), b' = b * scale + shift.
             wname = src_op["weights"]["weight"]
             W = self.arrays[wname]

@@ -1223,6 +1223,11 @@ class OnnxBackend(Backend):
         self.path = _backend_file(directory, "onnxruntime")
         self.ort = _import_backend("onnxruntime")
         self.file_sha256 = file_digest(self.path)
+        with open(os.path.join(directory, "manifest.json")) as f:
+            expected = (json.load(f).get("onnx") or {}).get("sha256")
+        if expected is not None and expected != self.file_sha256:  # the artifact hash covers it
+            raise ArtifactCorrupt("artifact %s: its %s does not match the sha256 in its manifest; "
+                                  "upload it again" % (directory, BACKEND_FILES["onnxruntime"]))
         self.input_shape = _graph_input_shape(directory)
         self._threads = None
         self._open(0)

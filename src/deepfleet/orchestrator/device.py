@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepfleet.artifact import artifact_files
 from deepfleet.device_agent import agent as agent_module
-from deepfleet.device_agent.agent import ARTIFACT_FILES
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.fleet import Device
 from deepfleet.orchestrator.transport import RemoteProcess, Transport, open_transport
@@ -146,7 +146,7 @@ class DeviceSession:
         assert self._transport is not None
         remote = f"{self._workdir}/artifacts/{artifact.name}"
         try:
-            for name in ARTIFACT_FILES:
+            for name in artifact_files(artifact):  # model.onnx too, for backend onnxruntime
                 if self._transport.upload_if_changed(artifact / name, f"{remote}/{name}").uploaded:
                     self.uploads += 1
         except DeviceError:
