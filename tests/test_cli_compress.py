@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import deepfleet
-from deepfleet.device_agent.agent import load_model
+from deepfleet.device_agent.runtime import load_model
 
 CLI = [sys.executable, "-m", "deepfleet.cli"]
 

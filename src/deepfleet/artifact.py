@@ -1,8 +1,9 @@
 """Artifact directories: the unit that travels from the compressors to the devices.
 
-An artifact is a directory named by the sha256 of its content (see
-``device_agent.agent.artifact_digest``, the one definition of that hash) holding ``graph.json``,
-``weights.npz`` and ``manifest.json``. Files are written deterministically (sorted JSON keys, a
+An artifact is a directory named by the sha256 of its content holding ``graph.json``,
+``weights.npz`` and ``manifest.json``. The format itself (the hash, the checks, the tensor
+encodings) is the library ``deepfleet.device_agent.format``, shared with the device agent; this
+module writes artifacts and turns the library's check failures into :class:`ArtifactError`. Files are written deterministically (sorted JSON keys, a
 stored zip with fixed timestamps), so the same model exported twice has the same hash, and the
 directory appears atomically (written under a temporary name, then renamed).
 """
@@ -21,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from deepfleet.device_agent.agent import ARTIFACT_FILES, artifact_digest
+from deepfleet.device_agent.format import (
+    ARTIFACT_FILES,
+    ArtifactIncomplete,
+    DigestMismatch,
+    artifact_digest,
+    check_artifact,
+)
 from deepfleet.errors import ArtifactError
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: no wall clock in the content
@@ -85,18 +92,28 @@ def write_artifact(
 
 
 def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artifact:
-    """Open an artifact directory; with ``verify`` check that its content matches its name."""
+    """Open an artifact directory; with ``verify`` check that its content matches its name.
+
+    Raises ArtifactError naming the path and the fix when files are missing or (with
+    ``verify``) the content does not hash to the directory's name; the check is the format
+    library's :func:`~deepfleet.device_agent.format.check_artifact`, the one the agent runs.
+    """
     p = Path(path)
-    missing = [f for f in ARTIFACT_FILES if not (p / f).is_file()]
-    if missing:
+    try:
+        digest = check_artifact(str(p), verify)
+    except ArtifactIncomplete as exc:
         raise ArtifactError(
-            f"{p} is not an artifact: it lacks {', '.join(missing)}; give a directory written by "
-            "'deepfleet compress'"
-        )
-    digest = artifact_digest(str(p))
-    if verify and digest != p.name:
+            f"{p} is not an artifact: it lacks {', '.join(exc.missing)}; give a directory written "
+            "by 'deepfleet compress'"
+        ) from None
+    except DigestMismatch as exc:
         raise ArtifactError(
-            f"artifact {p} is corrupt: its content hashes to {digest[:12]}..., not its name; "
+            f"artifact {p} is corrupt: its content hashes to {exc.actual[:12]}..., not its name; "
             "export it again"
-        )
+        ) from None
+    except OSError as exc:
+        raise ArtifactError(f"artifact {p} cannot be read ({exc}); check its permissions or "
+                            "export it again") from None
+    if not verify:
+        digest = artifact_digest(str(p))  # Artifact.digest is always the content's hash
     return Artifact(p, digest, json.loads((p / "manifest.json").read_text()))

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from deepfleet.device_agent.agent import ARTIFACT_FILES
+from deepfleet.device_agent.format import ARTIFACT_FILES
 
 
 def _artifact_bytes(path: str | Path) -> dict[str, bytes]:
