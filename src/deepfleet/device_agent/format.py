@@ -7,7 +7,8 @@ checks with it, and the agent reads with it. It is inlined into the one file shi
 libraries. The numpy runtime that executes a graph is ``runtime.py``. The human-readable spec is
 ``docs/artifact-format.md``.
 
-* identity: :func:`artifact_digest` (the one definition of an artifact's hash), :func:`file_digest`;
+* identity: :func:`digest_of` (the one definition of an artifact's hash), :func:`artifact_digest`
+  (of a directory), :func:`file_digest`;
 * checks: :func:`check_artifact` raises :class:`ArtifactIncomplete` (files missing) or
   :class:`DigestMismatch` (content does not match the directory's name), both
   :class:`ArtifactCorrupt`;
@@ -38,16 +39,23 @@ def file_digest(path):
     return h.hexdigest()
 
 
+def digest_of(file_digests):
+    """sha256 of an artifact from ``{file name: that file's sha256 hex}`` (the ARTIFACT_FILES):
+    over the sorted file names and each file's own sha256. The one definition of the hash, for
+    files on disk (:func:`artifact_digest`) and in memory alike."""
+    h = hashlib.sha256()
+    for name in sorted(ARTIFACT_FILES):
+        h.update(name.encode() + b"\0" + file_digests[name].encode() + b"\n")
+    return h.hexdigest()
+
+
 def artifact_digest(directory):
-    """sha256 of an artifact: over the sorted file names and each file's own sha256.
+    """sha256 of an artifact directory (see :func:`digest_of`).
 
     The artifact directory is named by this digest; a mismatch means a corrupt artifact. Raises
     OSError when a file cannot be read (see :func:`check_artifact` for a checked version).
     """
-    h = hashlib.sha256()
-    for name in sorted(ARTIFACT_FILES):
-        h.update(name.encode() + b"\0" + file_digest(os.path.join(directory, name)).encode() + b"\n")
-    return h.hexdigest()
+    return digest_of({name: file_digest(os.path.join(directory, name)) for name in ARTIFACT_FILES})
 
 
 class ArtifactCorrupt(Exception):
