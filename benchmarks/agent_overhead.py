@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 import torch
 
-import deepfleet.device_agent.agent as agent_module
 from deepfleet.artifact import Artifact, write_artifact
 from deepfleet.compressors._export import export_graph
+from deepfleet.device_agent import bundle
 from deepfleet.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -62,10 +62,11 @@ DEFAULT_OUT = HERE / "results" / "agent_overhead.json"
 
 
 class Agent:
-    """The agent as a subprocess; ``request`` sends one JSON line and reads one back."""
+    """The agent (the built, shipped file) as a subprocess; ``request`` sends one JSON line and
+    reads one back."""
 
     def __init__(self, cwd: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, agent_module.__file__, "serve"], cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, str(bundle.agent_file()), "serve"], cwd=cwd,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
 

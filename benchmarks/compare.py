@@ -134,7 +134,7 @@ def _measure(label: str, common: dict[str, Any], result: Any, *, comps: list[Any
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors._pipeline import layer_table
     from deepfleet.compressors.training import accuracy
-    from deepfleet.device_agent.agent import Model
+    from deepfleet.device_agent.runtime import Model
 
     data, base, model, seed = common["data"], common["base"], common["model"], common["seed"]
     small, encodings = result.model.eval(), result.encodings

@@ -25,12 +25,12 @@ import pytest
 import torch
 from torch import nn
 
-import deepfleet.device_agent.agent as agent_module
 from deepfleet.artifact import Artifact, write_artifact
 from deepfleet.compressors import Context
 from deepfleet.compressors._export import export_graph
 from deepfleet.data import Dataset, load_data
-from deepfleet.device_agent import powersim
+from deepfleet.device_agent import bundle, powersim
+from deepfleet.device_agent.runtime import Model
 from deepfleet.models import build_model
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import LOCAL_DEVICE, Device
@@ -172,7 +172,6 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxState]:
 
 # ---------------------------------------------------------------------------- device agent
 
-AGENT_FILE = Path(agent_module.__file__)
 TINY_SHAPE = (3, 16)
 
 
@@ -193,16 +192,22 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     return write_artifact(tmp_path_factory.mktemp("artifacts"), ex.graph, ex.arrays, manifest)
 
 
+@pytest.fixture(scope="session")
+def agent_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one file shipped to devices, built once for the session (``bundle.agent_file``)."""
+    return bundle.agent_file(tmp_path_factory.mktemp("built-agent"))
+
+
 class AgentProcess:
-    """``python agent.py serve`` as a subprocess, spoken to in JSON lines.
+    """``python agent.py serve`` (the built, shipped file) as a subprocess, spoken to in JSON lines.
 
     A test-only client (the orchestrator's transport is the real one): ``request(obj)`` sends
     one line and returns the parsed reply, failing the test after ``timeout`` seconds.
     """
 
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, agent_file: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(AGENT_FILE), "serve"], cwd=cwd, stdin=subprocess.PIPE,
+            [sys.executable, str(agent_file), "serve"], cwd=cwd, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.pid = self.proc.pid
@@ -253,12 +258,12 @@ class AgentProcess:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path) -> Iterator[Callable[[], AgentProcess]]:
+def start_agent(tmp_path: Path, agent_file: Path) -> Iterator[Callable[[], AgentProcess]]:
     """Factory of running agents (killed at teardown)."""
     agents: list[AgentProcess] = []
 
     def start() -> AgentProcess:
-        agents.append(AgentProcess(tmp_path))
+        agents.append(AgentProcess(tmp_path, agent_file))
         return agents[-1]
 
     yield start
@@ -273,9 +278,9 @@ def agent(start_agent: Callable[[], AgentProcess]) -> AgentProcess:
 
 
 @pytest.fixture(scope="module")
-def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+def shared_agent(tmp_path_factory: pytest.TempPathFactory, agent_file: Path) -> Iterator[AgentProcess]:
     """One agent for a whole module, for tests that leave it serving (saves a start per test)."""
-    a = AgentProcess(tmp_path_factory.mktemp("agent"))
+    a = AgentProcess(tmp_path_factory.mktemp("agent"), agent_file)
     yield a
     a.close()
 
@@ -450,5 +455,5 @@ def runtime_error(model: nn.Module, encodings: dict, data: Dataset, *, n: int = 
     x = data.X_test[:n]
     with torch.no_grad():
         ref = model.eval()(torch.as_tensor(x)).numpy()
-    out = agent_module.Model(ex.graph, ex.arrays).run(x)
+    out = Model(ex.graph, ex.arrays).run(x)
     return float(np.abs(out - ref).max() / np.abs(ref).max()), out, ref

@@ -12,7 +12,7 @@ import torch
 import deepfleet
 from deepfleet._onnx import run_onnx
 from deepfleet.artifact import open_artifact
-from deepfleet.device_agent.agent import load_model
+from deepfleet.device_agent.runtime import load_model
 
 CLI = [sys.executable, "-m", "deepfleet.cli"]
 

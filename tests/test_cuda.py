@@ -17,7 +17,7 @@ import torch
 import deepfleet
 from deepfleet.compressors import REGISTRY
 from deepfleet.data import load_data
-from deepfleet.device_agent.agent import load_model
+from deepfleet.device_agent.runtime import load_model
 
 DEVICE = os.environ.get("DEEPFLEET_TEST_TORCH_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),

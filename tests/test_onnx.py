@@ -32,7 +32,8 @@ from deepfleet.compressors._export import export_graph
 from deepfleet.compressors._extract import extract
 from deepfleet.compressors._graph import analyse
 from deepfleet.data import Dataset
-from deepfleet.device_agent import agent
+from deepfleet.device_agent import agent, backends, format, runtime
+from deepfleet.device_agent.protocol import AgentError
 from deepfleet.errors import ArtifactError, ExportError
 from deepfleet.models import build_model
 from tests.compressors.test_export import _ManyOps
@@ -89,7 +90,7 @@ def _optimised_ops(om: onnx_module.OnnxModel, tmp_path: Path) -> Counter:
 
 
 def test_every_runtime_op_has_an_onnx_converter() -> None:
-    assert set(CONVERTERS) == set(agent.OPS)
+    assert set(CONVERTERS) == set(runtime.OPS)
 
 
 def test_onnxruntime_reproduces_every_zoo_model(zoo_model) -> None:
@@ -209,10 +210,10 @@ def test_bytes_are_deterministic_and_the_manifest_holds_their_hash(tmp_path, tin
     data = (a.path / ONNX_FILE).read_bytes()
     assert (b.path / ONNX_FILE).read_bytes() == data
     onnx_entry = json.loads((a.path / "manifest.json").read_text())["onnx"]
-    assert onnx_entry["sha256"] == agent.file_digest(str(a.path / ONNX_FILE))
+    assert onnx_entry["sha256"] == format.file_digest(str(a.path / ONNX_FILE))
     assert onnx_entry["file"] == ONNX_FILE and onnx_entry["weights"] == "int8 QDQ"
     # a search trial ships it to the driver with the other files (bytes through Ray)
-    assert artifact_files(a.path) == (*agent.ARTIFACT_FILES, ONNX_FILE)
+    assert artifact_files(a.path) == (*format.ARTIFACT_FILES, ONNX_FILE)
     in_memory = build_artifact(ex.graph, ex.arrays, {"model": "tiny"})
     assert in_memory.digest == a.digest and ONNX_FILE in in_memory.files
     shipped = save_artifact(tmp_path / "driver", in_memory)
@@ -225,8 +226,8 @@ def test_bytes_are_deterministic_and_the_manifest_holds_their_hash(tmp_path, tin
     (bad / ONNX_FILE).write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="model.onnx"):
         open_artifact(bad)
-    with pytest.raises(agent.AgentError, match="model.onnx") as err:
-        agent.ModelCache().get(str(bad), "onnxruntime")
+    with pytest.raises(AgentError, match="model.onnx") as err:
+        backends.ModelCache().get(str(bad), "onnxruntime")
     assert err.value.kind == "artifact_corrupt"  # the driver uploads it again
 
 
@@ -248,7 +249,7 @@ def test_the_agent_measures_and_runs_model_onnx_like_torch(tmp_path, tiny_gru, t
     ex = export_graph(tiny_gru, tiny_sequences.input_shape)
     art = write_artifact(tmp_path, ex.graph, ex.arrays, {"model": "tiny-gru", "params": ex.params,
                                                          "macs": ex.macs})
-    cache = agent.ModelCache()
+    cache = backends.ModelCache()
     r = agent.measure({"op": "measure", "artifact": str(art.path), "backend": "onnxruntime",
                        "threads": 1, "warmup": 1, "min_runs": 5, "max_runs": 5, "min_seconds": 0,
                        "energy": {"source": "none"}}, cache)
@@ -266,7 +267,7 @@ def test_export_onnx_without_a_reference_checks_against_the_numpy_runtime(tiny_c
     ex = export_graph(tiny_cnn, tiny_digits.input_shape)
     om = export_onnx(ex.graph, ex.arrays)
     x = tiny_digits.X_test[:4]
-    np.testing.assert_allclose(run_onnx(om.data, x)[0], agent.Model(ex.graph, ex.arrays).run(x), atol=1e-5)
+    np.testing.assert_allclose(run_onnx(om.data, x)[0], runtime.Model(ex.graph, ex.arrays).run(x), atol=1e-5)
     with pytest.raises(ExportError, match="no input"):
         to_onnx({"format": "deepfleet-graph", "version": 1, "ops": []}, {})
 

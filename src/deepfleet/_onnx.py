@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from deepfleet.device_agent.agent import Model, decode_tensor
+from deepfleet.device_agent.format import decode_tensor
+from deepfleet.device_agent.runtime import Model
 from deepfleet.errors import ExportError
 
 OPSET = 17  # onnxruntime >= 1.13 runs it: old enough for the boards' packaged runtimes

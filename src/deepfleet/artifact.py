@@ -1,12 +1,14 @@
 """Artifact directories: the unit that travels from the compressors to the devices.
 
-An artifact is a directory named by the sha256 of its content (see
-``device_agent.agent.artifact_digest``, the one definition of that hash) holding ``graph.json``,
+An artifact is a directory named by the sha256 of its content holding ``graph.json``,
 ``weights.npz`` and ``manifest.json``, and beside them ``model.onnx`` (the same graph for
 onnxruntime, see ``deepfleet._onnx``) whose sha256 the manifest holds, so the artifact hash
-covers it too. Files are written deterministically (sorted JSON keys, a stored zip with fixed
-timestamps, ONNX built field by field), so the same model exported twice has the same hash, and
-the directory appears atomically (written under a temporary name, then renamed).
+covers it too. The format itself (the hash, the checks, the tensor encodings) is the library
+``deepfleet.device_agent.format``, shared with the device agent; this module builds and writes
+artifacts and turns the library's check failures into :class:`ArtifactError`. Files are written
+deterministically (sorted JSON keys, a stored zip with fixed timestamps, ONNX built field by
+field), so the same model exported twice has the same hash, and the directory appears atomically
+(written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfleet.device_agent.agent import (
+from deepfleet.device_agent.format import (
     ARTIFACT_FILES,
     BACKEND_FILES,
+    ArtifactIncomplete,
+    DigestMismatch,
     artifact_digest,
+    check_artifact,
     digest_of,
     file_digest,
 )
@@ -150,20 +155,30 @@ def write_artifact(
 
 
 def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artifact:
-    """Open an artifact directory; with ``verify`` check that its content matches its name."""
+    """Open an artifact directory; with ``verify`` check that its content matches its name.
+
+    Raises ArtifactError naming the path and the fix when files are missing or (with
+    ``verify``) the content does not hash to the directory's name; the check is the format
+    library's :func:`~deepfleet.device_agent.format.check_artifact`, the one the agent runs.
+    """
     p = Path(path)
-    missing = [f for f in ARTIFACT_FILES if not (p / f).is_file()]
-    if missing:
+    try:
+        digest = check_artifact(str(p), verify)
+    except ArtifactIncomplete as exc:
         raise ArtifactError(
-            f"{p} is not an artifact: it lacks {', '.join(missing)}; give a directory written by "
-            "'deepfleet compress'"
-        )
-    digest = artifact_digest(str(p))
-    if verify and digest != p.name:
+            f"{p} is not an artifact: it lacks {', '.join(exc.missing)}; give a directory written "
+            "by 'deepfleet compress'"
+        ) from None
+    except DigestMismatch as exc:
         raise ArtifactError(
-            f"artifact {p} is corrupt: its content hashes to {digest[:12]}..., not its name; "
+            f"artifact {p} is corrupt: its content hashes to {exc.actual[:12]}..., not its name; "
             "export it again"
-        )
+        ) from None
+    except OSError as exc:
+        raise ArtifactError(f"artifact {p} cannot be read ({exc}); check its permissions or "
+                            "export it again") from None
+    if not verify:
+        digest = artifact_digest(str(p))  # Artifact.digest is always the content's hash
     manifest = json.loads((p / "manifest.json").read_text())
     onnx = manifest.get("onnx")
     if verify and onnx and (not (p / ONNX_FILE).is_file() or file_digest(str(p / ONNX_FILE)) != onnx["sha256"]):

@@ -9,7 +9,7 @@ import torch
 from deepfleet.compressors import make_compressor, run_pipeline
 from deepfleet.compressors._codebook import kmeans, kmeans_1d
 from deepfleet.compressors._encoding import pack_codes
-from deepfleet.device_agent.agent import _ints
+from deepfleet.device_agent.format import _ints
 from tests.conftest import quick_context, runtime_error
 
 
@@ -26,7 +26,7 @@ def test_packed_codes_round_trip_through_the_runtime(bits: int, signed: bool) ->
 
 def test_every_encoding_the_compressors_write_is_one_the_agent_decodes() -> None:
     from deepfleet.compressors._encoding import ARRAY_ROLES
-    from deepfleet.device_agent.agent import ENCODINGS, ArtifactCorrupt, decode_tensor
+    from deepfleet.device_agent.format import ENCODINGS, ArtifactCorrupt, decode_tensor
 
     assert set(ARRAY_ROLES) <= set(ENCODINGS)
     with pytest.raises(ArtifactCorrupt, match="unknown encoding 'zstd': update the agent"):

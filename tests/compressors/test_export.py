@@ -14,7 +14,8 @@ from deepfleet.artifact import open_artifact, write_artifact
 from deepfleet.compressors._export import export_graph
 from deepfleet.compressors._extract import extract
 from deepfleet.compressors._graph import analyse
-from deepfleet.device_agent.agent import ArtifactCorrupt, Model, load_model
+from deepfleet.device_agent.format import ArtifactCorrupt
+from deepfleet.device_agent.runtime import Model, load_model
 from deepfleet.errors import ArtifactError, UnsupportedLayerError
 from tests.conftest import random_keep
 

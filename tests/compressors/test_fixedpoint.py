@@ -15,7 +15,7 @@ from deepfleet.compressors import (
     make_compressor,
 )
 from deepfleet.compressors._fixedpoint import code_range, int_bits_for, quantise
-from deepfleet.device_agent.agent import Model
+from deepfleet.device_agent.runtime import Model
 from deepfleet.errors import ConfigError
 from tests.conftest import quick_context, runtime_error
 

@@ -1,4 +1,6 @@
-"""The agent's pure parts, in process: median CI, sensor readers on fake sysfs trees, estimates."""
+"""The agent's pure parts, in process: median CI, sensor readers on fake sysfs trees, estimates.
+
+The energy sources' shared contract is in ``test_energy_contract.py``; these are the details."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import numpy as np
 import pytest
 
 import deepfleet.device_agent.agent as A
+from deepfleet.device_agent import energy as E
+from deepfleet.device_agent import protocol as P
 
 
 def _files(root: Path, files: dict[str, str]) -> Path:
@@ -71,7 +75,7 @@ def test_rapl_sums_top_level_zones_and_handles_a_wrap(tmp_path: Path) -> None:
         "intel-rapl:1/name": "package-1", "intel-rapl:1/energy_uj": "0",
         "intel-rapl:1/max_energy_range_uj": "1000000",
     })
-    src = A.find_rapl(str(root))
+    src = E.find_rapl(str(root))
     assert src.kind == "energy" and src.sensor == "package-0+package-1"
     first = src.read()
     (root / "intel-rapl:0/energy_uj").write_text("100000\n")  # wrapped: +200000 µJ
@@ -82,53 +86,53 @@ def test_rapl_sums_top_level_zones_and_handles_a_wrap(tmp_path: Path) -> None:
 def test_hwmon_prefers_power_and_falls_back_to_current_times_voltage(tmp_path: Path) -> None:
     ina = _files(tmp_path / "hwmon3", {"name": "ina3221", "curr1_input": "500", "in1_input": "5000",
                                        "curr2_input": "100", "in2_input": "3300"})
-    src = A.find_hwmon(str(tmp_path))
+    src = E.find_hwmon(str(tmp_path))
     assert src.read() == pytest.approx(2.5) and src.sim_hint is None  # 500 mA x 5 V
-    assert A.HwmonSource(str(ina), "curr2").read() == pytest.approx(0.33)
+    assert E.HwmonSource(str(ina), "curr2").read() == pytest.approx(0.33)
     _files(ina, {"power1_input": "1250000"})
-    assert A.HwmonSource(str(ina)).read() == pytest.approx(1.25)
+    assert E.HwmonSource(str(ina)).read() == pytest.approx(1.25)
     with pytest.raises(ValueError, match="power4"):
-        A.HwmonSource(str(ina), "power4")
+        E.HwmonSource(str(ina), "power4")
 
 
 def test_hwmon_without_power_channels_is_skipped(tmp_path: Path) -> None:
     _files(tmp_path / "hwmon0", {"name": "coretemp", "temp1_input": "40000"})
     with pytest.raises(ValueError, match="no usable hwmon"):
-        A.find_hwmon(str(tmp_path))
+        E.find_hwmon(str(tmp_path))
 
 
 def test_power_supply_current_times_voltage_ignores_the_sign(tmp_path: Path) -> None:
     _files(tmp_path / "BAT0", {"current_now": "-1000000", "voltage_now": "4000000",
                                "status": "Discharging"})
-    src = A.find_power_supply(str(tmp_path))
+    src = E.find_power_supply(str(tmp_path))
     assert src.read() == pytest.approx(4.0) and src.describe()["status"] == "Discharging"
 
 
 def test_auto_finds_nothing_in_an_empty_tree_and_says_why(tmp_path: Path) -> None:
-    spec = A.parse_energy({"path": str(tmp_path)})
-    source, note = A.open_energy_source(spec)
+    spec = P.parse_energy({"path": str(tmp_path)})
+    source, note = E.open_energy_source(spec)
     assert source is None and "rapl" in note and "hwmon" in note and "power_supply" in note
 
 
 def test_energy_settings_are_validated() -> None:
-    with pytest.raises(A.AgentError, match="sample_hz"):
-        A.parse_energy({"sample_hz": 0})
-    with pytest.raises(A.AgentError, match="'souce'"):
-        A.parse_energy({"souce": "hwmon"})
-    with pytest.raises(A.AgentError, match="needs energy.'command'"):
-        A.parse_energy({"source": "command"})
+    with pytest.raises(P.AgentError, match="sample_hz"):
+        P.parse_energy({"sample_hz": 0})
+    with pytest.raises(P.AgentError, match="'souce'"):
+        P.parse_energy({"souce": "hwmon"})
+    with pytest.raises(P.AgentError, match="needs energy.'command'"):
+        P.parse_energy({"source": "command"})
 
 
 def test_integrate_trapezoids_and_window_clipping() -> None:
     samples = [(0.0, 1.0), (1.0, 3.0), (2.0, 3.0)]
-    assert A.integrate(samples, "power") == (pytest.approx(5.0), 2.0)
-    joules, span = A.integrate(samples, "power", 0.5, 1.5)  # 2 W at 0.5 s, 3 W from 1 s
+    assert E.integrate(samples, "power") == (pytest.approx(5.0), 2.0)
+    joules, span = E.integrate(samples, "power", 0.5, 1.5)  # 2 W at 0.5 s, 3 W from 1 s
     assert span == 1.0 and joules == pytest.approx(0.5 * (2 + 3) / 2 + 0.5 * 3)
-    assert A.integrate([(0.0, 10.0), (2.0, 16.0)], "energy") == (6.0, 2.0)
-    assert A.integrate([(0.0, 1.0)], "power") == (None, 0.0)
+    assert E.integrate([(0.0, 10.0), (2.0, 16.0)], "energy") == (6.0, 2.0)
+    assert E.integrate([(0.0, 1.0)], "power") == (None, 0.0)
 
 
 def test_estimate_follows_the_energy_table() -> None:
-    got = A.estimate_energy_mj({"macs": 1000, "params": 10}, 3)
+    got = E.estimate_energy_mj({"macs": 1000, "params": 10}, 3)
     assert got == pytest.approx((3 * 1000 * (3.7 + 0.9) + 10 * 640) * 1e-9)
-    assert A.estimate_energy_mj({"params": 10}, 1) is None
+    assert E.estimate_energy_mj({"params": 10}, 1) is None

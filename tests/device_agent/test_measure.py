@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from deepfleet.artifact import Artifact
-from deepfleet.device_agent.agent import ADD_PJ, AGENT_VERSION, DRAM_PJ_PER_32BIT, MULT_PJ
+from deepfleet.device_agent.agent import AGENT_VERSION
+from deepfleet.device_agent.energy import ADD_PJ, DRAM_PJ_PER_32BIT, MULT_PJ
 from tests.conftest import AgentProcess
 
 NO_ENERGY = {"source": "none"}

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from deepfleet.artifact import Artifact
-from deepfleet.device_agent.agent import AGENT_VERSION, load_model
+from deepfleet.device_agent.agent import AGENT_VERSION
+from deepfleet.device_agent.runtime import load_model
 from tests.conftest import TINY_SHAPE, AgentProcess, tiny_model
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepfleet.device_agent import agent
+from deepfleet.device_agent import runtime
 
 GRID = [(nd, k, s, p, d, ceil)
         for nd, k, s, p, d, ceil in itertools.product((1, 2), (1, 2, 3), (1, 2, 3), (0, 1), (1, 2),
@@ -28,7 +28,7 @@ def test_max_pool_matches_torch(nd: int) -> None:
     for _, k, s, p, d, ceil in (g for g in GRID if g[0] == nd):
         x = rng.standard_normal((2, 3) + (11,) * nd).astype(np.float32)
         want = pool(torch.from_numpy(x), k, stride=s, padding=p, dilation=d, ceil_mode=ceil)
-        got = agent.op_max_pool([x], {"kernel": [k] * nd, "stride": [s] * nd,
+        got = runtime.op_max_pool([x], {"kernel": [k] * nd, "stride": [s] * nd,
                                       "padding": [p] * nd, "dilation": [d] * nd,
                                       "ceil_mode": ceil}, {})
         assert got.dtype == np.float32
@@ -45,7 +45,7 @@ def test_avg_pool_matches_torch(nd: int) -> None:
             x = rng.standard_normal((2, 3) + (10,) * nd).astype(np.float32)
             want = pool(torch.from_numpy(x), k, stride=s, padding=p,
                         count_include_pad=include_pad)
-            got = agent.op_avg_pool([x], {"kernel": [k] * nd, "stride": [s] * nd,
+            got = runtime.op_avg_pool([x], {"kernel": [k] * nd, "stride": [s] * nd,
                                           "padding": [p] * nd, "count_include_pad": include_pad},
                                     {})
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
@@ -63,7 +63,7 @@ def test_conv_matches_torch(batch: int) -> None:
         want = conv(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b) if bias else None,
                     stride=s, padding=p, dilation=d)
         weights = {"weight": w, **({"bias": b} if bias else {})}
-        got = agent.op_conv([x], {"padding": [p] * nd, "stride": [s] * nd, "dilation": [d] * nd},
+        got = runtime.op_conv([x], {"padding": [p] * nd, "stride": [s] * nd, "dilation": [d] * nd},
                             weights)
         assert got.dtype == np.float32 and got.flags.c_contiguous
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)

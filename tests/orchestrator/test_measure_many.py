@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from deepfleet.artifact import Artifact
-from deepfleet.device_agent.agent import load_model
+from deepfleet.device_agent.runtime import load_model
 from deepfleet.errors import ArtifactError, ConfigError
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device

@@ -20,7 +20,8 @@ import numpy as np
 
 from deepfleet.artifact import write_artifact
 from deepfleet.candidate import Candidate, Layer
-from deepfleet.device_agent.agent import AGENT_VERSION, ESTIMATE_BASIS, latency_summary
+from deepfleet.device_agent.agent import AGENT_VERSION, latency_summary
+from deepfleet.device_agent.energy import ESTIMATE_BASIS
 from deepfleet.orchestrator.candidates import candidate_row, write_candidates
 from deepfleet.orchestrator.results import failure_row, measurement_row, write_results
 

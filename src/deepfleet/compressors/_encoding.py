@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfleet.device_agent.agent import decode_tensor
+from deepfleet.device_agent.format import decode_tensor
 
 # Roles of an encoding's arrays, per encoding (the keys of the artifact's tensor entry that name
 # arrays in weights.npz); every other attribute is plain JSON.

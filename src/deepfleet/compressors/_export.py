@@ -25,7 +25,7 @@ from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors._extract import StackedRNN, rnn_layers
 from deepfleet.compressors._masked import rnn_weights
 from deepfleet.compressors._ops import classify, describe, trace
-from deepfleet.device_agent.agent import GRAPH_FORMAT, GRAPH_VERSION
+from deepfleet.device_agent.format import GRAPH_FORMAT, GRAPH_VERSION
 from deepfleet.errors import ModelError, UnsupportedLayerError
 
 _B1, _B2 = 2, 3

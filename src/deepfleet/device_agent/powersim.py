@@ -1,7 +1,7 @@
 """A SIMULATED hwmon power sensor, for tests and sandbox devices that have no real one.
 
 Standard library only, Python >= 3.8 (it can be copied into a device root and run there); it
-is NOT part of ``agent.py``. It maintains files shaped like a Linux hwmon device, so the agent
+is NOT part of the shipped agent. It maintains files shaped like a Linux hwmon device, so the agent
 reads it through its real hwmon code path (``energy: {"source": "hwmon", "path": DIR}``)::
 
     DIR/hwmon0/name             deepfleet_sim      (the agent marks readings from it simulated)
@@ -42,7 +42,7 @@ from pathlib import Path
 __all__ = ["SIM_NAME", "cpu_seconds_machine", "cpu_seconds_of_pids", "cpu_seconds_of_usage",
            "power_uw", "run", "spawn", "main"]
 
-SIM_NAME = "deepfleet_sim"  # agent.py's SIM_HWMON_NAME: readings from it are labelled simulated
+SIM_NAME = "deepfleet_sim"  # energy.py's SIM_HWMON_NAME: readings from it are labelled simulated
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

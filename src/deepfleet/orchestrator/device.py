@@ -1,8 +1,10 @@
 """A session with the agent on one device: deploy, start once, measure many times.
 
-``DeviceSession`` connects lazily. On first use it uploads ``agent.py`` into the device's work
-directory (only when its hash changed), starts ``python3 agent.py serve`` as one persistent
-process over one channel, and checks its ``hello``. Artifacts are uploaded only when the agent
+``DeviceSession`` connects lazily. On first use it uploads the agent (the one file that
+:mod:`deepfleet.device_agent.bundle` builds from the device program and its libraries) as
+``agent.py`` into the device's work directory (only when its hash changed), starts ``python3
+agent.py serve`` as one persistent process over one channel, and checks its ``hello``: the agent
+that answers must report the sha256 of the file this host shipped. Artifacts are uploaded only when the agent
 reports them missing (or corrupt), so a measurement of a known artifact costs one round trip.
 A request that misses its deadline (hung agent, cut link, dead device) kills the agent and
 closes the connection; the next call starts afresh, so the session recovers when the device
@@ -16,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from deepfleet.artifact import artifact_files
-from deepfleet.device_agent import agent as agent_module
+from deepfleet.device_agent import bundle
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.fleet import Device
 from deepfleet.orchestrator.transport import RemoteProcess, Transport, open_transport
 
-AGENT_FILE = Path(agent_module.__file__)
 HELLO_TIMEOUT_S = 60.0  # the first start of Python + numpy on an emulated ARM board is slow
 MARGIN_S = 30.0  # beyond the agent's own worst case for a measure request
 
@@ -112,7 +113,8 @@ class DeviceSession:
         proc: RemoteProcess | None = None
         timeout = self.hello_timeout_s
         try:
-            up = transport.upload_if_changed(AGENT_FILE, f"{self.device.workdir.rstrip('/')}/agent.py",
+            up = transport.upload_if_changed(bundle.agent_file(),
+                                              f"{self.device.workdir.rstrip('/')}/agent.py",
                                               timeout=timeout)
             self._workdir = up.path.rsplit("/", 1)[0]
             proc = transport.start([self.device.python, up.path, "serve"], timeout=timeout)
@@ -126,6 +128,14 @@ class DeviceSession:
             proc.kill()
             transport.close()
             raise DeviceError(f"device {self.device.name!r}: the agent refused hello: {hello.get('error')}")
+        if hello.get("agent_sha256") != up.sha256:
+            proc.kill()
+            transport.close()
+            raise DeviceError(
+                f"device {self.device.name!r}: the agent at {up.path} reports sha256 "
+                f"{str(hello.get('agent_sha256'))[:12]}... (version {hello.get('agent_version')}), "
+                f"not {up.sha256[:12]}... as uploaded: another deepfleet may share the work "
+                f"directory {self._workdir}; give each its own `workdir:` in the fleet file")
         self._transport, self._proc, self.hello = transport, proc, hello
         self.connects += 1
         return hello

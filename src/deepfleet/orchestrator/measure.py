@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from deepfleet.artifact import Artifact, open_artifact
-from deepfleet.device_agent.agent import AgentError, compressor_label, parse_measure
+from deepfleet.device_agent.format import compressor_label
+from deepfleet.device_agent.protocol import AgentError, parse_measure
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device
@@ -52,7 +53,7 @@ class MeasureSettings:
 
     ``request``: agent ``measure`` fields (warmup, min_runs, max_runs, min_seconds,
     max_seconds, batch, threads, cpus, ci_target, thermal, energy, ...; see the protocol comment
-    in ``agent.py``); the device's fleet-file energy settings apply unless ``energy`` is given.
+    in ``device_agent/protocol.py``); the device's fleet-file energy settings apply unless ``energy`` is given.
     ``reference_every``: re-measure the reference model before a device's first measurement and
     after every this many (0: never). ``reference_request``: fields that override
     :data:`~deepfleet.orchestrator.reference.REFERENCE_REQUEST` for the reference.

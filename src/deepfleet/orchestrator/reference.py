@@ -25,7 +25,7 @@ import numpy as np
 
 from deepfleet._files import cache_dir
 from deepfleet.artifact import Artifact, open_artifact, write_artifact
-from deepfleet.device_agent.agent import GRAPH_FORMAT, GRAPH_VERSION
+from deepfleet.device_agent.format import GRAPH_FORMAT, GRAPH_VERSION
 from deepfleet.errors import ArtifactError
 
 __all__ = ["REFERENCE_DIGEST", "REFERENCE_REQUEST", "ReferenceTracker", "reference_artifact"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from deepfleet.device_agent.agent import compressor_label
+from deepfleet.device_agent.format import compressor_label
 from deepfleet.report._analysis import ENERGY_COLUMNS, ok_rows
 from deepfleet.report._stats import (
     box_stats,
