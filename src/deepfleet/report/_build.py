@@ -39,6 +39,9 @@ class Table:
     frame: pd.DataFrame
     html_rows: int = 40  # the HTML shows this many rows; the CSV always has all
     csv: bool = True  # False: a text view of another table (which has the CSV)
+    # The page shows the table transposed: one column per row, named by these columns' values,
+    # one row per other column (a few rows of many columns fit a window that way); CSV as is.
+    transpose_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ def _table1_section(entries: list[dict[str, Any]], max_drop: float, absent: list
                    notes=notes, tables=[
                        Table("table1_paper", "original → compressed (reduction), as in DeepIoT's "
                              "Table 1", paper_table1(frame), csv=False),
-                       Table("table1", "the same numbers, one column each", frame)])
+                       Table("table1", "the same numbers, one row each (one column each in "
+                             "the CSV file)", frame, transpose_by=("model", "device_class"))])
 
 
 def _pareto_section(entries: list[dict[str, Any]], max_drop: float) -> Section | None:
