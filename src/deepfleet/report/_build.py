@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from deepfleet.device_agent.agent import ESTIMATE_BASIS
 from deepfleet.report import _plots, _tables
 from deepfleet.report._analysis import (
     CHOSEN_RULE,
@@ -334,17 +335,21 @@ def _provenance_section(run: RunData, roles: dict[str, str], absent: list[str]) 
         Table("temperatures", "device temperatures and clocks", _tables.temperatures_table(r), 60),
     ]
     figures = []
+    notes = [
+        "Energy kinds are kept apart: 'measured' comes from a real sensor, 'simulated' from a "
+        "sensor that is a model (e.g. the sandbox's power simulator), 'estimated' from operation "
+        f"counts ({ESTIMATE_BASIS}). No number of one kind is ever averaged with another."]
     drift = _tables.drift_table(r)
     if drift.empty:
         absent.append("no drift-check (reference) rows: drift of the devices is unchecked")
     else:
         tables.append(Table("drift", "drift checks (reference rows)", drift))
-        figures.append(Figure("drift checks", _plots.drift_png(ok_rows(r, reference=True))))
+        if (drift["checks"] >= 2).any():
+            figures.append(Figure("drift checks", _plots.drift_png(ok_rows(r, reference=True))))
+        else:  # single points on a time axis show no drift, only an empty plot
+            notes.append("Drift over time is not plotted: each device has one drift check "
+                         "only (the drift table lists it); a later check would show a change.")
     failures = _tables.failures_table(r)
     if not failures.empty:
         tables.append(Table("failures", "failed measurements", failures))
-    return Section("provenance", "Provenance", notes=[
-        "Energy kinds are kept apart: 'measured' comes from a real sensor, 'simulated' from a "
-        "sensor that is a model (e.g. the sandbox's power simulator), 'estimated' from operation "
-        "counts (DESIGN §6 energy table). No number of one kind is ever averaged with another."],
-        tables=tables, figures=figures)
+    return Section("provenance", "Provenance", notes=notes, tables=tables, figures=figures)
