@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from deepfleet.report import Report, ReportFiles
-from deepfleet.report._format import MINUS, paper_table1, signed
+from deepfleet.report._format import MINUS, format_value, paper_table1, signed
 
 # two signs in a row before a digit: '−-0.50', '+-1', '--2' (a flag like --max-drop has none)
 _DOUBLE_SIGN = re.compile(r"[\u2212+\-]{2}\d")
@@ -55,3 +55,11 @@ def test_no_double_sign_anywhere_in_a_report(search_report: tuple[ReportFiles, R
     for path in (files.html, files.markdown):
         text = re.sub(r"data:image/png;base64,[^\"]*", "", path.read_text())
         assert not _DOUBLE_SIGN.search(text), _DOUBLE_SIGN.search(text)
+
+
+def test_a_change_that_rounds_to_zero_has_no_sign() -> None:
+    """A drift table's change_pct of -0.0 (no change at all) printed as '-0.0'."""
+    assert format_value("change_pct", -0.0) == "0.0"
+    assert format_value("change_pct", -0.04) == "0.0"
+    assert format_value("change_pct", -0.06) == "-0.1"
+    assert format_value("accuracy_drop_pp", -0.001) == "0.00"

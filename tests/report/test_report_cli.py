@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from deepfleet.cli import main
 from deepfleet.orchestrator.results import SCHEMA_VERSION, read_results, write_results
 from deepfleet.report import ReportFiles, build_report
-from tests.report.runs import DEFAULT_CLASSES, RunInfo, measurement_rows
+from tests.report.runs import DEFAULT_CLASSES, ClassSpec, RunInfo, make_run, measurement_rows
 
 
 def _report(*args: str) -> Any:
@@ -110,6 +110,24 @@ def test_variation_ranking_layers_and_drift(search_report: tuple[ReportFiles, An
     # units are 4 % apart by construction: the slowest edison reads slower than the fastest
     assert devices.loc["edison-3", "relative_p50"] > devices.loc["edison-1", "relative_p50"]
     assert report.absent == []
+
+
+def test_empty_tables_keep_their_columns_and_the_page_says_why(tmp_path: Path) -> None:
+    """One device per class: no unit-to-unit variation. unit_variation_summary.csv was an empty
+    file (no header); every CSV now has its columns, and the section says why it is empty."""
+    one_each = {"pi4": ClassSpec(devices=1, base_ms=12.0, energy="estimated"),
+                "x86": ClassSpec(devices=1, base_ms=1.5, energy="measured")}
+    info = make_run(tmp_path / "run", trials=4, classes=one_each)
+    files, report = build_report(info.root)
+    for csv in files.csv:
+        header = csv.read_text().splitlines()[:1]
+        assert header and header[0].count(",") >= 1, f"{csv.name} has no header: {header}"
+    summary = pd.read_csv(files.tables / "unit_variation_summary.csv")
+    assert summary.empty and "cv_p50_median_pct" in summary.columns
+    [section] = [s for s in report.sections if s.key == "variation"]
+    assert section.notes[0].startswith("The variation tables are empty: no device class has two "
+                                       "devices") and "pi4 1, x86 1" in section.notes[0]
+    assert section.notes[0] in files.html.read_text()
 
 
 def _copy_report(files: ReportFiles, directory: Path) -> Path:

@@ -192,8 +192,9 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
     csv_only = [Table("per_class_metrics", "class values of every artifact", per_class),
                 Table("per_device_metrics", "device values of every artifact", per_device)]
     if entries:
-        pts = pd.concat([e["points"].assign(device_class=e["device_class"]) for e in entries
-                         if not e["points"].empty] or [pd.DataFrame()], ignore_index=True)
+        frames = [e["points"].assign(device_class=e["device_class"]) for e in entries]
+        # the columns even when no candidate was measured on any class
+        pts = pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
         csv_only.append(Table("pareto_points", "candidates with their class metrics", pts))
     if not (ok["energy_kind"] == "measured").any():
         absent.append("no measured energy: energy numbers are simulated or operation-count "
@@ -270,14 +271,18 @@ def _variation_section(results: pd.DataFrame, per_device: pd.DataFrame, roles: d
                        absent: list[str]) -> Section:
     variation = _tables.unit_variation_table(per_device)
     summary = _tables.unit_variation_summary(variation)
+    notes = ["CV = sample standard deviation / mean of the device p50s of one artifact across "
+             "the class's devices. relative_p50 (devices table) is a device's median ratio to "
+             "its class value: a unit that is consistently slow or fast shows here."]
     if variation.empty:
-        absent.append("no device class has two devices that measured the same artifact: "
-                      "unit-to-unit variation cannot be computed")
+        why = ("no device class has two devices that measured the same artifact: unit-to-unit "
+               "variation cannot be computed")
+        absent.append(why)
+        counts = per_device.groupby("device_class")["device"].nunique()
+        notes.insert(0, f"The variation tables are empty: {why} (devices per class: "
+                        + ", ".join(f"{c} {n}" for c, n in counts.items()) + ").")
     focus = variation.loc[variation["artifact_hash"].isin(list(roles))]
-    return Section("variation", "Unit-to-unit variation within a class", notes=[
-        "CV = sample standard deviation / mean of the device p50s of one artifact across the "
-        "class's devices. relative_p50 (devices table) is a device's median ratio to its class "
-        "value: a unit that is consistently slow or fast shows here."],
+    return Section("variation", "Unit-to-unit variation within a class", notes=notes,
         tables=[Table("unit_variation_summary", "per class", summary),
                 Table("unit_variation_focus", "original and chosen artifacts", focus),
                 Table("devices", "devices", _tables.devices_table(results, per_device), 60)])

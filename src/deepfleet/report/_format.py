@@ -51,14 +51,21 @@ def format_value(column: str, value: Any, *, short_hash: bool = False) -> str:
     if math.isinf(v):
         return "∞" if v > 0 else "-∞"
     if column.endswith("_pct"):
-        return f"{v:.1f}"
+        return _fixed(v, 1)
     if column.endswith("_pp"):
-        return f"{v:.2f}"
+        return _fixed(v, 2)
     if column.startswith("accuracy"):
         return f"{100 * v:.2f} %"
     if column.startswith(("kendall", "spearman")) or column == "relative_p50":
         return f"{v:.3f}"
     return f"{v:.4g}"
+
+
+def _fixed(v: float, digits: int) -> str:
+    """``v`` to ``digits`` decimals; a value that rounds to zero prints without a sign ('-0.0'
+    would read as a change that is not there)."""
+    text = f"{v:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
 
 
 _COUNTS = {"runs", "devices", "artifacts", "checks", "trial", "chosen_trial", "params", "bytes",
