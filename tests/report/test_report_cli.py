@@ -202,6 +202,11 @@ def _two_studies(root: Path) -> None:
     write_results(root / "results", measurement_rows("alpha") + measurement_rows("beta"))
 
 
+def _run_and_a_file(root: Path) -> None:
+    write_results(root / "results", measurement_rows("s"))
+    (root.parent / "some_file.txt").write_text("notes\n")
+
+
 def _empty(root: Path) -> None:
     (root / "results").mkdir(parents=True)
 
@@ -223,8 +228,11 @@ def _not_a_run(root: Path) -> None:
     (_two_studies, ["--max-drop", "-1"], r"--max-drop must be >= 0"),
     (_two_studies, ["--study", "alpha", "--out", "{root}/results/r.html"],
      r"is inside the results dataset"),
+    (_run_and_a_file, ["--out", "{root}/../some_file.txt/x/report.html"],
+     r"--out .*some_file\.txt/x/report\.html lies under .*some_file\.txt, which is a file, not a "
+     r"folder; .* e\.g\. --out .*/report\.html$"),
 ], ids=["missing", "empty", "not-a-run", "old-schema", "old-file-layout", "newer-schema", "no-study-chosen", "unknown-study",
-        "negative-drop", "out-inside-results"])
+        "negative-drop", "out-inside-results", "out-under-a-file"])
 def test_bad_input_is_one_error_line_status_2_and_nothing_written(
         tmp_path: Path, make: Any, args: list[str], expected: str) -> None:
     root = tmp_path / "run"
@@ -244,6 +252,8 @@ def test_bad_input_is_one_error_line_status_2_and_nothing_written(
     assert result.stdout == ""
     assert _report_files(tmp_path) == ["report.html"]
     assert (tmp_path / "report.html").read_text() == "earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["report.html"], ["report.html", "run"],
+                                                          ["report.html", "run", "some_file.txt"])
     if root.exists():
         assert not [p for p in root.rglob("*") if "report" in p.name]
 

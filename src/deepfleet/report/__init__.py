@@ -33,6 +33,14 @@ def _check_out(out: Path, run: RunData) -> None:
                           "next to it), e.g. --out report.html")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name, e.g. {out / 'report.html'}")
+    for folder in out.absolute().parents:  # the nearest one that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"--out {out} lies under {folder}, which is a file, not a folder; give an "
+                    f"--out whose folders are folders or do not exist yet, e.g. "
+                    f"--out {folder.parent / out.name}")
+            break
     results = run.located.results.resolve()
     if out.resolve().is_relative_to(results):
         # pyarrow would try to read the report's files as part of the results dataset
