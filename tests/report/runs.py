@@ -130,8 +130,11 @@ def measurement_rows(study: str, n: int = 3, **override: Any) -> list[dict[str, 
 def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repeats: int = 1,
              runs: int = 30, classes: dict[str, ClassSpec] | None = None,
              candidates: bool = True, reference_every: int = 10, failures: int = 2,
-             seed: int = 0, batch_rows: int = 20_000) -> RunInfo:
+             seed: int = 0, batch_rows: int = 20_000, drop_limit: float | None = None) -> RunInfo:
     """Write ``root/results`` (and ``root/candidates``, ``root/artifacts`` with ``candidates``).
+
+    ``drop_limit`` adds the study constraint ``accuracy_drop_pp<=drop_limit`` to every trial's
+    constraints (as the search labels it): a trial over it breaks a constraint.
 
     Every feasible trial is measured ``repeats`` times on every device (``runs`` latencies per
     row); every ``reference_every``-th measurement of a device is followed by a drift check of a
@@ -162,8 +165,10 @@ def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repe
             keep = max(keep, 0.3)  # too big for the bytes constraint: measured, infeasible
         acc = 0.985 - 0.0002 / (keep + 0.02) - abs(rng.normal(0, 0.002))
         h = _hash(rng)
-        outcome = {0: "predicted_infeasible", 1: "failed", 2: "infeasible"}.get(t, "measured")
         constraints = {"bytes<=400000": int(BASE_BYTES * keep) - 400_000}
+        if drop_limit is not None:
+            constraints[f"accuracy_drop_pp<={drop_limit:g}"] = 100 * (0.985 - acc) - drop_limit
+        outcome = {0: "predicted_infeasible", 1: "failed", 2: "infeasible"}.get(t, "measured")
         info.trials[t] = {"hash": h, "keep": keep, "accuracy_val": acc, "outcome": outcome}
         objectives = {"accuracy": acc}
         for cls, spec in classes.items():

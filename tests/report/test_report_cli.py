@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from markupsafe import escape
 
 from deepfleet.cli import main
 from deepfleet.orchestrator.results import SCHEMA_VERSION, read_results, write_results
@@ -130,6 +131,45 @@ def test_empty_tables_keep_their_columns_and_the_page_says_why(tmp_path: Path) -
     assert section.notes[0] in files.html.read_text()
 
 
+def test_the_default_max_drop_is_the_studys_own_constraint(tmp_path: Path) -> None:
+    """A study constrained to accuracy_drop_pp <= 0.3: the report chose within 0.5 pp (its own
+    default) and said nothing about it; now it uses 0.3, says so, and --max-drop still wins."""
+    info = make_run(tmp_path / "run", trials=24, drop_limit=0.3)
+    out = tmp_path / "study.html"
+    result = _report(str(info.root), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    source = "the study's constraint accuracy_drop_pp<=0.3 (the candidates' constraints_json)"
+    assert f"accuracy-drop limit 0.3 pp, from {source}" in result.output
+    assert str(escape(f"0.3 pp (validation split), from {source}")) in out.read_text()
+    assert f"0.3 pp (validation split), from {source}" in out.with_suffix(".md").read_text()
+    t1 = pd.read_csv(tmp_path / "study_tables" / "table1.csv")
+    assert (t1["accuracy_drop_pp"] <= 0.3).all() and t1["chosen_trial"].notna().all()
+    assert (t1["note"].str.contains("within 0.3 pp")).all()
+    # over 0.3 but within 0.5: what the old default would have taken, had the study allowed it
+    drops = {t: 100 * (0.985 - v["accuracy_val"]) for t, v in info.trials.items()}
+    assert any(0.3 < d <= 0.5 for d in drops.values())
+
+    explicit = tmp_path / "explicit.html"
+    result = _report(str(info.root), "--out", str(explicit), "--max-drop", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "accuracy-drop limit 0.2 pp, from --max-drop\n" in result.output
+    t1 = pd.read_csv(tmp_path / "explicit_tables" / "table1.csv")
+    assert (t1["accuracy_drop_pp"].dropna() <= 0.2).all()
+    result = _report(str(info.root), "--out", str(explicit), "--max-drop", "1")
+    assert "from --max-drop (larger drops still break the study's constraint " in result.output
+
+
+def test_max_drop_sources() -> None:
+    from deepfleet.report._build import max_drop
+
+    assert max_drop(None, {}) == (0.5, "the default: the study has no accuracy_drop_pp "
+                                       "constraint in the candidates' constraints_json")
+    value, source = max_drop(None, {"accuracy_drop_pp<=2": 2.0, "accuracy_drop_pp@pi4<=1.5": 1.5})
+    assert value == 1.5 and "accuracy_drop_pp@pi4<=1.5" in source and "strictest" in source
+    assert max_drop(0.7, {}) == (0.7, "--max-drop")
+    assert max_drop(0.0, {"accuracy_drop_pp<=2": 2.0}) == (0.0, "--max-drop")
+
+
 def _copy_report(files: ReportFiles, directory: Path) -> Path:
     """A copy of an existing report in ``directory`` (as ``report.*``): cheaper than a build."""
     shutil.copy(files.html, directory / "report.html")
@@ -156,6 +196,7 @@ def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: Ru
     assert result.exit_code == 0, result.output
     assert "absent: no candidate rows" in result.output
     assert "absent: no artifacts/ directory" in result.output
+    assert "accuracy-drop limit 0.5 pp, from the default: the study has no" in result.output
     out = measure_run.root / "report.html"  # next to results/, never inside it
     html = out.read_text()
     assert "Not in this report, and why" in html and "Table 1: original vs compressed" in html

@@ -50,16 +50,20 @@ def _check_out(out: Path, run: RunData) -> None:
 
 def build_report(path: str | os.PathLike[str], *, study: str | None = None,
                  out: str | os.PathLike[str] | None = None,
-                 max_drop_pp: float = DEFAULT_MAX_DROP_PP) -> tuple[ReportFiles, Report]:
+                 max_drop_pp: float | None = None) -> tuple[ReportFiles, Report]:
     """Write the report of the run at ``path`` (a run directory or its ``results/``).
 
     ``out`` is the HTML file (default ``<run>/report.html``); ``<stem>.md`` and ``<stem>_tables/``
-    go next to it. Nothing is written unless everything succeeds. Raises ResultsError for data
-    that cannot be reported (missing, empty, unknown study, old schema) and ConfigError for a
-    bad ``out`` or ``max_drop_pp``.
+    go next to it. ``max_drop_pp`` (None: the study's ``accuracy_drop_pp`` constraint, else
+    DEFAULT_MAX_DROP_PP) limits the chosen candidate's validation-accuracy drop; the report says
+    which value it used and where it came from. Nothing is written unless everything succeeds.
+    Raises ResultsError for data that cannot be reported (missing, empty, unknown study, old
+    schema) and ConfigError for a bad ``out`` or ``max_drop_pp``.
     """
-    if not max_drop_pp >= 0:
-        raise ConfigError(f"--max-drop must be >= 0 percentage points, but got {max_drop_pp}")
+    if max_drop_pp is not None and not max_drop_pp >= 0:
+        raise ConfigError(f"--max-drop must be >= 0 percentage points, but got {max_drop_pp}; "
+                          "give e.g. --max-drop 0.5, or leave it out to use the study's own "
+                          "accuracy_drop_pp constraint")
     run = load_run(path, study)
     html_path = Path(out) if out is not None else run.located.run / "report.html"
     _check_out(html_path, run)

@@ -17,6 +17,7 @@ from deepfleet.device_agent.agent import ESTIMATE_BASIS
 from deepfleet.report import _plots, _tables
 from deepfleet.report._analysis import (
     CHOSEN_RULE,
+    DEFAULT_MAX_DROP_PP,
     ENERGY_COLUMNS,
     candidate_frame,
     choose,
@@ -28,7 +29,7 @@ from deepfleet.report._analysis import (
 from deepfleet.report._format import paper_table1
 from deepfleet.report._load import RunData
 
-__all__ = ["FOCUS_LIMIT", "Figure", "Report", "Section", "Table", "build"]
+__all__ = ["FOCUS_LIMIT", "Figure", "Report", "Section", "Table", "build", "max_drop"]
 
 FOCUS_LIMIT = 6  # artifacts per class in the latency section when nothing was chosen
 
@@ -67,6 +68,7 @@ class Report:
     source: str  # the run directory
     generated_at: str
     max_drop_pp: float
+    max_drop_source: str  # where max_drop_pp came from (--max-drop, the study, the default)
     facts: dict[str, str]  # overview lines: label -> value
     absent: list[str]  # what could not be shown, and why
     sections: list[Section]
@@ -168,8 +170,30 @@ def _facts(run: RunData, classes: list[str]) -> dict[str, str]:
     return facts
 
 
-def build(run: RunData, *, max_drop_pp: float) -> Report:
-    """The whole report for ``run``; ``max_drop_pp`` is the accuracy-drop limit for choosing."""
+def max_drop(given: float | None, limits: dict[str, float]) -> tuple[float, str]:
+    """The accuracy-drop limit for choosing, and where it comes from: ``given`` (--max-drop)
+    wins; else the study's own ``accuracy_drop_pp`` constraint (its max; the strictest when
+    the candidates name several); else DEFAULT_MAX_DROP_PP."""
+    where = "the candidates' constraints_json"
+    if given is not None:
+        source = "--max-drop"
+        if limits and given > min(limits.values()):
+            label = min(limits, key=limits.__getitem__)
+            source += (f" (larger drops still break the study's constraint {label}: those "
+                       "candidates are infeasible)")
+        return given, source
+    if not limits:
+        return DEFAULT_MAX_DROP_PP, ("the default: the study has no accuracy_drop_pp constraint"
+                                     f" in {where}")
+    label = min(limits, key=limits.__getitem__)
+    others = f"; the strictest of {', '.join(sorted(limits))}" if len(limits) > 1 else ""
+    return limits[label], f"the study's constraint {label} ({where}{others})"
+
+
+def build(run: RunData, *, max_drop_pp: float | None = None) -> Report:
+    """The whole report for ``run``. ``max_drop_pp`` is the accuracy-drop limit for choosing;
+    None takes it from the study (see :func:`max_drop`)."""
+    max_drop_pp, max_drop_source = max_drop(max_drop_pp, run.drop_limits)
     results = run.results
     per_device = device_metrics(results)
     per_class = class_metrics(per_device)
@@ -201,7 +225,8 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
                       "estimates only, labelled so everywhere")
     return Report(study=run.study, source=str(run.located.run),
                   generated_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  max_drop_pp=max_drop_pp, facts=_facts(run, classes), absent=absent,
+                  max_drop_pp=max_drop_pp, max_drop_source=max_drop_source,
+                  facts=_facts(run, classes), absent=absent,
                   sections=[s for s in sections if s is not None], csv_only=csv_only)
 
 

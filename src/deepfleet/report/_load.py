@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from deepfleet.errors import ResultsError
 from deepfleet.orchestrator import candidates as cand_mod
 from deepfleet.orchestrator import results as res_mod
 
-__all__ = ["RunData", "UPGRADES", "load_run", "locate"]
+__all__ = ["RunData", "UPGRADES", "drop_limits", "load_run", "locate"]
 
 # Upgrades of results rows from schema version v to v + 1, keyed by v. Version 1 is the first
 # released schema, so none exist; a future SCHEMA_VERSION bump adds its function here (and a
@@ -60,6 +61,8 @@ class RunData:
     candidates: pd.DataFrame | None  # CANDIDATES_SCHEMA columns, or None when there are none
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact hash -> manifest
     absent: tuple[str, ...] = ()  # what the report cannot show, one sentence each
+    # the study's accuracy_drop_pp constraints as told to Optuna: label -> max (pp)
+    drop_limits: dict[str, float] = field(default_factory=dict)
 
 
 def _has_partitions(path: Path) -> bool:
@@ -203,6 +206,29 @@ def _read_candidates(loc: Located, study: str) -> pd.DataFrame | None:
     return frame
 
 
+# A constraint's label, as the search writes it into constraints_json ({label: value - max}):
+# 'accuracy_drop_pp<=2', or with a device class 'accuracy_drop_pp@pi4<=2'.
+_DROP_LABEL = re.compile(r"accuracy_drop_pp(?:@[^<]*)?<=(?P<max>.+)")
+
+
+def drop_limits(candidates: pd.DataFrame | None) -> dict[str, float]:
+    """The study's ``accuracy_drop_pp`` constraints, {label: max in pp}, read from the labels of
+    the candidates' ``constraints_json`` (empty when no candidate row names one)."""
+    found: dict[str, float] = {}
+    if candidates is None:
+        return found
+    for text in candidates["constraints_json"].dropna().unique():
+        for label in json.loads(str(text)):
+            match = _DROP_LABEL.fullmatch(label)
+            if match is None or label in found:
+                continue
+            try:
+                found[label] = float(match["max"])
+            except ValueError:
+                continue  # not a label the search writes: no limit to take from it
+    return found
+
+
 def _manifests(artifacts: Path | None, hashes: set[str]) -> dict[str, dict[str, Any]]:
     """Manifests of the given artifacts that exist under ``artifacts`` (unreadable ones skipped:
     a manifest only adds labels to a report, it never decides anything)."""
@@ -241,4 +267,4 @@ def load_run(path: str | os.PathLike[str], study: str | None = None) -> RunData:
     if loc.artifacts is None:
         absent.append("no artifacts/ directory: artifact manifests are not shown")
     return RunData(located=loc, study=study, results=results, candidates=candidates,
-                   manifests=manifests, absent=tuple(absent))
+                   manifests=manifests, absent=tuple(absent), drop_limits=drop_limits(candidates))
