@@ -15,13 +15,21 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from deepfleet.artifact import write_artifact
 from deepfleet.device_agent.agent import AGENT_VERSION, ESTIMATE_BASIS, latency_summary
 from deepfleet.orchestrator.candidates import candidate_row, write_candidates
-from deepfleet.orchestrator.results import failure_row, measurement_row, write_results
+from deepfleet.orchestrator.results import (
+    RESULTS_SCHEMA,
+    failure_row,
+    measurement_row,
+    write_results,
+)
 
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.timezone.utc)
 # LeNet5 as in DeepIoT's Table 1: units per prunable layer, parameters, Edison time and energy
@@ -125,6 +133,20 @@ def measurement_rows(study: str, n: int = 3, **override: Any) -> list[dict[str, 
                               started=T0 + dt.timedelta(seconds=i))
         rows.append(measurement_row(resp, study=study, device="pi4-1", device_class="pi4") | override)
     return rows
+
+
+def write_v1_results(root: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` (of one study and device) as a file of results schema version 1 wrote it: no
+    ``drift`` column, ``schema_version`` 1, partition columns in the folder names only."""
+    schema = RESULTS_SCHEMA.remove(RESULTS_SCHEMA.get_field_index("drift"))
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "drift"}
+                                  | {"schema_version": 1} for r in rows], schema=schema)
+    folder = (root / f"study={quote(rows[0]['study'], safe='')}"
+              / f"device={quote(rows[0]['device'], safe='')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-v1-{rows[0]['measurement_id']}.parquet"
+    pq.write_table(table.drop_columns(["study", "device"]), path)
+    return path
 
 
 def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repeats: int = 1,

@@ -1,33 +1,50 @@
-"""Loading a run: locating its parts, and schema-version upgrades when one is known."""
+"""Loading a run: locating its parts, and rows of an older schema version (upgraded on read)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from deepfleet.errors import ResultsError
-from deepfleet.orchestrator.results import SCHEMA_VERSION, write_results
-from deepfleet.report import _load
-from tests.report.runs import measurement_rows
+from deepfleet.orchestrator import results as res_mod
+from deepfleet.orchestrator.results import SCHEMA_VERSION, read_results, write_results
+from deepfleet.report import _load, build_report
+from tests.report.runs import measurement_rows, write_v1_results
 
 
-def test_rows_of_an_older_version_are_upgraded_when_an_upgrade_is_known(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    old = SCHEMA_VERSION - 1
-    write_results(tmp_path / "results", measurement_rows("s", 2) + measurement_rows("s", 3, schema_version=old))
-
-    def upgrade(frame: pd.DataFrame) -> pd.DataFrame:
-        # e.g. a column renamed or re-scaled between versions; here: mark the rows
-        return frame.assign(schema_version=old + 1, simulated="upgraded")
-
-    monkeypatch.setitem(_load.UPGRADES, old, upgrade)
+def test_version_1_rows_are_reported_with_null_drift(tmp_path: Path) -> None:
+    """A real version-1 file (no drift column) beside version-2 rows: the report reads both, as
+    read_results does (the upgrade lives in orchestrator.results, once), drift null for v1."""
+    results = tmp_path / "results"
+    write_results(results, measurement_rows("s", 2, drift=0.03))
+    old_file = write_v1_results(results, measurement_rows("s", 3))
+    assert "drift" not in pq.read_schema(old_file).names
     run = _load.load_run(tmp_path)
-    assert len(run.results) == 5 and set(run.results["schema_version"]) == {SCHEMA_VERSION}
-    assert (run.results["simulated"] == "upgraded").sum() == 3
-    monkeypatch.delitem(_load.UPGRADES, old)
-    with pytest.raises(ResultsError, match=f"knows no upgrade from {old}"):
+    by_version = run.results.groupby("schema_version")["drift"]
+    assert by_version.size().to_dict() == {1: 3, SCHEMA_VERSION: 2}  # versions kept
+    assert by_version.apply(lambda d: d.isna().all()).to_dict() == {1: True, SCHEMA_VERSION: False}
+    direct = read_results(results, "s")
+    pd.testing.assert_frame_equal(run.results, direct)  # one answer for both readers
+    files, report = build_report(tmp_path, out=tmp_path / "out" / "report.html")
+    assert report.facts["measurement rows"].startswith("5 ")
+    assert len(pd.read_csv(files.tables / "latency_by_device.csv")) == 1
+
+
+def test_without_the_upgrade_both_readers_refuse_version_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upgrade is in one place: take it away there and read_results and the report both
+    refuse the version-1 rows (the report naming the file)."""
+    results = tmp_path / "results"
+    write_results(results, measurement_rows("s", 1))
+    old_file = write_v1_results(results, measurement_rows("s", 1))
+    monkeypatch.delitem(res_mod.UPGRADES, 1)
+    with pytest.raises(ResultsError, match="holds rows of schema version 1; this deepfleet reads "
+                                           f"versions {SCHEMA_VERSION} and knows no upgrade"):
+        read_results(results)
+    with pytest.raises(ResultsError, match=rf"schema version 1 \(e\.g\. {old_file}\)"):
         _load.load_run(tmp_path)
 
 
