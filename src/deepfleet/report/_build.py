@@ -367,8 +367,8 @@ def _provenance_section(run: RunData, roles: dict[str, str], absent: list[str]) 
     figures = []
     notes = [
         "Energy kinds are kept apart: 'measured' comes from a real sensor, 'simulated' from a "
-        "sensor that is a model (e.g. the sandbox's power simulator), 'estimated' from operation "
-        f"counts ({ESTIMATE_BASIS}). No number of one kind is ever averaged with another."]
+        "sensor that is a model (e.g. the sandbox's power simulator), and 'estimated' is an "
+        f"{ESTIMATE_BASIS}. No number of one kind is ever averaged with another."]
     drift = _tables.drift_table(r)
     if drift.empty:
         absent.append("no drift-check (reference) rows: drift of the devices is unchecked")
