@@ -130,7 +130,7 @@ def _measure(label: str, common: dict[str, Any], result: Any, *, comps: list[Any
     import numpy as np
     import torch
 
-    from deepfleet.api import write_artifacts
+    from deepfleet.api import export_artifact
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors._pipeline import layer_table
     from deepfleet.compressors.training import accuracy
@@ -142,11 +142,11 @@ def _measure(label: str, common: dict[str, Any], result: Any, *, comps: list[Any
     settings = {"methods": [c.name for c in comps],
                 "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in comps]}
     val = accuracy(small, data.X_val, data.y_val)
-    with tempfile.TemporaryDirectory() as tmp:
-        (ex, art), (ex_base, art_base) = write_artifacts(
-            Path(tmp), model=model, data=data, seed=seed, small=small, base=base, encodings=encodings,
-            settings=settings, val_accuracy=(val, accuracy(base, data.X_val, data.y_val)))
-        nbytes, nbytes_base = art.bytes, art_base.bytes
+    ex, art = export_artifact(small, model=model, data=data, seed=seed, compressor=settings, val_accuracy=val,
+                              encodings=encodings)
+    ex_base, art_base = export_artifact(base, model=model, data=data, seed=seed, compressor={"methods": []},
+                                        val_accuracy=accuracy(base, data.X_val, data.y_val))
+    nbytes, nbytes_base = art.bytes, art_base.bytes
     runtime = Model(ex.graph, ex.arrays)
     X = data.X_test
     with torch.no_grad():

@@ -10,13 +10,16 @@ untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,14 @@ from torch import nn
 
 from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
-from deepfleet.artifact import Artifact, write_artifact
+from deepfleet.artifact import ArtifactFiles, build_artifact, save_artifact
+from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
     REGISTRY,
     BaseCompressor,
     Context,
+    Options,
+    compressor_class,
     make_compressor,
     parse_methods,
     run_pipeline,
@@ -41,7 +47,7 @@ from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._pipeline import layer_table
 from deepfleet.compressors.training import TrainConfig, accuracy, seed_everything, train
 from deepfleet.data import Dataset, load_data
-from deepfleet.errors import ConfigError
+from deepfleet.errors import ConfigError, ModelError
 from deepfleet.models import build_model
 
 BASE_TRAINING = TrainConfig(epochs=60, patience=15)
@@ -54,6 +60,15 @@ BASE_TRAINING = TrainConfig(epochs=60, patience=15)
 # never saw them, and given to the base too (the fair comparison) they widen the mlp's loss
 # at 3 % (0.42 -> 2.44 pp) while lenet5 at 1 % stays within its bar.
 FINETUNE = TrainConfig(epochs=60, patience=20, lr=3e-3, kd_alpha=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseSpec:
+    """How the original model is obtained: trained for ``epochs`` (cached), or loaded from
+    ``checkpoint``, a ``state_dict`` saved with ``torch.save`` for the same architecture."""
+
+    checkpoint: str | None = None
+    epochs: int = BASE_TRAINING.epochs
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -89,14 +104,19 @@ def _base_key(spec: str, data: Dataset, seed: int, cfg: TrainConfig, model: nn.M
 
 
 def trained_base(
-    spec: str, data: Dataset, *, seed: int, cfg: TrainConfig, device: torch.device, progress: bool
+    spec: str, data: Dataset, *, seed: int, cfg: TrainConfig, device: torch.device, progress: bool,
+    checkpoint: str | None = None,
 ) -> tuple[nn.Module, bool]:
-    """The base model trained on ``data``; from the cache when one with the same config exists.
+    """The base model trained on ``data``; from the cache when one with the same config exists,
+    or loaded from ``checkpoint`` (a ``state_dict``) when given.
 
-    Returns (model in eval mode on ``device``, whether it came from the cache).
+    Returns (model in eval mode on ``device``, whether it was not trained now). Raises
+    ModelError for a checkpoint that is missing or does not fit the model.
     """
     seed_everything(seed)
     model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+    if checkpoint is not None:
+        return _load_checkpoint(model, checkpoint, spec).to(device).eval(), True
     path = cache_dir() / "base" / f"{_base_key(spec, data, seed, cfg, model)}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -111,7 +131,21 @@ def trained_base(
     return model.eval(), False
 
 
-_BITS = tuple(n for n, c in REGISTRY.items() if c.stage == "quantise")  # methods that take --bits
+def _load_checkpoint(model: nn.Module, path: str, spec: str) -> nn.Module:
+    if not os.path.isfile(path):
+        raise ModelError(f"base checkpoint {path!r} does not exist; give the path of a state_dict "
+                         f"saved with torch.save(model.state_dict(), path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # pickle, zip and shape errors alike: the file does not fit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"base checkpoint {path!r} does not fit model {spec!r}: {first}; save the "
+                         f"state_dict of the same architecture and data shape") from None
+    return model
+
+
+_QUANTISERS = tuple(n for n, c in REGISTRY.items() if c.stage == "quantise")
 
 
 def build_pipeline(
@@ -128,80 +162,90 @@ def build_pipeline(
     """The compressors of a pipeline from the command's options; ConfigError for options that
     no method of the pipeline takes, or values a method does not accept.
 
-    ``target``/``metric`` go to every pruning method (deepiot, l1: kept fraction of params or
-    MACs; magnitude, dns: of the weights), ``bits`` to every quantiser, ``rounding`` to
-    fixedpoint; ``settings[method]`` sets any field of that method's config and wins.
+    Each method takes what applies to it from the shared options
+    (:meth:`~deepfleet.compressors.BaseCompressor.settings_from`: ``target``/``metric`` for the
+    pruners, ``bits`` for the quantisers, ``rounding`` for fixedpoint); ``settings[method]``
+    sets any field of that method's config and wins; ``search`` replaces DeepIoT's defaults.
     """
     settings = dict(settings or {})
     stray = sorted(set(settings) - set(methods))
     if stray:
         raise ConfigError(f"settings given for {', '.join(stray)}, which the pipeline {','.join(methods)!r} does not run")
-    if bits is not None and not any(m in _BITS for m in methods):
-        raise ConfigError(f"--bits applies to the quantisers ({', '.join(_BITS)}); the pipeline {','.join(methods)!r} has none")
+    options = Options(target=target, metric=metric, bits=bits, rounding=rounding, quick=quick)
+    per_method = {}
+    for name in methods:
+        given = dict(settings.get(name, {}))
+        implied = compressor_class(name).settings_from(options, given)
+        if name == "deepiot" and search is not None:  # its schedule, the command's target
+            implied.update({k: v for k, v in dataclasses.asdict(search).items() if k not in ("target", "metric")})
+        per_method[name] = {**implied, **given}
+    if bits is not None and not set(methods) & set(_QUANTISERS):
+        raise ConfigError(f"--bits applies to the quantisers ({', '.join(_QUANTISERS)}); the pipeline "
+                          f"{','.join(methods)!r} has none")
     if rounding is not None and "fixedpoint" not in methods:
         raise ConfigError(f"--rounding applies to fixedpoint; the pipeline {','.join(methods)!r} does not run it")
-    built = []
-    for name in methods:
-        conf: dict[str, Any] = {}
-        if name == "deepiot":
-            cfg = search or DeepIoTConfig()
-            if quick and search is None:
-                cfg = dataclasses.replace(cfg, iterations=40, eval_every=20)
-            conf = {**dataclasses.asdict(cfg), "target": target, "metric": metric}
-        elif name == "l1":
-            conf = {"target": target, "metric": metric}
-        elif name in ("magnitude", "dns"):  # weight pruners: a fraction of the weights
-            if metric != "params" and "target" not in settings.get(name, {}):
-                raise ConfigError(f"{name} prunes single weights, which saves no MACs in a dense runtime; give --target-params")
-            conf = {"target": target}
-        if bits is not None and name in _BITS:
-            if name == "binary" and bits != 1:
-                raise ConfigError(f"binary supports bits 1 only, but got --bits {bits}")
-            if name != "binary":
-                conf["bits"] = bits
-        if rounding is not None and name == "fixedpoint":
-            conf["rounding"] = rounding
-        if quick and name == "magnitude":
-            conf["steps"] = 1
-        conf.update(settings.get(name, {}))
-        built.append(make_compressor(name, conf))
-    return built
+    return [make_compressor(name, per_method[name]) for name in methods]
 
 
-def write_artifacts(
-    root: Path,
-    *,
-    model: str,
-    data: Dataset,
-    seed: int,
-    small: nn.Module,
-    base: nn.Module,
-    encodings: dict[str, Encoding],
-    settings: dict[str, Any],
-    val_accuracy: tuple[float, float],
-) -> tuple[tuple[Exported, Artifact], tuple[Exported, Artifact]]:
-    """Export the compressed model (with its encodings) and the original the same way, and
-    write both artifacts under ``root`` with their manifests (provenance, compressor
-    ``settings``, params, MACs, validation accuracy after / before)."""
-    provenance = {
-        "deepfleet_version": __version__, "model": model, "data": data.name,
-        "data_fingerprint": data.fingerprint, "seed": seed, "input_shape": list(data.input_shape),
-        "num_classes": data.num_classes,
-    }
-    exp_small = export_graph(small.cpu(), data.input_shape, encodings)
-    exp_base = export_graph(base.cpu(), data.input_shape)
-    art_small = write_artifact(root, exp_small.graph, exp_small.arrays, {
-        **provenance, "compressor": settings, "params": exp_small.params, "macs": exp_small.macs,
-        "val_accuracy": val_accuracy[0],
+@contextlib.contextmanager
+def _exact_float32() -> Iterator[None]:
+    """TF32 off for the duration (restored after): with it the extraction check (masked ==
+    extracted to 1e-4) fails on Ampere+ GPUs."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _provenance(model: str, data: Dataset, seed: int) -> dict[str, Any]:
+    return {"deepfleet_version": __version__, "model": model, "data": data.name,
+            "data_fingerprint": data.fingerprint, "seed": seed, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes}
+
+
+def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, compressor: dict[str, Any],
+                    val_accuracy: float, encodings: dict[str, Encoding] | None = None
+                    ) -> tuple[Exported, ArtifactFiles]:
+    """Export ``net`` (with its quantised weight ``encodings``) as an artifact in memory, its
+    manifest holding the provenance, the ``compressor`` settings, params, MACs and validation
+    accuracy."""
+    exported = export_graph(net.cpu(), data.input_shape, encodings or {})
+    files = build_artifact(exported.graph, exported.arrays, {
+        **_provenance(model, data, seed), "compressor": compressor, "params": exported.params,
+        "macs": exported.macs, "val_accuracy": val_accuracy,
     })
-    art_base = write_artifact(root, exp_base.graph, exp_base.arrays, {
-        **provenance, "compressor": {"methods": []}, "params": exp_base.params,
-        "macs": exp_base.macs, "val_accuracy": val_accuracy[1],
-    })
-    return (exp_small, art_small), (exp_base, art_base)
+    return exported, files
 
 
-def compress(
+def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val: float,
+              accuracy_test: float) -> tuple[Exported, Candidate, ArtifactFiles]:
+    exported, files = export_artifact(base, model=model, data=ds, seed=seed, compressor={"methods": []},
+                                      val_accuracy=accuracy_val)
+    cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
+                     accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
+                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0)
+    return exported, cand, files
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What :func:`compress_model` made; nothing is written yet.
+
+    ``candidate``/``artifact``: the compressed model; ``original``/``original_artifact``: the
+    original exported the same way (None unless asked for); ``details``: the other figures of
+    :func:`compress`'s summary (steps, targets, DeepIoT's search figures, ...).
+    """
+
+    candidate: Candidate
+    artifact: ArtifactFiles
+    original: Candidate | None
+    original_artifact: ArtifactFiles | None
+    details: dict[str, Any]
+
+
+def compress_model(
     model: str,
     *,
     data: str,
@@ -212,25 +256,19 @@ def compress(
     target_params: float | None = None,
     target_macs: float | None = None,
     seed: int = 0,
-    out: str | os.PathLike[str] = "runs/compress",
     device: str = "auto",
     quick: bool = False,
     progress: bool = True,
     search: DeepIoTConfig | None = None,
     finetune: TrainConfig | None = None,
-) -> dict[str, Any]:
-    """Compress a zoo model (or ``module:function``) on a data set; return the summary dict.
+    base: BaseSpec | None = None,
+    with_original: bool = True,
+) -> Compression:
+    """Compress a zoo model (or ``module:function``) on a data set, in memory.
 
-    ``method`` is one method or a pipeline (comma list or sequence, applied in order; names in
-    :data:`deepfleet.compressors.REGISTRY`); ``bits``/``rounding``/``settings`` configure it
-    (see :func:`build_pipeline`). Keys: model, data, methods, steps (per method: info and
-    seconds), params_before/after, macs_before/after, accuracy_before/after (test split,
-    fractions), val_accuracy_before/after, kept_fraction, kept_params (parameters left by
-    pruning / parameters before; quantisers keep them all), kept_macs, layers, artifact, artifact_original, bytes_before/after
-    (artifact bytes on disk), seconds, plus settings; DeepIoT's search figures
-    (search_iterations, val_accuracy_search, extraction_error) are null without deepiot.
-    Raises ConfigError, DataError, ModelError or UnsupportedLayerError before anything is
-    written.
+    Arguments as :func:`compress`; ``base`` says how the original is obtained (default:
+    trained with :data:`BASE_TRAINING`, cached); ``with_original`` also exports the original.
+    Raises ConfigError, DataError, ModelError or UnsupportedLayerError before any training.
     """
     t0 = time.perf_counter()
     _check_target("--target-params", target_params)
@@ -243,68 +281,101 @@ def compress(
     compressors = build_pipeline(methods, target=target, metric=metric, bits=bits, rounding=rounding,
                                  settings=settings, search=search, quick=quick)
     dev = resolve_device(device)
-    # TF32 would make the extraction check (masked == extracted to 1e-4) fail on Ampere+ GPUs.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
     ds = load_data(data)
     probe = build_model(model, input_shape=ds.input_shape, num_classes=ds.num_classes)
-    # unsupported layers fail here, before training
-    structure = analyse(probe, torch.as_tensor(ds.X_train[:2]))
-
-    base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3) if quick else BASE_TRAINING
+    structure = analyse(probe, torch.as_tensor(ds.X_train[:2]))  # unsupported layers fail here
+    base = base or BaseSpec()
+    base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3 if quick else base.epochs)
     ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
 
-    base, cached = trained_base(model, ds, seed=seed, cfg=base_cfg, device=dev, progress=progress)
-    result = run_pipeline(base, ds, compressors, ctx=Context(seed=seed, teacher=base, finetune=ft_cfg, progress=progress))
+    with _exact_float32():
+        original, cached = trained_base(model, ds, seed=seed, cfg=base_cfg, device=dev, progress=progress,
+                                        checkpoint=base.checkpoint)
+        result = run_pipeline(original, ds, compressors,
+                              ctx=Context(seed=seed, teacher=original, finetune=ft_cfg, progress=progress))
     small = result.model.eval()
+    acc = {"accuracy_before": accuracy(original, ds.X_test, ds.y_test),
+           "accuracy_after": accuracy(small, ds.X_test, ds.y_test),
+           "val_accuracy_before": accuracy(original, ds.X_val, ds.y_val),
+           "val_accuracy_after": accuracy(small, ds.X_val, ds.y_val)}
+    params_before = sum(p.numel() for p in original.parameters())
+    compressor = {"methods": methods, "target": target, "metric": metric,
+                  "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
+                  "finetune": dataclasses.asdict(ft_cfg)}
+    exp_small, files = export_artifact(small, model=model, data=ds, seed=seed, compressor=compressor,
+                                       val_accuracy=acc["val_accuracy_after"], encodings=result.encodings)
+    layers = layer_table(structure, original, small, encodings=result.encodings)
+    candidate = Candidate(
+        model=model, data=ds.name, method="+".join(methods), artifact_hash=files.digest,
+        accuracy_val=acc["val_accuracy_after"], accuracy_test=acc["accuracy_after"],
+        accuracy_drop_pp=100.0 * (acc["val_accuracy_before"] - acc["val_accuracy_after"]),
+        params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
+        kept_params=result.kept_params(params_before), layers=tuple(Layer(**row) for row in layers),  # type: ignore[arg-type]
+        node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2))
     deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
-
-    acc = {
-        "accuracy_before": accuracy(base, ds.X_test, ds.y_test),
-        "accuracy_after": accuracy(small, ds.X_test, ds.y_test),
-        "val_accuracy_before": accuracy(base, ds.X_val, ds.y_val),
-        "val_accuracy_after": accuracy(small, ds.X_val, ds.y_val),
-    }
-    layers = layer_table(structure, base, small, encodings=result.encodings)
-    params_before = sum(p.numel() for p in base.parameters())
-    settings_out = {"methods": methods, "target": target, "metric": metric,
-                    "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
-                    "finetune": dataclasses.asdict(ft_cfg)}
-    (exp_small, art_small), (exp_base, art_base) = write_artifacts(
-        Path(out) / "artifacts", model=model, data=ds, seed=seed, small=small, base=base,
-        encodings=result.encodings, settings=settings_out,
-        val_accuracy=(acc["val_accuracy_after"], acc["val_accuracy_before"]),
-    )
-    kept_params = result.kept_params(params_before)
-    kept_macs = exp_small.macs / exp_base.macs
-    summary: dict[str, Any] = {
-        "model": model,
-        "data": ds.name,
-        "seed": seed,
-        "device": str(dev),
-        "methods": methods,
-        "target": target,
-        "metric": metric,
-        "params_before": params_before,
-        "params_after": sum(p.numel() for p in small.parameters()),
-        "kept_fraction": kept_params if metric == "params" else kept_macs,
-        "kept_params": kept_params,
-        "kept_macs": kept_macs,
-        "macs_before": exp_base.macs,
-        "macs_after": exp_small.macs,
-        **acc,
+    details: dict[str, Any] = {
+        "seed": seed, "device": str(dev), "methods": methods, "target": target, "metric": metric, **acc,
+        "params_before": params_before, "params_after": sum(p.numel() for p in small.parameters()),
         "val_accuracy_search": deepiot.get("val_accuracy_search"),
         "extraction_error": deepiot.get("extraction_error"),
         "search_iterations": deepiot.get("search_iterations"),
-        "layers": layers,
-        "steps": result.steps,
-        "artifact": str(art_small.path),
-        "artifact_original": str(art_base.path),
-        "bytes_before": art_base.bytes,
-        "bytes_after": art_small.bytes,
-        "base_cached": cached,
+        "layers": layers, "steps": result.steps, "base_cached": cached,
+    }
+    if not with_original:
+        return Compression(candidate, files, None, None, details)
+    exp_base, orig, orig_files = _original(model, ds, seed, original, acc["val_accuracy_before"],
+                                           acc["accuracy_before"])
+    return Compression(candidate, files, orig, orig_files, {**details, "macs_before": exp_base.macs})
+
+
+def original_model(model: str, *, data: str, seed: int = 0, base: BaseSpec | None = None,
+                   threads: int | None = None) -> tuple[Candidate, ArtifactFiles, bool]:
+    """The original model of a study, trained (or from the cache or ``base.checkpoint``) on the
+    CPU and exported once: (its candidate, its artifact in memory, whether it came from the
+    cache)."""
+    if threads:
+        torch.set_num_threads(threads)
+    ds = load_data(data)
+    base = base or BaseSpec()
+    net, cached = trained_base(model, ds, seed=seed, cfg=dataclasses.replace(BASE_TRAINING, epochs=base.epochs),
+                               device=torch.device("cpu"), progress=False, checkpoint=base.checkpoint)
+    _, cand, files = _original(model, ds, seed, net, accuracy(net, ds.X_val, ds.y_val),
+                               accuracy(net, ds.X_test, ds.y_test))
+    return cand, files, cached
+
+
+def compress(model: str, *, out: str | os.PathLike[str] = "runs/compress", **options: Any) -> dict[str, Any]:
+    """Compress a zoo model (or ``module:function``) on a data set, write both artifacts and a
+    JSON summary under ``out``, and return the summary dict.
+
+    ``options`` are :func:`compress_model`'s: ``data`` (required), ``method`` (one method or a
+    pipeline: comma list or sequence, applied in order; names in
+    :data:`deepfleet.compressors.REGISTRY`), ``bits``/``rounding``/``settings`` (see
+    :func:`build_pipeline`), ``target_params``/``target_macs``, ``seed``, ``device``, ``quick``,
+    ``progress``, ``search``, ``finetune``. Keys: model, data, methods, steps (per method: info
+    and seconds), params_before/after, macs_before/after, accuracy_before/after (test split,
+    fractions), val_accuracy_before/after, kept_fraction, kept_params (parameters left by
+    pruning / parameters before; quantisers keep them all), kept_macs, layers, artifact,
+    artifact_original, bytes_before/after (artifact bytes on disk), seconds, plus settings;
+    DeepIoT's search figures (search_iterations, val_accuracy_search, extraction_error) are
+    null without deepiot. Raises ConfigError, DataError, ModelError or UnsupportedLayerError
+    before anything is written.
+    """
+    t0 = time.perf_counter()
+    c = compress_model(model, **options, with_original=True)
+    seed = c.details["seed"]
+    assert c.original is not None and c.original_artifact is not None  # with_original
+    art_small = save_artifact(Path(out) / "artifacts", c.artifact)
+    art_base = save_artifact(Path(out) / "artifacts", c.original_artifact)
+    d, cand = c.details, c.candidate
+    kept_macs = cand.macs / d["macs_before"]
+    summary: dict[str, Any] = {
+        "model": model, "data": cand.data, **d,
+        "kept_fraction": cand.kept_params if d["metric"] == "params" else kept_macs,
+        "kept_params": cand.kept_params, "kept_macs": kept_macs, "macs_after": cand.macs,
+        "artifact": str(art_small.path), "artifact_original": str(art_base.path),
+        "bytes_before": c.original.bytes, "bytes_after": cand.bytes,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json(Path(out) / f"compress-{Path(model).name.replace(':', '.')}-{ds.name}-s{seed}.json", summary)
+    write_json(Path(out) / f"compress-{Path(model).name.replace(':', '.')}-{cand.data}-s{seed}.json", summary)
     return summary

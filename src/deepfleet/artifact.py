@@ -9,6 +9,7 @@ directory appears atomically (written under a temporary name, then renamed).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from deepfleet.device_agent.agent import ARTIFACT_FILES, artifact_digest
+from deepfleet.device_agent.agent import ARTIFACT_FILES, artifact_digest, digest_of
 from deepfleet.errors import ArtifactError
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: no wall clock in the content
@@ -45,43 +46,72 @@ def _dump_json(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """A valid .npz (np.load reads it) with deterministic bytes: sorted, stored, fixed times."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
             info = zipfile.ZipInfo(name + ".npy", date_time=_EPOCH)
             info.external_attr = 0o644 << 16
             zf.writestr(info, buf.getvalue())
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class ArtifactFiles:
+    """An artifact in memory: its files' bytes and its digest (plain data: it travels from a
+    Ray worker to the driver, which writes it once with :func:`save_artifact`)."""
+
+    digest: str
+    files: dict[str, bytes]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.files["manifest.json"])
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+
+def build_artifact(graph: dict[str, Any], arrays: dict[str, np.ndarray],
+                   manifest: dict[str, Any]) -> ArtifactFiles:
+    """The artifact's files and digest, in memory. ``manifest`` gains ``weights_bytes`` (size of
+    weights.npz); it must hold plain JSON data."""
+    weights = _npz_bytes(arrays)
+    files = {"graph.json": _dump_json(graph), "weights.npz": weights,
+             "manifest.json": _dump_json({**manifest, "weights_bytes": len(weights)})}
+    digest = digest_of({name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+    return ArtifactFiles(digest, files)
+
+
+def save_artifact(root: str | os.PathLike[str], artifact: ArtifactFiles) -> Artifact:
+    """Write ``artifact`` as ``root/<digest>/`` and return it. Atomic (written under a
+    temporary name, then renamed) and idempotent: an existing one is kept."""
+    root = Path(root)
+    final = root / artifact.digest
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+        try:
+            for name, data in artifact.files.items():
+                (tmp / name).write_bytes(data)
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():  # not a writer that won the race with identical content
+                raise
+    return Artifact(final, artifact.digest, artifact.manifest)
 
 
 def write_artifact(
     root: str | os.PathLike[str], graph: dict[str, Any], arrays: dict[str, np.ndarray],
     manifest: dict[str, Any],
 ) -> Artifact:
-    """Write an artifact under ``root``; return it. Idempotent: an existing one is kept.
-
-    ``manifest`` gains ``weights_bytes`` (size of weights.npz); it must hold plain JSON data.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    try:
-        (tmp / "graph.json").write_bytes(_dump_json(graph))
-        _write_npz(tmp / "weights.npz", arrays)
-        manifest = {**manifest, "weights_bytes": (tmp / "weights.npz").stat().st_size}
-        (tmp / "manifest.json").write_bytes(_dump_json(manifest))
-        digest = artifact_digest(str(tmp))
-        final = root / digest
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Artifact(final, digest, manifest)
+    """:func:`build_artifact` then :func:`save_artifact`."""
+    return save_artifact(root, build_artifact(graph, arrays, manifest))
 
 
 def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artifact:

@@ -93,9 +93,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
 def test_fleet_check_local_is_one_reachable_row() -> None:
     result = CliRunner().invoke(main, ["fleet", "check"])
     assert result.exit_code == 0, result.output
-    header, row = result.stdout.splitlines()
-    assert header.split()[:6] == ["DEVICE", "CLASS", "REACHABLE", "ARCH", "PYTHON", "NUMPY"]
-    assert row.split()[0] == "local" and row.split()[2] == "yes"
+    header, rule, row = result.stdout.splitlines()
+    assert header.split()[:6] == ["device", "class", "reachable", "arch", "python", "numpy"]
+    assert set(rule) == {"─"} and row.split()[0] == "local" and row.split()[2] == "yes"
 
 
 def test_fleet_check_reports_every_device_and_names_each_failure(

@@ -1,30 +1,50 @@
 from __future__ import annotations
 
-import json
+import datetime as dt
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from deepfleet.candidate import Candidate, Layer
 from deepfleet.errors import ResultsError
 from deepfleet.orchestrator.candidates import candidate_row, read_candidates, write_candidates
 
+LAYER = Layer(name="fc1", kind="linear", units_before=500, units_after=20, params_before=400_500,
+              params_after=16_020, pruned=True, nonzero_after=16_020, bits_per_weight=8.0)
+CAND = Candidate(model="lenet5", data="digits", method="deepiot+fixedpoint", artifact_hash="ab" * 32,
+                 accuracy_val=0.97, accuracy_test=0.968, accuracy_drop_pp=1.0, params=8000, macs=90_000,
+                 bytes=12_000, kept_params=0.018, layers=(LAYER,), node="n1", train_seconds=12.5)
+
 
 def test_candidates_round_trip_per_study(tmp_path: Path) -> None:
+    base = Candidate(**{**CAND.to_dict(), "method": "none", "layers": (), "node": None, "train_seconds": None})
     rows = [
-        candidate_row(study="a b/c", kind="baseline", outcome="baseline", accuracy_val=0.98, params=431080,
-                      layers_json=[{"name": "fc1", "units_before": 500, "units_after": 500}]),
-        candidate_row(study="a b/c", kind="candidate", outcome="measured", trial=3, accuracy_val=0.97,
-                      params_json={"deepiot.target": 0.01}, objectives_json={"accuracy": 0.97}),
+        candidate_row(study="a b/c", kind="baseline", outcome="baseline", candidate=base),
+        candidate_row(study="a b/c", kind="candidate", outcome="measured", trial=3, candidate=CAND,
+                      trial_params={"deepiot.target": 0.01, "method": "deepiot+fixedpoint"},
+                      objectives=[{"metric": "accuracy", "device_class": None, "value": 0.97},
+                                  {"metric": "latency_p50", "device_class": "pi", "value": 1.5}],
+                      constraints=[{"label": "bytes<=20000", "metric": "bytes", "device_class": None,
+                                    "max": 20_000.0, "excess": -8000.0}],
+                      predictions=[{"metric": "latency_p50", "device_class": "pi", "value": 1.4, "error": 0.05,
+                                    "points": 6}], values_source="measured"),
     ]
     write_candidates(tmp_path, rows)
     write_candidates(tmp_path, [candidate_row(study="2024", kind="candidate", outcome="failed", trial=0,
                                               fail_reason="all devices of class 'pi' are down")])
     df = read_candidates(tmp_path, study="a b/c")
     assert list(df["trial"].astype("object").where(df["trial"].notna(), None)) == [None, 3]
-    assert json.loads(df.loc[1, "params_json"]) == {"deepiot.target": 0.01}
-    assert json.loads(df.loc[0, "layers_json"])[0]["units_after"] == 500
+    got = df.loc[1]
+    assert got["trial_params"] == {"deepiot.target": 0.01, "method": "deepiot+fixedpoint"}
+    assert got["layers"][0]["units_after"] == 20 and got["objectives"][1]["device_class"] == "pi"
+    assert got["constraints"][0]["excess"] == -8000.0 and got["predictions"][0]["points"] == 6
+    # the candidate is stored field for field: the same names and values come back
+    assert {k: got[k] for k in ("method", "accuracy_val", "params", "bytes", "node")} == {
+        "method": CAND.method, "accuracy_val": CAND.accuracy_val, "params": CAND.params, "bytes": CAND.bytes,
+        "node": "n1"}
     other = read_candidates(tmp_path, study="2024")
     assert other.loc[0, "study"] == "2024" and other.loc[0, "outcome"] == "failed"
     assert len(read_candidates(tmp_path)) == 3
@@ -55,6 +75,36 @@ def test_a_reader_sees_whole_writes_only_and_no_staging_is_left(
     assert len(files) == 3 and all(pq.read_metadata(f).num_rows == 3 for f in files)
     assert sorted(read_candidates(tmp_path)["trial"]) == list(range(9))
     assert [p.name for p in tmp_path.iterdir()] == ["study=s"]  # no .staging-* folder left
+
+
+def test_a_write_leaves_only_whole_files(tmp_path: Path) -> None:
+    write_candidates(tmp_path, [candidate_row(study="s", kind="candidate", outcome="measured", trial=0,
+                                              candidate=CAND)])
+    files = sorted(tmp_path.rglob("*"))
+    assert not [f for f in files if f.name.startswith(".staging-")]  # the writer's own staging
+    parts = [f for f in files if f.is_file()]
+    assert len(parts) == 1 and parts[0].parent.name == "study=s" and pq.read_table(parts[0]).num_rows == 1
+
+
+def test_version_1_files_are_upgraded_when_read(tmp_path: Path) -> None:
+    """Files written before nested columns: *_json text, 'metric@class' labels."""
+    v1 = pa.Table.from_pylist([{
+        "schema_version": 1, "trial": 0, "kind": "candidate", "outcome": "measured", "method": "deepiot",
+        "params_json": '{"deepiot.target": 0.02}', "model": "lenet5", "data": "digits", "artifact_hash": "h",
+        "accuracy_val": 0.97, "accuracy_test": 0.96, "accuracy_drop_pp": 0.5, "params": 10, "macs": 20, "bytes": 30,
+        "kept_params": 0.1, "layers_json": '[{"name": "fc1", "units_before": 5, "units_after": 2}]',
+        "objectives_json": '{"accuracy": 0.97, "latency_p50@pi": 1.5}',
+        "constraints_json": '{"latency_p50@pi<=2": -0.5}', "values_source": "measured",
+        "predicted_json": '{"latency_p50@pi": 1.4}', "fail_reason": None, "node": None, "train_seconds": 3.0,
+        "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)}])
+    (tmp_path / "study=old").mkdir()
+    pq.write_table(v1, tmp_path / "study=old" / "part-0.parquet")
+    df = read_candidates(tmp_path, study="old")
+    row = df.loc[0]
+    assert row["schema_version"] == 1 and row["trial_params"] == {"deepiot.target": 0.02}
+    assert [(o["metric"], o["device_class"], o["value"]) for o in row["objectives"]] == [
+        ("accuracy", None, 0.97), ("latency_p50", "pi", 1.5)]
+    assert row["constraints"][0]["excess"] == -0.5 and row["layers"][0]["units_after"] == 2
 
 
 def test_bad_rows_and_missing_dataset(tmp_path: Path) -> None:

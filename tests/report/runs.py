@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepfleet.artifact import write_artifact
+from deepfleet.candidate import Candidate, Layer
 from deepfleet.device_agent.agent import AGENT_VERSION, ESTIMATE_BASIS, latency_summary
 from deepfleet.orchestrator.candidates import candidate_row, write_candidates
 from deepfleet.orchestrator.results import (
@@ -71,15 +72,15 @@ def _hash(rng: np.random.Generator) -> str:
     return rng.bytes(32).hex()
 
 
-def _layers(keep: float) -> list[dict[str, Any]]:
+def _layers(keep: float) -> list[Layer]:
     """Rows shaped like ``compressors.layer_table``'s (parameters: a rough share per unit)."""
     out = []
     for i, (name, kind, units) in enumerate(LAYERS):
         after = units if i == len(LAYERS) - 1 else max(1, round(units * keep ** (0.5 + 0.2 * i)))
         per_unit = BASE_PARAMS // (4 * units)
-        out.append({"name": name, "kind": kind, "units_before": units, "units_after": after,
-                    "params_before": per_unit * units, "params_after": per_unit * after,
-                    "pruned": i < len(LAYERS) - 1})
+        out.append(Layer(name=name, kind=kind, units_before=units, units_after=after,
+                         params_before=per_unit * units, params_after=per_unit * after,
+                         pruned=i < len(LAYERS) - 1, nonzero_after=per_unit * after, bits_per_weight=32.0))
     return out
 
 
@@ -177,32 +178,36 @@ def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repe
     # (trial, hash, keep fraction, val accuracy); trial None: the baseline
     plan: list[tuple[int | None, str, float, float]] = [(None, base.digest, 1.0, 0.985)]
     cand_rows = [candidate_row(
-        study=study, kind="baseline", outcome="baseline", model="lenet5", data="digits",
-        artifact_hash=base.digest, accuracy_val=0.985, accuracy_test=0.981, accuracy_drop_pp=0.0,
-        params=BASE_PARAMS, macs=BASE_MACS, bytes=BASE_BYTES, kept_params=1.0,
-        layers_json=_layers(1.0), created_at=T0)]
+        study=study, kind="baseline", outcome="baseline", created_at=T0, candidate=Candidate(
+            model="lenet5", data="digits", method="none", artifact_hash=base.digest, accuracy_val=0.985,
+            accuracy_test=0.981, accuracy_drop_pp=0.0, params=BASE_PARAMS, macs=BASE_MACS, bytes=BASE_BYTES,
+            kept_params=1.0, layers=tuple(_layers(1.0))))]
     for t in range(trials):
         keep = float(np.exp(rng.uniform(np.log(0.01), np.log(0.6))))
         if t == 2:
             keep = max(keep, 0.3)  # too big for the bytes constraint: measured, infeasible
         acc = 0.985 - 0.0002 / (keep + 0.02) - abs(rng.normal(0, 0.002))
         h = _hash(rng)
-        constraints = {"bytes<=400000": int(BASE_BYTES * keep) - 400_000}
-        if drop_limit is not None:
-            constraints[f"accuracy_drop_pp<={drop_limit:g}"] = 100 * (0.985 - acc) - drop_limit
         outcome = {0: "predicted_infeasible", 1: "failed", 2: "infeasible"}.get(t, "measured")
+        constraints = [{"label": "bytes<=400000", "metric": "bytes", "device_class": None, "max": 400_000.0,
+                        "excess": int(BASE_BYTES * keep) - 400_000}]
+        if drop_limit is not None:
+            constraints.append({"label": f"accuracy_drop_pp<={drop_limit:g}", "metric": "accuracy_drop_pp",
+                                "device_class": None, "max": drop_limit,
+                                "excess": 100 * (0.985 - acc) - drop_limit})
         info.trials[t] = {"hash": h, "keep": keep, "accuracy_val": acc, "outcome": outcome}
-        objectives = {"accuracy": acc}
+        objectives = [{"metric": "accuracy", "device_class": None, "value": acc}]
         for cls, spec in classes.items():
-            objectives[f"latency_p50@{cls}"] = spec.base_ms * (0.08 + 0.92 * keep)
+            objectives.append({"metric": "latency_p50", "device_class": cls,
+                               "value": spec.base_ms * (0.08 + 0.92 * keep)})
+        cand = Candidate(model="lenet5", data="digits", method="deepiot", artifact_hash=h, accuracy_val=acc,
+                         accuracy_test=acc - 0.003, accuracy_drop_pp=100 * (0.985 - acc),
+                         params=int(BASE_PARAMS * keep), macs=int(BASE_MACS * keep),
+                         bytes=int(BASE_BYTES * keep), kept_params=keep, layers=tuple(_layers(keep)))
         cand_rows.append(candidate_row(
-            study=study, kind="candidate", trial=t, outcome=outcome, method="deepiot",
-            model="lenet5", data="digits", artifact_hash=h, accuracy_val=acc,
-            accuracy_test=acc - 0.003, accuracy_drop_pp=100 * (0.985 - acc),
-            params=int(BASE_PARAMS * keep), macs=int(BASE_MACS * keep),
-            bytes=int(BASE_BYTES * keep), kept_params=keep, layers_json=_layers(keep),
-            params_json={"deepiot.tau_max": 0.5 + keep}, objectives_json=objectives,
-            constraints_json=constraints, values_source="measured" if t > 1 else "predicted",
+            study=study, kind="candidate", trial=t, outcome=outcome, candidate=cand,
+            trial_params={"deepiot.tau_max": 0.5 + keep}, objectives=objectives,
+            constraints=constraints, values_source="measured" if t > 1 else "predicted",
             fail_reason="worker died" if t == 1 else None,
             created_at=T0 + dt.timedelta(minutes=t)))
         if outcome in ("measured", "infeasible"):

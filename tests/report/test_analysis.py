@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -60,7 +59,7 @@ def test_energy_kinds_are_never_combined() -> None:
 
 def _cands(rows: list[dict[str, Any]]) -> pd.DataFrame:
     base = {"kind": "candidate", "outcome": "measured", "model": "m", "accuracy_drop_pp": None,
-            "constraints_json": None, "bytes": 100, "accuracy_test": None}
+            "constraints": None, "bytes": 100, "accuracy_test": None}
     baseline = base | {"kind": "baseline", "outcome": "baseline", "trial": None,
                        "artifact_hash": "base", "accuracy_val": 0.98}
     return candidate_frame(pd.DataFrame([baseline] + [base | r for r in rows]))
@@ -76,7 +75,7 @@ def test_chosen_is_fastest_feasible_within_the_validation_drop() -> None:
     cands = _cands([
         {"trial": 0, "artifact_hash": "fast-but-inaccurate", "accuracy_val": 0.97},  # 1 pp
         {"trial": 1, "artifact_hash": "breaks-constraint", "accuracy_val": 0.979,
-         "constraints_json": json.dumps({"bytes<=10": 5})},
+         "constraints": [{"label": "bytes<=10", "excess": 5.0}]},
         {"trial": 2, "artifact_hash": "good", "accuracy_val": 0.977},  # 0.3 pp
         {"trial": 3, "artifact_hash": "slow", "accuracy_val": 0.979},
         # best TEST accuracy and fastest of all, but 2 pp down on validation: never chosen
@@ -131,7 +130,7 @@ def test_limits_are_inclusive_despite_floating_point() -> None:
     """Seen on a real demo run: 0.98 - 0.975 is 0.5000000000000004 pp, still within 0.5 pp."""
     cands = _cands([{"trial": 0, "artifact_hash": "a", "accuracy_val": 0.975,
                      "accuracy_drop_pp": 100 * (0.98 - 0.975),
-                     "constraints_json": json.dumps({"latency_p50@pi<=3": 3.0000000000000004 - 3})}])
+                     "constraints": [{"label": "latency_p50@pi<=3", "excess": 3.0000000000000004 - 3}]}])
     assert cands.loc[1, "drop_pp"] > 0.5  # the premise: the float lands above the limit
     pts = pareto_points(cands, _per_class({"a": 1.0}), "pi", "m")
     chosen, reason = choose(pts, 0.5)

@@ -138,7 +138,7 @@ def test_the_default_max_drop_is_the_studys_own_constraint(tmp_path: Path) -> No
     out = tmp_path / "study.html"
     result = _report(str(info.root), "--out", str(out))
     assert result.exit_code == 0, result.output
-    source = "the study's constraint accuracy_drop_pp<=0.3 (the candidates' constraints_json)"
+    source = "the study's constraint accuracy_drop_pp<=0.3 (the candidates' constraints)"
     assert f"accuracy-drop limit 0.3 pp, from {source}" in result.output
     assert str(escape(f"0.3 pp (validation split), from {source}")) in out.read_text()
     assert f"0.3 pp (validation split), from {source}" in out.with_suffix(".md").read_text()
@@ -163,7 +163,7 @@ def test_max_drop_sources() -> None:
     from deepfleet.report._build import max_drop
 
     assert max_drop(None, {}) == (0.5, "the default: the study has no accuracy_drop_pp "
-                                       "constraint in the candidates' constraints_json")
+                                       "constraint in the candidates' constraints")
     value, source = max_drop(None, {"accuracy_drop_pp<=2": 2.0, "accuracy_drop_pp@pi4<=1.5": 1.5})
     assert value == 1.5 and "accuracy_drop_pp@pi4<=1.5" in source and "strictest" in source
     assert max_drop(0.7, {}) == (0.7, "--max-drop")

@@ -65,7 +65,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config() -> None:
 
 def test_search_trains_measures_and_tells_every_trial(finished_run) -> None:
     run, summary = finished_run
-    assert summary["trials"]["complete"] == 3 and summary["trials"]["fail"] == 0
+    assert summary["trials"]["complete"] == 3 and summary["trials"]["failed"] == 0
     assert summary["pareto"], "a feasible front exists when the constraint is loose"
     rows = read_results(run / "results", study="t")
     cands = read_candidates(run / "candidates", study="t")
@@ -76,13 +76,16 @@ def test_search_trains_measures_and_tells_every_trial(finished_run) -> None:
     assert len(baseline) == 1 and baseline["artifact_hash"].iloc[0] in set(rows["artifact_hash"])
     # every told value is the measured one: latency objective == the row's p50
     for _, c in cands[cands["kind"] == "candidate"].iterrows():
-        told = json.loads(c["objectives_json"])
+        told = {(o["metric"], o["device_class"]): o["value"] for o in c["objectives"]}
         row = rows[rows["artifact_hash"] == c["artifact_hash"]].iloc[0]
-        assert told["latency_p50@local"] == pytest.approx(row["p50_ms"])
-        assert told["accuracy"] == pytest.approx(c["accuracy_val"])
+        assert told[("latency_p50", "local")] == pytest.approx(row["p50_ms"])
+        assert told[("accuracy", None)] == pytest.approx(c["accuracy_val"])
         assert (run / "artifacts" / c["artifact_hash"] / "manifest.json").is_file()
+    # plain Optuna (and so optuna-dashboard) sees the objectives' names and the constraints
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{run / 'study.db'}")
+    assert study.metric_names == ["accuracy", "latency_p50@local"]
     assert len(study.trials) == 3 and all(t.constraints for t in study.trials)
+    assert {t.number for t in study.best_trials} == {p["trial"] for p in summary["pareto"]}
 
 
 def test_constraint_broken_before_measurement_costs_no_device_time(tmp_path: Path, finished_run) -> None:
@@ -114,7 +117,7 @@ def test_all_devices_of_a_class_down_fails_trials_with_the_reason(tmp_path: Path
     proc = run_search(tmp_path, str(study), "--out", "run", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert summary["trials"]["fail"] == 2 and summary["trials"]["complete"] == 0
+    assert summary["trials"]["failed"] == 2 and summary["trials"]["complete"] == 0
     study_obj = optuna.load_study(study_name="down", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     reasons = [t.user_attrs["fail_reason"] for t in study_obj.trials]
     assert all("ghost" in r or "class 'pi'" in r for r in reasons), reasons
@@ -123,24 +126,37 @@ def test_all_devices_of_a_class_down_fails_trials_with_the_reason(tmp_path: Path
 
 
 def test_resume_after_the_driver_is_killed_loses_and_duplicates_nothing(tmp_path: Path, finished_run) -> None:
-    study = write_study(tmp_path, name="resume", trials=4)
+    study = write_study(tmp_path, name="resume", trials=5)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     driver = subprocess.Popen([sys.executable, "-m", "deepfleet.cli", "search", str(study), "--out", "run", "--json"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                               start_new_session=True)
     cand_dir = tmp_path / "run" / "candidates"
     deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:  # kill as soon as one trial has finished
-        if cand_dir.is_dir() and len(read_candidates(cand_dir, study="resume")) >= 2:
+    while time.monotonic() < deadline:  # kill as soon as two trials have finished
+        if cand_dir.is_dir() and len(read_candidates(cand_dir, study="resume")) >= 3:
             break
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = read_results(tmp_path / "run" / "results", study="resume")
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    running = [t.number for t in optuna.load_study(study_name="resume", storage=storage).trials
+               if t.state == optuna.trial.TrialState.RUNNING]
     proc = run_search(tmp_path, str(study), "--out", "run", "--json", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert summary["trials"]["complete"] == 4
+    # the study's count of trials, the interrupted ones counted apart (and run again)
+    assert summary["trials"]["complete"] + summary["trials"]["failed"] == 5
+    assert summary["trials"]["interrupted"] == len(running) and summary["trials"]["failed"] == 0
+    assert [s["session"] for s in summary["sessions"]] == [1]  # the killed session wrote none
+    # no trial spent on settings already finished
+    plain = optuna.load_study(study_name="resume", storage=storage)
+    done = [json.dumps(t.params, sort_keys=True) for t in plain.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == len(set(done)) == 5
+    cands = read_candidates(cand_dir, study="resume")
+    assert (cands["kind"] == "baseline").sum() == 1
+    assert not cands[cands["kind"] == "candidate"].duplicated("trial").any()
     after = read_results(tmp_path / "run" / "results", study="resume")
     assert set(before["measurement_id"]) <= set(after["measurement_id"])  # nothing measured is lost
     # ... and nothing is measured twice (the reference model is, by design: each driver start
@@ -178,3 +194,22 @@ def test_malformed_study_file_names_file_and_key(tmp_path: Path) -> None:
     proc = run_search(tmp_path, str(bad), timeout=120)
     assert proc.returncode == 2
     assert f"{bad}: objectives[0]: unknown metric 'speed'" in proc.stderr
+
+
+def test_energy_on_a_class_without_a_sensor_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    # this machine has no energy sensor: the local device gives op-count estimates only
+    if any(Path("/sys/class/powercap").glob("*")) or any(Path("/sys/class/hwmon").glob("*")):
+        pytest.skip("this machine has an energy sensor")
+    study = write_study(tmp_path, trials=1, objectives=["accuracy", {"metric": "energy", "class": "local"}])
+    proc = run_search(tmp_path, str(study), "--out", "run", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("deepfleet: error:")]
+    assert len(lines) == 1 and "local (no sensor)" in lines[0] and "energy_estimated" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_model_or_data_is_found_on_load(tmp_path: Path) -> None:
+    study = write_study(tmp_path, trials=1, model="lenet55")
+    proc = run_search(tmp_path, str(study), "--out", "run", timeout=120)
+    assert proc.returncode == 2 and "model: unknown model 'lenet55'" in proc.stderr
+    assert not (tmp_path / "run").exists()

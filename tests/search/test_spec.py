@@ -89,9 +89,21 @@ def test_missing_or_unparsable_file(tmp_path: Path) -> None:
 
 
 def test_measure_section_reaches_the_agent_request() -> None:
-    from deepfleet.orchestrator.search_driver import _measure_settings
+    from deepfleet.orchestrator._session import measure_settings as _measure_settings
 
     spec = parse_study({"name": "x", "model": "mlp", "data": "digits",
                         "measure": {"min_runs": 7, "max_runs": 10**8, "min_seconds": 3.0, "max_seconds": 4.0}})
     request = _measure_settings(spec).request
     assert (request["min_runs"], request["max_runs"], request["min_seconds"], request["max_seconds"]) == (7, 10**8, 3.0, 4.0)
+
+
+def test_base_keys_are_checked_and_relative_to_the_study_file(tmp_path: Path) -> None:
+    (tmp_path / "base.pt").write_bytes(b"")
+    spec = parse_study({"name": "x", "model": "mlp", "data": "digits",
+                        "base": {"checkpoint": "base.pt", "epochs": 5}}, str(tmp_path / "study.yaml"))
+    assert spec.base_checkpoint == str(tmp_path / "base.pt") and spec.base_epochs == 5
+    with pytest.raises(ConfigError, match=r"base.checkpoint: '.*nope.pt' does not exist"):
+        parse_study({"name": "x", "model": "mlp", "data": "digits", "base": {"checkpoint": "nope.pt"}},
+                    str(tmp_path / "study.yaml"))
+    with pytest.raises(ConfigError, match="base.epochs: must be >= 1"):
+        parse_study({"name": "x", "model": "mlp", "data": "digits", "base": {"epochs": 0}})

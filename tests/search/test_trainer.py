@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from deepfleet.errors import ConfigError
-from deepfleet.orchestrator.trainer import compress_settings, train_candidate
+from deepfleet.orchestrator.trainer import TrainJob, compress_settings, train_candidate
 
 PARAMS = {"method": "deepiot+fixedpoint", "deepiot.target": 0.1, "deepiot.iterations": 30,
           "deepiot.eval_every": 30, "fixedpoint.bits": 4, "fixedpoint.rounding": "stochastic",
@@ -25,13 +23,36 @@ def test_settings_follow_the_chosen_pipeline_only() -> None:
 
 
 def test_a_pipeline_trial_quantises_what_deepiot_kept() -> None:
-    r = train_candidate({"model": "mlp", "data": "digits", "seed": 0, "params": PARAMS,
-                         "training": {"finetune_epochs": 1}})
-    assert r["method"] == "deepiot+fixedpoint"
-    assert 0.05 < r["kept_params"] < 0.2
-    manifest = json.loads(r["files"]["manifest.json"])
-    steps = {s["method"]: s["settings"] for s in manifest["compressor"]["steps"]}
+    r = train_candidate(TrainJob(model="mlp", data="digits", params=PARAMS, training={"finetune_epochs": 1}))
+    c = r.candidate
+    assert c.method == "deepiot+fixedpoint" and c.artifact_hash == r.artifact.digest
+    assert 0.05 < c.kept_params < 0.2
+    steps = {s["method"]: s["settings"] for s in r.artifact.manifest["compressor"]["steps"]}
     assert steps["fixedpoint"]["bits"] == 4 and steps["fixedpoint"]["rounding"] == "stochastic"
     # 4-bit codes: the weights take about an eighth of float32's bytes
-    assert len(r["files"]["weights.npz"]) < 0.25 * 4 * r["params"]
-    assert r["bytes"] < r["bytes_base"] * 0.1 * 0.5
+    assert len(r.artifact.files["weights.npz"]) < 0.25 * 4 * c.params
+    assert c.bytes == r.artifact.bytes
+    assert {lay.name for lay in c.layers if lay.pruned} and all(lay.units_after <= lay.units_before for lay in c.layers)
+
+
+def test_a_given_base_checkpoint_is_the_original(tmp_path) -> None:
+    import torch
+
+    from deepfleet.api import BaseSpec
+    from deepfleet.compressors.training import accuracy
+    from deepfleet.data import load_data
+    from deepfleet.errors import ModelError
+    from deepfleet.models import build_model
+    from deepfleet.orchestrator.trainer import train_base
+
+    data = load_data("digits")
+    torch.manual_seed(7)
+    untrained = build_model("mlp", input_shape=data.input_shape, num_classes=data.num_classes).eval()
+    path = tmp_path / "base.pt"
+    torch.save(untrained.state_dict(), path)
+    r = train_base(TrainJob(model="mlp", data="digits", base=BaseSpec(checkpoint=str(path))))
+    assert r.cached and r.candidate.method == "none"
+    assert r.candidate.accuracy_val == accuracy(untrained, data.X_val, data.y_val)  # not trained: near chance
+    torch.save({"wrong": torch.zeros(3)}, path)
+    with pytest.raises(ModelError, match="does not fit model 'mlp'"):
+        train_base(TrainJob(model="mlp", data="digits", base=BaseSpec(checkpoint=str(path))))

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from deepfleet.orchestrator.check import DeviceCheck
     from deepfleet.orchestrator.fleet import Device
 
 
@@ -42,21 +41,6 @@ fleet_option = click.option(
     help="Fleet file (fleet.yaml). Default: the built-in 'local' device (this machine, no SSH).")
 
 
-def _cell(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
-def _check_table(checks: list[DeviceCheck]) -> list[str]:
-    header = ("DEVICE", "CLASS", "REACHABLE", "ARCH", "PYTHON", "NUMPY", "ENERGY", "SIMULATED")
-    rows = [header] + [(c.device, c.device_class, "yes" if c.reachable else "NO", _cell(c.arch),
-                        _cell(c.python), _cell(c.numpy), _cell(c.energy), _cell(c.simulated))
-                       for c in checks]
-    # The last column (free text) is not padded.
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return ["  ".join([*(r[i].ljust(widths[i]) for i in range(len(widths))), r[-1]]).rstrip()
-            for r in rows]
-
-
 @fleet.command("check")
 @fleet_option
 @click.option("--devices", default=None, metavar="NAME,NAME,...",
@@ -77,8 +61,9 @@ def fleet_check(fleet_file: Path | None, devices: str | None, as_json: bool) -> 
         for c in checks:
             click.echo(json.dumps(c.to_dict(), sort_keys=True))
     else:
-        for line in _check_table(checks):
-            click.echo(line)
+        from deepfleet.cli._tables import check_table
+
+        click.echo(check_table(checks))
     failed = [c for c in checks if not c.reachable]
     for c in failed:
         click.echo(f"deepfleet: error: {c.error}", err=True)

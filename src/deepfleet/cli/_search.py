@@ -20,17 +20,9 @@ def _interruptible(run: Any, resume_hint: str) -> dict[str, Any]:
 
 
 def _print_front(summary: dict[str, Any]) -> None:
-    labels = summary["objectives"]
-    front = summary["pareto"]
-    click.echo(f"\nPareto front of study {summary['study']!r} ({len(front)} trial(s), "
-               f"{summary['trials'].get('complete', 0)} complete, {summary['trials'].get('fail', 0)} failed):")
-    head = f"{'trial':>6}  " + "  ".join(f"{lab:>18}" for lab in labels) + "  params"
-    click.echo(head)
-    for rec in front:
-        vals = "  ".join(f"{rec['values'][lab]:>18.6g}" for lab in labels)
-        click.echo(f"{rec['trial']:>6}  {vals}  {json.dumps(rec['params'], sort_keys=True)}")
-    if not front:
-        click.echo("  (no feasible trial: loosen the constraints or run more trials)")
+    from deepfleet.cli._tables import front_table
+
+    click.echo(front_table(summary))
     click.echo(f"\nresults (Parquet): {summary['results']}\nstudy storage:     {summary['storage']}"
                f"\nsummary:           {Path(summary['run_dir']) / 'summary.json'}"
                f"\nreport:            deepfleet report {summary['run_dir']}")

@@ -1,27 +1,46 @@
-"""Plain-text tables for the terminal."""
+"""The terminal's tables, in one style for every command (compress, search, demo, fleet check).
+
+Each function turns plain data into text: a ``rich`` table rendered without colour to a string,
+so it reads the same on a terminal, in a pipe and in a CI log.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Sequence
 from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+
+def render(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None,
+           notes: Sequence[str] = (), right: Sequence[int] = ()) -> str:
+    """A table in the house style: a title line, a header, one line per row, then notes.
+    ``right``: indices of columns to right-align (numbers)."""
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="right" if i in right else "left", overflow="fold")
+    for r in rows:
+        table.add_row(*("-" if v is None else str(v) for v in r))
+    out = io.StringIO()
+    Console(file=out, width=160, no_color=True, highlight=False, emoji=False).print(table)
+    lines = [line.rstrip() for line in out.getvalue().rstrip("\n").splitlines()]
+    return "\n".join([*lines, *notes])
 
 
 def compress_table(r: dict[str, Any]) -> str:
     """The per-layer table of a ``compress`` summary, in the layout of DeepIoT's tables."""
-    head = f"{'layer':<18}{'kind':<8}{'units':>16}{'params':>22}{'nonzero':>10}{'bits':>7}"
     methods = ",".join(r.get("methods", ["deepiot"]))
-    lines = [f"deepfleet compress {r['model']} on {r['data']} with {methods} (seed {r['seed']}, {r['device']})",
-             head, "-" * len(head)]
-    for row in r["layers"]:
-        units = f"{row['units_before']} -> {row['units_after']}"
-        params = f"{row['params_before']:,} -> {row['params_after']:,}"
-        bits = row.get("bits_per_weight", 32)
-        lines.append(f"{row['name']:<18}{row['kind']:<8}{units:>16}{params:>22}"
-                     f"{row.get('nonzero_after', row['params_after']):>10,}{bits:>7.3g}")
-    lines.append("-" * len(head))
-    total = f"{r['params_before']:,} -> {r['params_after']:,}"
-    lines.append(f"{'total':<42}{total:>22}")
-    lines.append("(bits: storage bits per weight of the layer's weight matrices)")
-    lines += [
+    rows = [(row["name"], row["kind"], f"{row['units_before']} -> {row['units_after']}",
+             f"{row['params_before']:,} -> {row['params_after']:,}",
+             f"{row.get('nonzero_after', row['params_after']):,}", f"{row.get('bits_per_weight', 32):.3g}")
+            for row in r["layers"]]
+    rows.append(("total", "", "", f"{r['params_before']:,} -> {r['params_after']:,}", "", ""))
+    notes = [
+        "(bits: storage bits per weight of the layer's weight matrices)",
         "",
         f"kept parameters  {100 * r['kept_params']:.2f} %   kept MACs {100 * r['kept_macs']:.2f} %"
         f"   (target {100 * r['target']:g} % of {r['metric']})",
@@ -32,4 +51,26 @@ def compress_table(r: dict[str, Any]) -> str:
         f"original         {r['artifact_original']}",
         f"took             {r['seconds']:.1f} s",
     ]
-    return "\n".join(lines)
+    return render(["layer", "kind", "units", "params", "nonzero", "bits"], rows, notes=notes, right=(2, 3, 4, 5),
+                  title=f"deepfleet compress {r['model']} on {r['data']} with {methods} (seed {r['seed']}, {r['device']})")
+
+
+def front_table(summary: dict[str, Any]) -> str:
+    """The Pareto front of a search summary: one row per trial, values rounded with units."""
+    labels, units = summary["objectives"], summary.get("units", {})
+    t = summary["trials"]
+    title = (f"Pareto front of study {summary['study']!r}: {len(summary['pareto'])} trial(s) "
+             f"({t.get('complete', 0)} complete, {t.get('failed', 0)} failed"
+             + (f", {t['interrupted']} interrupted and re-run" if t.get("interrupted") else "") + ")")
+    headers = ["trial", *(f"{lab} ({units[lab]})" if units.get(lab) else lab for lab in labels), "params"]
+    rows = [(rec["trial"], *(f"{rec['values'][lab]:.4g}" for lab in labels),
+             json.dumps(rec["params"], sort_keys=True)) for rec in summary["pareto"]]
+    notes = [] if rows else ["(no feasible trial: loosen the constraints or run more trials)"]
+    return render(headers, rows, title=title, notes=notes, right=tuple(range(len(labels) + 1)))
+
+
+def check_table(checks: Sequence[Any]) -> str:
+    """``deepfleet fleet check``: one row per device."""
+    rows = [(c.device, c.device_class, "yes" if c.reachable else "NO", c.arch, c.python, c.numpy, c.energy,
+             c.simulated) for c in checks]
+    return render(["device", "class", "reachable", "arch", "python", "numpy", "energy", "simulated"], rows)

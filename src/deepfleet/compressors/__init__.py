@@ -33,13 +33,14 @@ from deepfleet.compressors._registry import (
 )
 from deepfleet.compressors._sparse import DNS, DNSConfig, Magnitude, MagnitudeConfig
 from deepfleet.compressors._structured import L1, DeepIoT, L1Config
-from deepfleet.compressors.base import STAGES, BaseCompressor, Compressed, Context
+from deepfleet.compressors.base import STAGES, BaseCompressor, Compressed, Context, Options
 
 __all__ = [
     "STAGES",
     "BaseCompressor",
     "Compressed",
     "Context",
+    "Options",
     "Encoding",
     "REGISTRY",
     "compressor_class",

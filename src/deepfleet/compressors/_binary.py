@@ -16,6 +16,7 @@ straight-through estimator of Hubara et al. (gradient passed where |x| <= 1).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,9 @@ from deepfleet.compressors._finetune import (
     with_overrides,
 )
 from deepfleet.compressors._ops import LEAF_MODULES, OpInfo, classify
-from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.base import BaseCompressor, Compressed, Context, Options
 from deepfleet.data import Dataset
+from deepfleet.errors import ConfigError
 
 
 class _SignSTE(torch.autograd.Function):
@@ -148,6 +150,12 @@ class Binary(BaseCompressor):
     name = "binary"
     stage = "quantise"
     config_class = BinaryConfig
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        if options.bits not in (None, 1):  # BinaryConnect: one bit, no setting to carry it
+            raise ConfigError(f"binary supports bits 1 only, but got --bits {options.bits}")
+        return {}
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
         cfg: BinaryConfig = self.config

@@ -16,7 +16,9 @@ integer dtype (bit-packed below 8 bits), codebooks as float32.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from deepfleet.compressors._finetune import (
     weight_names,
     with_overrides,
 )
-from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.base import BaseCompressor, Compressed, Context, Options
 from deepfleet.data import Dataset
 
 
@@ -208,7 +210,12 @@ class CodebookWeights(Reparam):
 
 class _CodebookCompressor(BaseCompressor):
     stage = "quantise"
+
     kind = "codebook"
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        return {} if options.bits is None else {"bits": options.bits}
 
     def fit(self, reparam: CodebookWeights, name: str, w: torch.Tensor, *, gen: torch.Generator) -> None:
         raise NotImplementedError

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ from deepfleet.compressors._finetune import (
     with_overrides,
 )
 from deepfleet.compressors._ops import LEAF_MODULES, OpInfo, classify
-from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.base import BaseCompressor, Compressed, Context, Options
 from deepfleet.data import Dataset
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -242,6 +243,11 @@ class FixedPoint(BaseCompressor):
     stage = "quantise"
     config_class = FixedPointConfig
     keeps_zeros = True
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {} if options.bits is None else {"bits": options.bits}
+        return out if options.rounding is None else {**out, "rounding": options.rounding}
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
         cfg: FixedPointConfig = self.config

@@ -20,15 +20,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from deepfleet.compressors._checks import check_fraction, check_positive
 from deepfleet.compressors._finetune import Reparam, finetune, weight_names, with_overrides
-from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.base import BaseCompressor, Compressed, Context, Options
 from deepfleet.data import Dataset
+from deepfleet.errors import ConfigError
 
 
 def global_masks(weights: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
@@ -152,12 +155,29 @@ def _layers(model: nn.Module, names: list[str]) -> tuple[list[dict[str, object]]
     return rows, sum(nonzero) / sum(sizes)
 
 
-class Magnitude(BaseCompressor):
+class _WeightPruner(BaseCompressor):
+    """What magnitude pruning and DNS share: a target fraction of single weights."""
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        # Pruning single weights saves no MACs in a dense runtime: a MACs target cannot be
+        # what it reaches.
+        if options.metric != "params" and "target" not in given:
+            raise ConfigError(f"{cls.name} prunes single weights, which saves no MACs in a dense "
+                              "runtime; give --target-params")
+        return {"target": options.target}
+
+
+class Magnitude(_WeightPruner):
     """Iterative magnitude pruning with retraining (Han et al.); dense tensors with zeros."""
 
     name = "magnitude"
     stage = "sparsity"
     config_class = MagnitudeConfig
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        return {**super().settings_from(options, given), **({"steps": 1} if options.quick else {})}
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
         cfg: MagnitudeConfig = self.config
@@ -176,7 +196,7 @@ class Magnitude(BaseCompressor):
         return Compressed(model=model, info=info)
 
 
-class DNS(BaseCompressor):
+class DNS(_WeightPruner):
     """Dynamic network surgery (Guo et al.): prune and splice back with a margin, one run."""
 
     name = "dns"

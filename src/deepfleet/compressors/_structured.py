@@ -7,7 +7,9 @@ fine-tune it; they differ only in how the units are chosen (:mod:`._deepiot`, :m
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from deepfleet.compressors._extract import extract
 from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._l1 import uniform_l1_keep
 from deepfleet.compressors._pipeline import deepiot_compress, layer_table
-from deepfleet.compressors.base import BaseCompressor, Compressed, Context
+from deepfleet.compressors.base import BaseCompressor, Compressed, Context, Options
 from deepfleet.compressors.training import device_of, train
 from deepfleet.data import Dataset
 
@@ -30,6 +32,11 @@ class DeepIoT(BaseCompressor):
     name = "deepiot"
     stage = "structure"
     config_class = DeepIoTConfig
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        quick = {"iterations": 40, "eval_every": 20} if options.quick else {}
+        return {"target": options.target, "metric": options.metric, **quick}
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
         cfg: DeepIoTConfig = self.config
@@ -64,6 +71,10 @@ class L1(BaseCompressor):
     name = "l1"
     stage = "structure"
     config_class = L1Config
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        return {"target": options.target, "metric": options.metric}
 
     def compress(self, model: nn.Module, data: Dataset, ctx: Context) -> Compressed:
         cfg: L1Config = self.config

@@ -14,6 +14,7 @@ This module may not import Ray, Optuna or anything that talks to devices.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors.training import TrainConfig
 from deepfleet.data import Dataset
 
-__all__ = ["STAGES", "BaseCompressor", "Compressed", "Context"]
+__all__ = ["STAGES", "BaseCompressor", "Compressed", "Context", "Options"]
 
 # Pipeline order: a method's stage may not be lower than the stage of any method before it.
 STAGES = ("structure", "sparsity", "quantise")
@@ -42,6 +43,19 @@ class Context:
     teacher: nn.Module | None = None
     finetune: TrainConfig = field(default_factory=TrainConfig)
     progress: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """The command's options that several methods share (``deepfleet compress --target-params
+    --bits --rounding --quick``); each method takes what applies to it in
+    :meth:`BaseCompressor.settings_from`. ``bits``/``rounding`` are None when not given."""
+
+    target: float
+    metric: str  # params | macs: what ``target`` is a kept fraction of
+    bits: int | None = None
+    rounding: str | None = None
+    quick: bool = False  # short schedules: a smoke run, not a result
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +98,13 @@ class BaseCompressor(abc.ABC):
         Decisions (early stopping, thresholds) read the validation split only, never the test
         split. Raises UnsupportedLayerError for a model the method cannot handle.
         """
+
+    @classmethod
+    def settings_from(cls, options: Options, given: Mapping[str, Any]) -> dict[str, Any]:
+        """This method's settings implied by the shared ``options``; the settings the user
+        ``given`` for it explicitly win afterwards. Default: it takes none of them. Raises
+        ConfigError for an option value the method cannot take."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

@@ -23,7 +23,7 @@ from deepfleet.data._dataset import (
 )
 from deepfleet.errors import DataError
 
-__all__ = ["Dataset", "load_data", "data_names"]
+__all__ = ["Dataset", "check_data", "load_data", "data_names"]
 
 _BUILTIN = ("digits", "sensing")
 
@@ -65,6 +65,23 @@ def _builtin(name: str) -> Dataset:
     return ds
 
 
+def check_data(spec: str) -> None:
+    """Raise :class:`DataError` unless ``spec`` is a built-in name or an existing ``.npz`` file
+    (nothing is loaded: a study file is checked before any worker starts)."""
+    if spec in _BUILTIN:
+        return
+    if spec.endswith(".npz") or os.sep in spec or os.path.exists(spec):
+        if not os.path.isfile(spec):
+            raise DataError(f"data file {spec!r} does not exist; give a path to an .npz file")
+        return
+    raise DataError(_unknown(spec))
+
+
+def _unknown(spec: str) -> str:
+    return (f"unknown data set {spec!r}; use one of {', '.join(_BUILTIN)} or a path to an .npz file "
+            "holding X_train, y_train, X_test, y_test (and optionally X_val, y_val)")
+
+
 def load_data(spec: str) -> Dataset:
     """Load a built-in data set by name or a user data set from an ``.npz`` path.
 
@@ -75,10 +92,7 @@ def load_data(spec: str) -> Dataset:
         return _builtin(spec)
     if spec.endswith(".npz") or os.sep in spec or os.path.exists(spec):
         return _load_npz(spec)
-    raise DataError(
-        f"unknown data set {spec!r}; use one of {', '.join(_BUILTIN)} or a path to an .npz file "
-        "holding X_train, y_train, X_test, y_test (and optionally X_val, y_val)"
-    )
+    raise DataError(_unknown(spec))
 
 
 def _load_npz(path: str) -> Dataset:

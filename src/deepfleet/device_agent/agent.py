@@ -63,15 +63,21 @@ def file_digest(path):
     return h.hexdigest()
 
 
+def digest_of(file_digests):
+    """sha256 of an artifact from ``{file name: that file's sha256 hex}`` (the ARTIFACT_FILES):
+    over the sorted file names and each file's own sha256."""
+    h = hashlib.sha256()
+    for name in sorted(ARTIFACT_FILES):
+        h.update(name.encode() + b"\0" + file_digests[name].encode() + b"\n")
+    return h.hexdigest()
+
+
 def artifact_digest(directory):
-    """sha256 of an artifact: over the sorted file names and each file's own sha256.
+    """sha256 of an artifact directory (see ``digest_of``).
 
     The artifact directory is named by this digest; a mismatch means a corrupt artifact.
     """
-    h = hashlib.sha256()
-    for name in sorted(ARTIFACT_FILES):
-        h.update(name.encode() + b"\0" + file_digest(os.path.join(directory, name)).encode() + b"\n")
-    return h.hexdigest()
+    return digest_of({name: file_digest(os.path.join(directory, name)) for name in ARTIFACT_FILES})
 
 
 class ArtifactCorrupt(Exception):

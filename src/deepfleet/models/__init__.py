@@ -18,7 +18,7 @@ from torch import nn
 from deepfleet.errors import ModelError
 from deepfleet.models._zoo import ZOO
 
-__all__ = ["ZOO", "build_model", "zoo_names"]
+__all__ = ["ZOO", "build_model", "check_model", "zoo_names"]
 
 
 def zoo_names() -> list[str]:
@@ -45,6 +45,12 @@ def _resolve(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ModelError(f"module {module_name!r} has no callable {attr!r} (model {spec!r})")
     return fn
+
+
+def check_model(spec: str) -> None:
+    """Raise :class:`ModelError` unless ``spec`` names a zoo model or an importable callable
+    (nothing is built: a study file is checked before any worker starts)."""
+    _resolve(spec)
 
 
 def build_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

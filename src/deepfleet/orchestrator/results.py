@@ -42,6 +42,7 @@ __all__ = [
     "UPGRADES",
     "failure_row",
     "measurement_row",
+    "plain_rows",
     "read_results",
     "readable",
     "upgrade_rows",
@@ -435,3 +436,10 @@ def read_results(root: str | os.PathLike[str], study: str | None = None) -> pd.D
     frame = upgrade_rows(frame[RESULTS_SCHEMA.names], f"results dataset at {root}")
     # A new frame, not an in-place sort: pandas 3's copy-on-write makes that explicit anyway.
     return frame.sort_values(["started_at", "measurement_id"], kind="stable").reset_index(drop=True)
+
+
+def plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of a results frame as plain dicts, missing values as None (what the search's judge
+    and :mod:`deepfleet.metrics` read), without the per-run lists."""
+    frame = frame.drop(columns=[c for c in ("latencies_ms", "affinity") if c in frame.columns]).astype(object)
+    return frame.where(frame.notna(), None).to_dict("records")

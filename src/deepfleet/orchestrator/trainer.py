@@ -1,34 +1,53 @@
-"""Training one search candidate: a Ray task that returns plain data, never a live model.
+"""Training for a search: Ray tasks that return plain data, never a live model.
 
-``train_candidate(job)`` compresses the study's model with the trial's parameters through the
-public API (:func:`deepfleet.compress`) in a private directory, then returns the artifacts as
-bytes so that they can travel through Ray's object store to the driver's node whatever node
-trained them. Everything the objectives need that training knows (validation accuracy, drop
-against the original, params, MACs, bytes, per-layer units) comes back with it.
+``train_candidate(job)`` compresses the study's model with one trial's parameters through
+:func:`deepfleet.api.compress_model` and returns the :class:`~deepfleet.candidate.Candidate`
+unchanged with its artifact's bytes (built once, in memory: they travel through Ray's object
+store to the driver's node whatever node trained them, and the driver writes them once).
+``train_base(job)`` trains (or finds) the study's original model once and returns it the same
+way, so that trials neither retrain nor re-export it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import tempfile
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from deepfleet.device_agent.agent import ARTIFACT_FILES
+from deepfleet.api import BaseSpec
+from deepfleet.artifact import ArtifactFiles
+from deepfleet.candidate import Candidate
 
 
-def _artifact_bytes(path: str | Path) -> dict[str, bytes]:
-    p = Path(path)
-    return {name: (p / name).read_bytes() for name in ARTIFACT_FILES}
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """What a training task needs (plain data): the study's model, data, seed and base, the
+    trial's flat parameters (``method``, ``METHOD.SETTING``), the study's ``training`` section
+    and the torch threads to use."""
+
+    model: str
+    data: str
+    seed: int = 0
+    base: BaseSpec = field(default_factory=BaseSpec)
+    params: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A task's answer: the candidate and its artifact (``cached``: the original came from the
+    cache or a checkpoint rather than being trained now)."""
+
+    candidate: Candidate
+    artifact: ArtifactFiles
+    cached: bool = False
 
 
 def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :func:`deepfleet.compress` for a trial's flat parameters.
+    """Keyword arguments of :func:`deepfleet.api.compress_model` for a trial's flat parameters.
 
     ``method`` is the pipeline; every ``M.setting`` configures method M when M is in it (a
     method's settings are conditional on it being chosen), e.g. ``deepiot.target``,
@@ -37,7 +56,7 @@ def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[
     """
     from deepfleet.api import FINETUNE
     from deepfleet.compressors import parse_methods
-    from deepfleet.search._study import apply_params
+    from deepfleet.search import apply_params
 
     methods = parse_methods(str(params.get("method", "deepiot")))
     per_method = apply_params(params)
@@ -48,82 +67,31 @@ def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[
             "finetune": finetune}
 
 
-def train_candidate(job: dict[str, Any]) -> dict[str, Any]:
-    """Compress for one trial. ``job``: model, data, seed, params, training, threads.
+def _node() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
-    Returns candidate facts plus ``files`` (the compressed artifact) and ``original_files``.
-    Raises the API's DeepfleetError subclasses unchanged (Ray re-raises them in the driver).
-    """
+
+def train_candidate(job: TrainJob) -> Trained:
+    """Compress for one trial. Raises the API's DeepfleetError subclasses unchanged (Ray
+    re-raises them in the driver)."""
     import torch
 
-    from deepfleet.api import compress
+    from deepfleet.api import compress_model
 
-    torch.set_num_threads(int(job.get("threads", 1)))
-    t0 = time.perf_counter()
-    settings = compress_settings(job["params"], job.get("training", {}))
-    method = "+".join(settings["method"])
-    with tempfile.TemporaryDirectory(prefix="deepfleet-trial-") as tmp:
-        r = compress(job["model"], data=job["data"], seed=job["seed"], out=tmp, progress=False,
-                     **settings)
-        files, original = _artifact_bytes(r["artifact"]), _artifact_bytes(r["artifact_original"])
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
-    return {
-        "method": method,
-        "digest": Path(r["artifact"]).name,
-        "original_digest": Path(r["artifact_original"]).name,
-        "files": files,
-        "original_files": original,
-        "accuracy": r["val_accuracy_after"],
-        "accuracy_test": r["accuracy_after"],
-        "accuracy_base_val": r["val_accuracy_before"],
-        "accuracy_base_test": r["accuracy_before"],
-        "accuracy_drop_pp": 100.0 * (r["val_accuracy_before"] - r["val_accuracy_after"]),
-        "params": r["params_after"],
-        "params_base": r["params_before"],
-        "macs": r["macs_after"],
-        "macs_base": r["macs_before"],
-        "bytes": r["bytes_after"],
-        "bytes_base": r["bytes_before"],
-        "kept_params": r["kept_params"],
-        "layers": r["layers"],
-        "node": node,
-        "pid": os.getpid(),
-        "train_seconds": time.perf_counter() - t0,
-    }
+    torch.set_num_threads(job.threads)
+    c = compress_model(job.model, data=job.data, seed=job.seed, base=job.base, progress=False,
+                       with_original=False, **compress_settings(job.params, job.training))
+    node = _node()
+    cand = dataclasses.replace(c.candidate, node=node) if node else c.candidate
+    return Trained(cand, c.artifact, bool(c.details["base_cached"]))
 
 
-def train_base(job: dict[str, Any]) -> dict[str, Any]:
-    """Train (or find cached) the study's base model once, before any trial needs it.
+def train_base(job: TrainJob) -> Trained:
+    """Train (or find cached, or load ``job.base.checkpoint``) the study's original model once,
+    before any trial needs it: trials then hit the cache instead of all training the same base
+    at once."""
+    from deepfleet.api import original_model
 
-    Trials then hit the cache instead of all training the same base at once. Returns its
-    validation accuracy and whether it came from the cache.
-    """
-    import torch
-
-    from deepfleet.api import BASE_TRAINING, trained_base
-    from deepfleet.compressors.training import accuracy
-    from deepfleet.data import load_data
-
-    torch.set_num_threads(int(job.get("threads", 1)))
-    data = load_data(job["data"])
-    model, cached = trained_base(job["model"], data, seed=job["seed"], cfg=BASE_TRAINING,
-                                 device=torch.device("cpu"), progress=False)
-    return {"val_accuracy": accuracy(model, data.X_val, data.y_val), "cached": cached}
-
-
-def write_artifact_files(root: Path, digest: str, files: dict[str, bytes]) -> Path:
-    """Materialise an artifact from bytes under ``root`` (atomic: temp dir, then rename)."""
-    final = root / digest
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another writer won the race with identical content
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return final
+    cand, files, cached = original_model(job.model, data=job.data, seed=job.seed, base=job.base,
+                                         threads=job.threads)
+    return Trained(cand, files, cached)

@@ -2,10 +2,10 @@
 
 Pure functions of frames (no I/O). The definitions a report rests on live here:
 
-* **device value** of an artifact: the median over that device's successful, non-reference rows
-  (a device measured twice contributes one value);
-* **class value**: the median over the class's devices of their device values (the rule the
-  search's objectives use, so report and search agree);
+* **device value** and **class value** of each metric: as :mod:`deepfleet.metrics` defines them
+  (the one definition the search's objectives and the predictor use too, so report and search
+  agree): a device's median over its successful, non-reference rows, then the median over the
+  class's devices;
 * **energy** is kept per kind: ``energy_measured_mj`` (a real sensor), ``energy_simulated_mj``
   (a sensor that is a model) and ``energy_estimated_mj`` (the operation-count estimate every row
   carries). They are separate columns, never combined;
@@ -14,13 +14,14 @@ Pure functions of frames (no I/O). The definitions a report rests on live here:
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from deepfleet import metrics
+from deepfleet.orchestrator.results import plain_rows
 from deepfleet.report._stats import pareto_mask
 
 __all__ = [
@@ -36,9 +37,13 @@ __all__ = [
 ]
 
 DEFAULT_MAX_DROP_PP = 0.5
+# The report's columns and the metric each shows (deepfleet.metrics defines how a metric is read
+# from rows and combined over devices and classes: the report applies that, never its own rule).
+COLUMNS = {"p50_ms": "latency_p50", "p90_ms": "latency_p90", "p99_ms": "latency_p99",
+           "energy_measured_mj": "energy", "energy_simulated_mj": "energy_simulated",
+           "energy_estimated_mj": "energy_estimated"}
 # energy kind -> class-metric column; the order is the order of columns and plot panels
-ENERGY_COLUMNS = {"measured": "energy_measured_mj", "simulated": "energy_simulated_mj",
-                  "estimated": "energy_estimated_mj"}
+ENERGY_COLUMNS = {metrics.METRICS[m].energy_kind: c for c, m in COLUMNS.items() if c.startswith("energy")}
 CHOSEN_RULE = (
     "The chosen candidate of a model on a device class is, among its candidates that (1) were "
     "measured and broke no constraint of the study, (2) lose at most MAX_DROP percentage points "
@@ -48,7 +53,7 @@ CHOSEN_RULE = (
     "higher validation accuracy, then fewer bytes, then the earlier trial. It is therefore on "
     "the Pareto front (validation accuracy vs p50 latency) of the feasible candidates."
 )
-_METRICS = ["p50_ms", "p90_ms", "p99_ms", *ENERGY_COLUMNS.values()]
+_METRICS = list(COLUMNS)
 # Limits are inclusive, and accuracies are ratios of counts: 100 * (0.98 - 0.975) is
 # 0.5000000000000004 in floating point, which must still pass a 0.5 pp limit.
 _EPS = 1e-9
@@ -67,21 +72,13 @@ def ok_rows(results: pd.DataFrame, *, reference: bool = False) -> pd.DataFrame:
 
 def device_metrics(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (artifact_hash, device_class, device) over successful non-reference rows:
-    medians of p50/p90/p99 and of each energy kind, and ``rows`` (how many measurements)."""
-    r = ok_rows(results)
-    kind = r["energy_kind"]
-    frame = pd.DataFrame({
-        "artifact_hash": r["artifact_hash"], "device_class": r["device_class"],
-        "device": r["device"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"], "p99_ms": r["p99_ms"],
-        # each kind only from rows of that kind; the estimate is on every row
-        "energy_measured_mj": r["energy_per_inference_mj"].where(_is(kind, "measured")),
-        "energy_simulated_mj": r["energy_per_inference_mj"].where(_is(kind, "simulated")),
-        "energy_estimated_mj": r["estimated_energy_mj"],
-    })
+    each metric's device value (:func:`deepfleet.metrics.device_table`) and ``rows`` (how many
+    measurements)."""
     keys = ["artifact_hash", "device_class", "device"]
-    out = frame.groupby(keys, sort=True, observed=True)[_METRICS].median()
-    out["rows"] = frame.groupby(keys, sort=True, observed=True).size()
-    return out.reset_index()
+    table = metrics.device_table(plain_rows(ok_rows(results)))
+    frame = pd.DataFrame(table, columns=[*keys, "rows", *COLUMNS.values()])
+    frame = frame.rename(columns={m: c for c, m in COLUMNS.items()})
+    return frame[[*keys, *_METRICS, "rows"]].astype({c: float for c in _METRICS})
 
 
 def class_metrics(per_device: pd.DataFrame) -> pd.DataFrame:
@@ -94,12 +91,11 @@ def class_metrics(per_device: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _constraints_ok(text: object) -> bool:
-    """True when every constraint value (``value - max``) is <= 0; no constraints is fine."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
+def _constraints_ok(constraints: object) -> bool:
+    """True when every constraint's ``excess`` (value - max) is <= 0; no constraints is fine."""
+    if constraints is None or (isinstance(constraints, float) and math.isnan(constraints)):
         return True
-    values = json.loads(str(text))
-    return all(v is not None and float(v) <= _EPS for v in values.values())
+    return all(c["excess"] is not None and float(c["excess"]) <= _EPS for c in constraints)  # type: ignore[attr-defined]
 
 
 def candidate_frame(candidates: pd.DataFrame) -> pd.DataFrame:
@@ -112,7 +108,7 @@ def candidate_frame(candidates: pd.DataFrame) -> pd.DataFrame:
     base = (c.loc[_is(c["kind"], "baseline")].groupby("model_key")["accuracy_val"].first())
     computed = 100.0 * (c["model_key"].map(base) - c["accuracy_val"])
     c["drop_pp"] = c["accuracy_drop_pp"].where(c["accuracy_drop_pp"].notna(), computed)
-    c["feasible"] = _is(c["outcome"], "measured") & c["constraints_json"].map(_constraints_ok)
+    c["feasible"] = _is(c["outcome"], "measured") & c["constraints"].map(_constraints_ok)
     return c
 
 

@@ -174,7 +174,7 @@ def max_drop(given: float | None, limits: dict[str, float]) -> tuple[float, str]
     """The accuracy-drop limit for choosing, and where it comes from: ``given`` (--max-drop)
     wins; else the study's own ``accuracy_drop_pp`` constraint (its max; the strictest when
     the candidates name several); else DEFAULT_MAX_DROP_PP."""
-    where = "the candidates' constraints_json"
+    where = "the candidates' constraints"
     if given is not None:
         source = "--max-drop"
         if limits and given > min(limits.values()):
@@ -350,7 +350,7 @@ def _objectives_section(cands: pd.DataFrame | None, entries: list[dict[str, Any]
         return Section("objectives", "Objectives vs trial",
                        notes=["Not available: no candidate row has objectives."])
     return Section("objectives", "Objectives vs trial", notes=[
-        "The values told to Optuna (objectives_json), by trial; triangles are predicted values "
+        "The values told to Optuna (the candidates' objectives), by trial; triangles are predicted values "
         "(not measured), circles measured ones."], figures=[Figure("objectives", png)])
 
 

@@ -168,9 +168,10 @@ def _candidates_version_error(where: Path, version: int, example: Path) -> Resul
             f"candidates dataset at {where} holds rows of schema version {version} (e.g. "
             f"{example}), newer than the version {current} this deepfleet reads; upgrade "
             "deepfleet to report on them")
+    versions = ", ".join(str(v) for v in sorted(cand_mod.READ_VERSIONS))
     return ResultsError(
         f"candidates dataset at {where} holds rows of schema version {version} (e.g. {example});"
-        f" this deepfleet reads version {current} and knows no upgrade from {version}; report "
+        f" this deepfleet reads versions {versions} and knows no upgrade from {version}; report "
         "them with the deepfleet that wrote them")
 
 
@@ -180,35 +181,42 @@ def _read_candidates(loc: Located, study: str) -> pd.DataFrame | None:
     frame = cand_mod.read_candidates(loc.candidates, study)
     if frame.empty:
         return None
-    current = cand_mod.CANDIDATES_SCHEMA_VERSION
-    bad = sorted(set(frame["schema_version"].fillna(0).astype(int)) - {current})
-    if bad:  # no upgrade exists for candidate rows
+    bad = sorted(set(frame["schema_version"].fillna(0).astype(int)) - cand_mod.READ_VERSIONS)
+    if bad:  # read_candidates upgrades version 1 only
         files = _parquet_files(loc.candidates / f"study={quote(study, safe='')}")
         example = _file_versions(files).get(bad[0], loc.candidates)
         raise _candidates_version_error(loc.candidates, bad[0], example)
     return frame
 
 
-# A constraint's label, as the search writes it into constraints_json ({label: value - max}):
-# 'accuracy_drop_pp<=2', or with a device class 'accuracy_drop_pp@pi4<=2'.
+# A constraint's label as the search writes it: 'accuracy_drop_pp<=2', or with a device class
+# 'accuracy_drop_pp@pi4<=2'. Read only when a row lacks ``max`` (rows upgraded from version 1).
 _DROP_LABEL = re.compile(r"accuracy_drop_pp(?:@[^<]*)?<=(?P<max>.+)")
 
 
+def _drop_max(constraint: dict[str, Any]) -> float | None:
+    if constraint.get("metric") != "accuracy_drop_pp":
+        return None
+    if constraint.get("max") is not None and not pd.isna(constraint["max"]):
+        return float(constraint["max"])
+    match = _DROP_LABEL.fullmatch(str(constraint.get("label") or ""))
+    try:
+        return float(match["max"]) if match else None
+    except ValueError:
+        return None  # not a label the search writes: no limit to take from it
+
+
 def drop_limits(candidates: pd.DataFrame | None) -> dict[str, float]:
-    """The study's ``accuracy_drop_pp`` constraints, {label: max in pp}, read from the labels of
-    the candidates' ``constraints_json`` (empty when no candidate row names one)."""
+    """The study's ``accuracy_drop_pp`` constraints, {label: max in pp}, as the candidates'
+    ``constraints`` column records them (empty when no candidate row names one)."""
     found: dict[str, float] = {}
     if candidates is None:
         return found
-    for text in candidates["constraints_json"].dropna().unique():
-        for label in json.loads(str(text)):
-            match = _DROP_LABEL.fullmatch(label)
-            if match is None or label in found:
-                continue
-            try:
-                found[label] = float(match["max"])
-            except ValueError:
-                continue  # not a label the search writes: no limit to take from it
+    for told in candidates["constraints"].dropna():
+        for constraint in told:
+            limit = _drop_max(constraint)
+            if limit is not None:
+                found.setdefault(str(constraint.get("label")), limit)
     return found
 
 

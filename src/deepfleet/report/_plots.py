@@ -9,7 +9,6 @@ directly (no pyplot): no global state, no GUI backend, safe in any thread.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -165,12 +164,13 @@ def layers_png(layers: pd.DataFrame, *, title: str) -> bytes:
 
 
 def objectives_png(candidates: pd.DataFrame, chosen_trials: set[int]) -> bytes | None:
-    """Each objective (from ``objectives_json``) against the trial number, one panel per
+    """Each objective (the candidates' ``objectives``) against the trial number, one panel per
     objective, measured and predicted values marked apart; None when there are no objectives."""
-    rows = candidates.loc[candidates["trial"].notna() & candidates["objectives_json"].notna()]
+    rows = candidates.loc[candidates["trial"].notna() & candidates["objectives"].notna()]
     values: dict[str, list[tuple[int, float, str]]] = {}
-    for trial, text, source in zip(rows["trial"], rows["objectives_json"], rows["values_source"]):
-        for label, v in json.loads(text).items():
+    for trial, told, source in zip(rows["trial"], rows["objectives"], rows["values_source"]):
+        for o in told:
+            label, v = o["metric"] + (f" on {o['device_class']}" if o["device_class"] else ""), o["value"]
             if v is not None:
                 values.setdefault(label, []).append(
                     (int(trial), float(v), source if isinstance(source, str) else "unknown"))

@@ -7,7 +7,6 @@ the CSV files hold exactly these frames, and the HTML/Markdown only format them.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from itertools import combinations
@@ -200,7 +199,7 @@ def rank_agreement_table(per_class: pd.DataFrame, chosen_by_class: Mapping[str, 
 
 def layers_table(chosen_rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Per layer of each distinct chosen model: units before/after and the kept fraction in %
-    (from ``layers_json``); ``classes`` names the device classes that chose it."""
+    (from the candidate's ``layers``); ``classes`` names the device classes that chose it."""
     by_hash: dict[str, dict[str, Any]] = {}
     for entry in chosen_rows:
         c = entry["chosen"]
@@ -210,10 +209,10 @@ def layers_table(chosen_rows: list[dict[str, Any]]) -> pd.DataFrame:
         seen["classes"].append(entry["device_class"])
     rows = []
     for h, seen in by_hash.items():
-        text = seen["row"].get("layers_json")
-        if text is None or pd.isna(text):
+        layers = seen["row"].get("layers")
+        if layers is None or (isinstance(layers, float) and pd.isna(layers)):
             continue
-        for layer in json.loads(text):
+        for layer in layers:
             before, after = layer.get("units_before"), layer.get("units_after")
             rows.append({"artifact_hash": h, "trial": seen["row"].get("trial"),
                          "classes": ", ".join(seen["classes"]), "layer": layer.get("name"),

@@ -1,9 +1,11 @@
 """The search: what a study asks for, and Optuna's side of it.
 
-Pure pieces first (no Ray, no sockets, no training): the study file (:func:`load_study`,
-:class:`StudySpec`), the conditional search space (:func:`suggest`), and the Optuna study's
-lifetime (:func:`open_study`, :func:`pareto`). The driver in :mod:`deepfleet.orchestrator` owns
-each trial through ``ask()``/``tell()`` and calls these.
+Pure pieces (no Ray, no sockets, no training): the study file (:func:`load_study`,
+:class:`StudySpec`), the conditional search space (:func:`suggest`), the judge that turns a
+candidate and the rows measured so far into a verdict (:func:`judge`), and the Optuna study's
+lifetime (:func:`open_study`, :func:`pareto`, :func:`counts`). The scheduler in
+:mod:`deepfleet.orchestrator.search_driver` owns each trial through ``ask()``/``tell()`` and
+calls these.
 
 ``DEMO_STUDY`` is the packaged study file behind ``deepfleet demo``.
 """
@@ -12,6 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deepfleet.search._judge import (
+    Failed,
+    Infeasible,
+    Measure,
+    PredictedInfeasible,
+    Prediction,
+    Tell,
+    Verdict,
+    judge,
+    prediction_errors,
+)
 from deepfleet.search._spec import (
     METRICS,
     Constraint,
@@ -20,12 +33,16 @@ from deepfleet.search._spec import (
     Resources,
     StudyMeasure,
     StudySpec,
+    check_fleet,
     load_study,
     parse_study,
 )
 from deepfleet.search._study import (
+    Opened,
     apply_params,
+    counts,
     finished,
+    interrupted,
     open_study,
     pareto,
     suggest,
@@ -38,17 +55,30 @@ __all__ = [
     "DEMO_STUDY",
     "METRICS",
     "Constraint",
+    "Failed",
+    "Infeasible",
+    "Measure",
     "Objective",
+    "Opened",
     "Param",
+    "PredictedInfeasible",
+    "Prediction",
     "Resources",
     "StudyMeasure",
     "StudySpec",
+    "Tell",
+    "Verdict",
     "apply_params",
+    "check_fleet",
+    "counts",
     "finished",
+    "interrupted",
+    "judge",
     "load_study",
     "open_study",
     "parse_study",
     "pareto",
+    "prediction_errors",
     "suggest",
     "trial_record",
 ]

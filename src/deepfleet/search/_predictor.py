@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from deepfleet import metrics
+
 MIN_POINTS = 4  # below this a fit is too easy to fool
 FEATURES = ("macs", "params")
 
@@ -53,23 +55,22 @@ def fit(points: Sequence[Mapping[str, float]], target: str) -> Fit | None:
     return Fit(tuple(float(c) for c in coef / scale), len(y), float(statistics.median(errors)))
 
 
-def margin(f: Fit) -> float:
-    return max(0.25, 2 * f.loo_error)
+def margin_for(error: float) -> float:
+    """How far above a limit a prediction must be to reject without measuring: 25 %, or twice
+    the model's own held-out error when that is larger."""
+    return max(0.25, 2 * error)
 
 
-def clearly_breaks(f: Fit, features: Mapping[str, float], limit: float) -> tuple[bool, float]:
-    """(whether the prediction exceeds ``limit`` by more than the margin, the prediction)."""
-    pred = f.predict(features)
-    return pred > limit * (1 + margin(f)), pred
-
-
-def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric_field: str) -> list[dict[str, float]]:
-    """Per artifact of one class: its features and the median measured value."""
-    by_artifact: dict[str, dict[str, Any]] = {}
+def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric: str) -> list[dict[str, float]]:
+    """Per artifact measured on ``device_class``: its features and its class value of
+    ``metric`` (:func:`deepfleet.metrics.class_value`)."""
+    by_artifact: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
-        if (r.get("error") or r.get("reference") or r.get("device_class") != device_class
-                or r.get(metric_field) is None):
-            continue
-        a = by_artifact.setdefault(r["artifact_hash"], {"values": [], **{f: r[f] for f in FEATURES}})
-        a["values"].append(float(r[metric_field]))
-    return [{**{f: a[f] for f in FEATURES}, metric_field: statistics.median(a["values"])} for a in by_artifact.values()]
+        if r.get("device_class") == device_class and all(r.get(f) is not None for f in FEATURES):
+            by_artifact.setdefault(str(r["artifact_hash"]), []).append(r)
+    points = []
+    for members in by_artifact.values():
+        value = metrics.class_value(metric, members, device_class)
+        if value is not None:
+            points.append({**{f: float(members[0][f]) for f in FEATURES}, metric: value})
+    return points

@@ -26,19 +26,9 @@ from typing import Any
 
 import yaml
 
-from deepfleet.errors import ConfigError
+from deepfleet.errors import ConfigError, DeepfleetError
+from deepfleet.metrics import METRICS
 
-# metric -> (default direction, needs a device class, unit)
-METRICS: dict[str, tuple[str, bool, str]] = {
-    "accuracy": ("maximize", False, "fraction (validation split)"),
-    "accuracy_drop_pp": ("minimize", False, "percentage points below the original (validation)"),
-    "latency_p50": ("minimize", True, "ms"),
-    "latency_p90": ("minimize", True, "ms"),
-    "energy": ("minimize", True, "mJ per inference"),
-    "bytes": ("minimize", False, "artifact bytes"),
-    "params": ("minimize", False, "parameters"),
-    "macs": ("minimize", False, "multiply-accumulates per sample"),
-}
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 _TOP = {
     "name", "model", "data", "seed", "base", "space", "objectives", "constraints", "trials",
@@ -72,7 +62,12 @@ class Objective:
     device_class: str | None = None
 
     @property
+    def unit(self) -> str:
+        return METRICS[self.metric].unit
+
+    @property
     def label(self) -> str:
+        """The objective's display name (Optuna's metric name), e.g. ``latency_p50@edison``."""
         return f"{self.metric}@{self.device_class}" if self.device_class else self.metric
 
 
@@ -84,6 +79,7 @@ class Constraint:
 
     @property
     def label(self) -> str:
+        """The constraint's display name (Optuna's constraint key), e.g. ``bytes<=1000``."""
         return f"{self.metric}@{self.device_class}<={self.max:g}" if self.device_class else f"{self.metric}<={self.max:g}"
 
 
@@ -136,8 +132,15 @@ class StudySpec:
         return [o.direction for o in self.objectives]
 
     @property
+    def device_classes(self) -> tuple[str, ...]:
+        """The classes a candidate must be measured on: those of device objectives and
+        constraints, in the order of ``classes``."""
+        used = {x.device_class for x in (*self.objectives, *self.constraints) if x.device_class}
+        return tuple(c for c in self.classes if c in used)
+
+    @property
     def needs_devices(self) -> bool:
-        return any(o.device_class for o in self.objectives) or any(c.device_class for c in self.constraints)
+        return bool(self.device_classes)
 
 
 def _err(src: str, key: str, msg: str) -> ConfigError:
@@ -188,7 +191,7 @@ def _metric(src: str, key: str, raw: Any, classes: tuple[str, ...], extra: set[s
     metric = entry.get("metric")
     if metric not in METRICS:
         raise _err(src, key, f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
-    needs_class = METRICS[metric][1]
+    needs_class = METRICS[metric].per_device
     cls = entry.get("class")
     if needs_class and cls is None:
         if len(classes) != 1:
@@ -249,7 +252,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     objectives = []
     for i, o in enumerate(raw.get("objectives") or ["accuracy", "bytes"]):
         e = _metric(src, f"objectives[{i}]", o, classes, {"direction"})
-        direction = e.get("direction", METRICS[e["metric"]][0])
+        direction = e.get("direction", METRICS[e["metric"]].direction)
         if direction not in ("minimize", "maximize"):
             raise _err(src, f"objectives[{i}].direction", f"got {direction!r}; accepted: minimize, maximize")
         objectives.append(Objective(metric=e["metric"], direction=direction, device_class=e["class"]))
@@ -283,20 +286,76 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     bad = set(m_raw) - set(fields)
     if bad:
         raise _err(src, f"measure.{sorted(bad)[0]}", f"unknown; accepted: {', '.join(fields)}")
+    _resolve_names(src, raw["model"], raw["data"])
     base = raw.get("base") or {}
     bad = set(base) - {"checkpoint", "epochs"}
     if bad:
         raise _err(src, f"base.{sorted(bad)[0]}", "unknown; accepted: checkpoint, epochs")
+    checkpoint = base.get("checkpoint")
+    if checkpoint is not None:
+        checkpoint = _relative_to(src, _expect(src, "base.checkpoint", checkpoint, str, "a file path"))
+        if not Path(checkpoint).is_file():
+            raise _err(src, "base.checkpoint", f"{checkpoint!r} does not exist; give a state_dict saved with "
+                       "torch.save(model.state_dict(), path), or remove the key to train the base")
+    epochs = _expect(src, "base.epochs", base.get("epochs", 60), int, "a positive integer")
+    if epochs < 1:
+        raise _err(src, "base.epochs", f"must be >= 1, but got {epochs}")
     return StudySpec(
         name=raw["name"], model=raw["model"], data=raw["data"],
         seed=_expect(src, "seed", raw.get("seed", 0), int, "an integer"),
-        base_checkpoint=base.get("checkpoint"), base_epochs=int(base.get("epochs", 60)),
+        base_checkpoint=checkpoint, base_epochs=epochs,
         space=space, objectives=tuple(objectives), constraints=tuple(constraints), trials=trials,
         parallelism=parallelism, resources=resources, fleet=raw.get("fleet"), classes=classes,
         storage=raw.get("storage"), sampler=sampler, measure=StudyMeasure(**m_raw),
         sampler_seed=_expect(src, "sampler_seed", raw["sampler_seed"], int, "an integer") if "sampler_seed" in raw else None,
         training=dict(raw.get("training") or {}), source=src,
     )
+
+
+def _relative_to(src: str, path: str) -> str:
+    """``path`` as written in the study file ``src``: relative paths are relative to the file."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and src not in ("<dict>", ""):
+        p = Path(src).parent / p
+    return str(p)
+
+
+def _resolve_names(src: str, model: str, data: str) -> None:
+    """Find the model and the data set now, before Ray starts or the study is created."""
+    from deepfleet.data import check_data
+    from deepfleet.models import check_model
+
+    for key, check, value in (("model", check_model, model), ("data", check_data, data)):
+        try:
+            check(value)
+        except DeepfleetError as exc:
+            raise _err(src, key, str(exc)) from None
+
+
+def check_fleet(spec: StudySpec, energy: dict[str, dict[str, str | None]]) -> None:
+    """Check that every class the study measures on has devices and, for each energy objective
+    or constraint, that every device of its class gives that kind of energy.
+
+    ``energy``: {class: {device: the energy kind it gives ('measured', 'simulated') or None
+    for no sensor}}, from the fleet. Raises ConfigError naming the devices and what to use.
+    """
+    for cls in spec.device_classes:
+        if cls not in energy or not energy[cls]:
+            have = ", ".join(sorted(energy)) or "(none)"
+            raise ConfigError(f"{spec.source}: classes: device class {cls!r} has no device in the fleet; "
+                              f"classes there: {have}")
+    for i, x in enumerate((*spec.objectives, *spec.constraints)):
+        kind = METRICS[x.metric].energy_kind
+        if kind not in ("measured", "simulated"):
+            continue
+        devices = energy[str(x.device_class)]
+        lacking = sorted(d for d, k in devices.items() if k != kind)
+        if lacking:
+            key = f"objectives[{i}]" if i < len(spec.objectives) else f"constraints[{i - len(spec.objectives)}]"
+            given = ", ".join(f"{d} ({devices[d] or 'no sensor'})" for d in lacking)
+            offered = [m for m in ("energy", "energy_simulated", "energy_estimated") if m != x.metric]
+            raise ConfigError(f"{spec.source}: {key}: {x.metric} needs {kind} energy on every device of class "
+                              f"{x.device_class!r}, but {given} give none; use {' or '.join(offered)}")
 
 
 def load_study(path: str | Path) -> StudySpec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -20,9 +21,14 @@ from deepfleet.search._spec import Param, StudySpec
 INTERRUPTED = "interrupted: the driver stopped before this trial finished; it is run again on --resume"
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """TPE (multi-objective capable, constant liar for parallel asks), NSGA-II or random."""
-    seed = spec.sampler_seed if spec.sampler_seed is not None else spec.seed
+def make_sampler(spec: StudySpec, session: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (multi-objective capable, constant liar for parallel asks), NSGA-II or random.
+
+    The seed is the study's seed plus the session number (0 for the first run, +1 for each
+    ``--resume``): a sampler seeded the same way on every start would replay its first random
+    draws and spend trials on settings the study already finished.
+    """
+    seed = (spec.sampler_seed if spec.sampler_seed is not None else spec.seed) + session
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
@@ -36,11 +42,23 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
                                           multivariate=True, group=True)
 
 
-def open_study(spec: StudySpec, storage: str, *, resume: bool) -> tuple[optuna.Study, list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class Opened:
+    """An opened study: the study, this session's number (0: first run), and the parameters of
+    the trials a dead driver left running (marked interrupted, queued to run again)."""
+
+    study: optuna.Study
+    session: int
+    requeued: list[dict[str, Any]]
+
+
+def open_study(spec: StudySpec, storage: str, *, resume: bool) -> Opened:
     """Create the study, or with ``resume`` load it and requeue trials a dead driver left running.
 
-    Returns (study, parameters of the requeued trials). Refuses to silently reuse an existing
-    study without ``resume`` and to resume one that does not exist.
+    Refuses to silently reuse an existing study without ``resume`` and to resume one that does
+    not exist. Records the objectives' names (``study.metric_names``), the session count and
+    the numbers of interrupted trials in the study itself (public Optuna API only), so plain
+    Optuna and optuna-dashboard see what deepfleet sees.
     """
     optuna.logging.set_verbosity(logging.WARNING)
     try:
@@ -57,7 +75,7 @@ def open_study(spec: StudySpec, storage: str, *, resume: bool) -> tuple[optuna.S
         raise ConfigError(f"--resume: no study named {spec.name!r} in {storage}; run once without --resume first")
     directions = spec.directions
     study = optuna.create_study(
-        study_name=spec.name, storage=storage, sampler=make_sampler(spec), load_if_exists=resume,
+        study_name=spec.name, storage=storage, load_if_exists=resume,
         directions=directions if len(directions) > 1 else None,
         direction=directions[0] if len(directions) == 1 else None,
     )
@@ -66,14 +84,26 @@ def open_study(spec: StudySpec, storage: str, *, resume: bool) -> tuple[optuna.S
             f"study {spec.name!r} in {storage} was created with objectives in directions "
             f"{[d.name.lower() for d in study.directions]}, but the study file now asks for {directions}"
         )
-    requeued = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.RUNNING:
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            requeued.append(dict(t.params))
-            study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number}, skip_if_exists=False)
-    return study, requeued
+    labels = [o.label for o in spec.objectives]
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # marked experimental since Optuna 3.2, still the way
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(labels)
+    elif list(study.metric_names) != labels:
+        raise ConfigError(f"study {spec.name!r} in {storage} was created with objectives {study.metric_names}, "
+                          f"but the study file now asks for {labels}; use a new 'name' for new objectives")
+    session = int(study.user_attrs.get("sessions", 0))
+    study.set_user_attr("sessions", session + 1)
+    study.sampler = make_sampler(spec, session)
+    requeued, interrupted = [], list(study.user_attrs.get("interrupted", []))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        interrupted.append(t.number)
+        requeued.append(dict(t.params))
+        study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+    if interrupted:
+        study.set_user_attr("interrupted", interrupted)
+    return Opened(study, session, requeued)
 
 
 def suggest(trial: Trial, space: tuple[Param, ...]) -> dict[str, Any]:
@@ -104,14 +134,32 @@ def _suggest_one(trial: Trial, p: Param) -> Any:
     return trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)  # type: ignore[arg-type]
 
 
+def interrupted(study: optuna.Study) -> set[int]:
+    """Numbers of the trials a stopped driver left unfinished (each was queued again)."""
+    return set(study.user_attrs.get("interrupted", []))
+
+
 def finished(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count against the budget: complete, or failed for a reason other than a stop."""
-    out = []
+    stopped = interrupted(study)
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and t.number not in stopped)]
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by how they ended: complete, failed, interrupted (and re-run), running, waiting."""
+    stopped = interrupted(study)
+    out = {"complete": 0, "failed": 0, "interrupted": 0, "running": 0, "waiting": 0}
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED:
-            out.append(t)
-        elif t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED:
-            out.append(t)
+        if t.state == TrialState.FAIL:
+            out["interrupted" if t.number in stopped else "failed"] += 1
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            out["complete"] += 1
+        elif t.state == TrialState.RUNNING:
+            out["running"] += 1
+        else:
+            out["waiting"] += 1
     return out
 
 

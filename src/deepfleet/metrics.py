@@ -1,0 +1,186 @@
+"""The one definition of every metric: what it reads, its unit, and how devices and classes
+combine. The search's objectives and constraints, the predictor and the report all use it.
+
+Two families:
+
+* **candidate metrics** (``accuracy``, ``accuracy_drop_pp``, ``bytes``, ``params``, ``macs``)
+  are known once a model is compressed: a field of :class:`deepfleet.candidate.Candidate`;
+* **device metrics** (latency, energy) are measured on devices: a column of the results rows
+  (:mod:`deepfleet.orchestrator.results`).
+
+For a device metric and one artifact:
+
+* a row's value is its column, from successful, non-reference rows only, and for energy only
+  from rows of the metric's **kind** (``energy`` reads rows whose sensor is a real meter,
+  ``energy_simulated`` rows whose sensor is a model, ``energy_estimated`` the operation-count
+  estimate every row carries). A value of one kind never stands in for another;
+* the **device value** is the median of the device's row values (a device measured twice
+  counts once);
+* the **class value** is the median over the class's devices of their device values.
+
+Pure functions of plain data (dicts and dataclasses); no pandas, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ENERGY_KINDS",
+    "METRICS",
+    "Metric",
+    "class_value",
+    "class_values",
+    "device_table",
+    "device_values",
+    "metric",
+    "row_value",
+]
+
+ENERGY_KINDS = ("measured", "simulated", "estimated")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metric:
+    """One metric.
+
+    ``source`` is ``candidate`` (``field`` names a Candidate field) or ``device`` (``field``
+    names a results column, read only from rows whose ``energy_kind`` is ``energy_kind`` when
+    that is ``measured`` or ``simulated``). ``direction`` is the default for an objective.
+    """
+
+    name: str
+    direction: str
+    unit: str
+    description: str
+    source: str
+    field: str
+    energy_kind: str | None = None
+
+    @property
+    def per_device(self) -> bool:
+        """True when the metric is measured per device class (an objective names a class)."""
+        return self.source == "device"
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric(name="accuracy", direction="maximize", unit="", source="candidate", field="accuracy_val",
+           description="validation accuracy (fraction)"),
+    Metric(name="accuracy_drop_pp", direction="minimize", unit="pp", source="candidate",
+           field="accuracy_drop_pp",
+           description="percentage points of validation accuracy below the original"),
+    Metric(name="bytes", direction="minimize", unit="B", source="candidate", field="bytes",
+           description="artifact bytes"),
+    Metric(name="params", direction="minimize", unit="", source="candidate", field="params",
+           description="parameters"),
+    Metric(name="macs", direction="minimize", unit="", source="candidate", field="macs",
+           description="multiply-accumulates per sample"),
+    Metric(name="latency_p50", direction="minimize", unit="ms", source="device", field="p50_ms",
+           description="median latency of one run"),
+    Metric(name="latency_p90", direction="minimize", unit="ms", source="device", field="p90_ms",
+           description="90th percentile latency of one run"),
+    Metric(name="latency_p99", direction="minimize", unit="ms", source="device", field="p99_ms",
+           description="99th percentile latency of one run"),
+    Metric(name="energy", direction="minimize", unit="mJ", source="device",
+           field="energy_per_inference_mj", energy_kind="measured",
+           description="energy per run from a real sensor (every device of the class needs one)"),
+    Metric(name="energy_simulated", direction="minimize", unit="mJ", source="device",
+           field="energy_per_inference_mj", energy_kind="simulated",
+           description="energy per run from a simulated sensor (a model, not a meter)"),
+    Metric(name="energy_estimated", direction="minimize", unit="mJ", source="device",
+           field="estimated_energy_mj", energy_kind="estimated",
+           description="energy per run estimated from operation counts (not a measurement)"),
+)}
+
+
+def metric(name: str) -> Metric:
+    """The metric called ``name``; KeyError naming the accepted names otherwise."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; accepted: {', '.join(METRICS)}") from None
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return None if math.isnan(v) else v
+
+
+def candidate_value(name: str, candidate: Any) -> float | None:
+    """The value of candidate metric ``name`` for ``candidate`` (a Candidate or a mapping)."""
+    m = metric(name)
+    if m.per_device:
+        raise ValueError(f"{name} is measured on devices; use class_value")
+    raw = candidate.get(m.field) if isinstance(candidate, Mapping) else getattr(candidate, m.field, None)
+    return _number(raw)
+
+
+def row_value(name: str, row: Mapping[str, Any]) -> float | None:
+    """The value of device metric ``name`` in one results row, or None when the row does not
+    count for it (failed, a drift-reference row, another energy kind, or not recorded)."""
+    m = metric(name)
+    if not m.per_device:
+        raise ValueError(f"{name} is known from compression, not from results rows")
+    if row.get("error") or row.get("reference"):
+        return None
+    if m.energy_kind in ("measured", "simulated") and row.get("energy_kind") != m.energy_kind:
+        return None
+    return _number(row.get(m.field))
+
+
+def device_values(name: str, rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """{device: median of its row values} over ``rows`` (rows of ONE artifact and class)."""
+    per_device: dict[str, list[float]] = {}
+    for r in rows:
+        v = row_value(name, r)
+        if v is not None:
+            per_device.setdefault(str(r["device"]), []).append(v)
+    return {d: statistics.median(vs) for d, vs in per_device.items()}
+
+
+def class_value(name: str, rows: Iterable[Mapping[str, Any]], device_class: str,
+                artifact_hash: str | None = None) -> float | None:
+    """The class value of ``name`` on ``device_class`` (median over its devices' values) from
+    ``rows`` (restricted to ``artifact_hash`` when given); None when no row counts."""
+    mine = [r for r in rows if r.get("device_class") == device_class
+            and (artifact_hash is None or r.get("artifact_hash") == artifact_hash)]
+    values = device_values(name, mine)
+    return statistics.median(values.values()) if values else None
+
+
+def class_values(rows: Iterable[Mapping[str, Any]], artifact_hash: str
+                 ) -> dict[tuple[str, str], float]:
+    """{(metric, class): class value} of every device metric with a value for ``artifact_hash``."""
+    mine = [r for r in rows if r.get("artifact_hash") == artifact_hash]
+    out = {}
+    for cls in sorted({str(r["device_class"]) for r in mine}):
+        for name, m in METRICS.items():
+            if m.per_device and (v := class_value(name, mine, cls)) is not None:
+                out[(name, cls)] = v
+    return out
+
+
+def device_table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (artifact_hash, device_class, device): every device metric's device value
+    (None when no row counts) and ``rows``, the successful non-reference rows behind them.
+    The report's per-device and per-class tables are built from these records."""
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("error") or r.get("reference"):
+            continue
+        groups.setdefault((str(r["artifact_hash"]), str(r["device_class"]), str(r["device"])), []).append(r)
+    out = []
+    for (artifact, cls, device), members in sorted(groups.items()):
+        rec: dict[str, Any] = {"artifact_hash": artifact, "device_class": cls, "device": device,
+                               "rows": len(members)}
+        for name, m in METRICS.items():
+            if m.per_device:
+                rec[name] = device_values(name, members).get(device)
+        out.append(rec)
+    return out

@@ -1,0 +1,114 @@
+"""The judge as a pure function: a study, a candidate and rows in, a verdict out (no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from deepfleet.candidate import Candidate
+from deepfleet.errors import ConfigError
+from deepfleet.search import (
+    Failed,
+    Infeasible,
+    Measure,
+    PredictedInfeasible,
+    Tell,
+    check_fleet,
+    judge,
+    parse_study,
+    prediction_errors,
+)
+from deepfleet.search._predictor import fit, training_points
+
+SPEC = parse_study({
+    "name": "s", "model": "mlp", "data": "digits", "classes": ["a", "b"],
+    "objectives": ["accuracy", {"metric": "latency_p50", "class": "a"}, {"metric": "energy_estimated", "class": "b"}],
+    "constraints": [{"metric": "accuracy_drop_pp", "max": 0.5}, {"metric": "latency_p50", "class": "b", "max": 10}],
+})
+CAND = Candidate(model="mlp", data="digits", method="deepiot", artifact_hash="me", accuracy_val=0.97,
+                 accuracy_test=0.96, accuracy_drop_pp=0.3, params=50_000, macs=500_000, bytes=9000, kept_params=0.2)
+
+
+def row(device: str, cls: str, p50: float, *, artifact: str = "me", macs: int = 500_000, params: int = 50_000,
+        estimate: float = 1.5, error: str | None = None) -> dict:
+    return {"device": device, "device_class": cls, "artifact_hash": artifact, "p50_ms": p50, "macs": macs,
+            "params": params, "estimated_energy_mj": estimate, "energy_per_inference_mj": None,
+            "energy_kind": None, "error": error, "reference": False}
+
+
+def linear_rows(n: int = 8) -> list[dict]:
+    """Other artifacts on class b whose p50 follows 0.5 ms + 2e-6 ms per MAC."""
+    macs = np.linspace(1e5, 2e6, n)
+    return [row("b1", "b", 0.5 + 2e-6 * m, artifact=f"o{i}", macs=int(m), params=int(m / 10))
+            for i, m in enumerate(macs)]
+
+
+def test_a_constraint_compression_settles_is_judged_without_devices() -> None:
+    bad = dataclasses.replace(CAND, accuracy_drop_pp=0.8)
+    v = judge(SPEC, bad, [])
+    assert isinstance(v, Infeasible) and v.broken == ("accuracy_drop_pp<=0.5",)
+    assert v.values[0] == 0.97 and v.constraints["accuracy_drop_pp<=0.5"] == pytest.approx(0.3)
+    assert v.source == "placeholder" and v.outcome == "infeasible"
+
+
+def test_unmeasured_classes_are_measured() -> None:
+    v = judge(SPEC, CAND, [row("a1", "a", 2.0)])
+    assert isinstance(v, Measure) and v.classes == ("b",)
+    assert judge(SPEC, CAND, []).classes == ("a", "b")  # type: ignore[union-attr]
+
+
+def test_measured_rows_give_the_values_to_tell() -> None:
+    rows = [row("a1", "a", 1.0), row("a2", "a", 3.0), row("a3", "a", 10.0), row("a3", "a", 99.0, error="cut"),
+            row("b1", "b", 12.0, estimate=2.5), row("b1", "b", 5.0, artifact="someone else")]
+    v = judge(SPEC, CAND, rows)
+    assert isinstance(v, Tell) and v.source == "measured"
+    assert v.values == (0.97, 3.0, 2.5)
+    assert v.constraints == {"accuracy_drop_pp<=0.5": pytest.approx(-0.2), "latency_p50@b<=10": 2.0}
+
+
+def test_a_clear_predicted_violation_costs_no_device_time() -> None:
+    big = dataclasses.replace(CAND, macs=10_000_000, params=1_000_000)  # predicts about 20.5 ms > 10 ms
+    v = judge(SPEC, big, [row("a1", "a", 2.0, artifact="me"), *linear_rows()])
+    assert isinstance(v, PredictedInfeasible) and v.prediction is not None
+    assert v.prediction.value == pytest.approx(20.5, rel=0.02) and v.prediction.error < 0.01
+    assert v.source == "predicted" and "latency_p50 on b" in (v.reason or "")
+    # within the margin: measured instead
+    near = dataclasses.replace(CAND, macs=5_500_000, params=550_000)  # about 11.5 ms: within 25 %
+    assert isinstance(judge(SPEC, near, linear_rows()), Measure)
+
+
+def test_predictions_are_scored_against_what_was_measured() -> None:
+    v = judge(SPEC, CAND, linear_rows())
+    assert isinstance(v, Measure)
+    (p,) = [p for p in v.predictions if p.metric == "latency_p50"]
+    errors = prediction_errors(v.predictions, CAND, [row("b1", "b", 2.0)])
+    assert [(q.metric, e) for q, e in errors if q is p] == [("latency_p50", pytest.approx(abs(p.value - 2.0) / 2.0))]
+
+
+def test_a_value_the_rows_cannot_give_fails_the_trial_with_the_devices() -> None:
+    spec = parse_study({"name": "s", "model": "mlp", "data": "digits", "classes": ["a"],
+                        "objectives": [{"metric": "energy", "class": "a"}]})
+    v = judge(spec, CAND, [row("a1", "a", 1.0)])
+    assert isinstance(v, Failed) and "a1" in v.reason and "energy_estimated" in v.reason
+
+
+def test_energy_on_a_class_without_sensors_is_refused_on_load() -> None:
+    spec = parse_study({"name": "s", "model": "mlp", "data": "digits", "classes": ["edison"],
+                        "objectives": [{"metric": "energy", "class": "edison"}]})
+    with pytest.raises(ConfigError, match=r"objectives\[0\]: energy needs measured energy on every device of "
+                                          r"class 'edison', but e1 \(simulated\), e2 \(no sensor\) give none; "
+                                          r"use energy_simulated or energy_estimated"):
+        check_fleet(spec, {"edison": {"e1": "simulated", "e2": None, "e3": "measured"}})
+    check_fleet(spec, {"edison": {"e3": "measured"}})
+    with pytest.raises(ConfigError, match="class 'edison' has no device"):
+        check_fleet(spec, {"x86": {"n1": None}})
+
+
+def test_predictor_recovers_a_linear_cost_and_needs_enough_points() -> None:
+    pts = training_points(linear_rows(12), "b", "latency_p50")
+    f = fit(pts, "latency_p50")
+    assert f is not None and f.loo_error < 0.01
+    assert f.predict({"macs": 5e5, "params": 5e4}) == pytest.approx(1.5, rel=0.01)
+    assert fit(pts[:3], "latency_p50") is None  # too few points to trust

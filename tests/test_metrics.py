@@ -1,0 +1,64 @@
+"""The one definition of every metric: row, device and class values, energy kept by kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepfleet import metrics
+from deepfleet.candidate import Candidate
+
+
+def row(device: str, cls: str = "a", p50: float = 1.0, *, energy: float | None = None, kind: str | None = None,
+        estimate: float = 0.3, artifact: str = "x", **extra: object) -> dict:
+    return {"device": device, "device_class": cls, "artifact_hash": artifact, "p50_ms": p50, "p90_ms": 1.2 * p50,
+            "energy_per_inference_mj": energy, "energy_kind": kind, "estimated_energy_mj": estimate,
+            "error": None, "reference": False, **extra}
+
+
+def test_class_value_is_the_median_over_devices_of_each_devices_median() -> None:
+    rows = [row("d1", p50=1.0), row("d1", p50=100.0), row("d1", p50=2.0),  # d1's value: 2.0
+            row("d2", p50=3.0), row("d3", p50=10.0),
+            row("d3", p50=99.0, error="link cut"), row("d2", p50=50.0, reference=True),
+            row("d4", cls="b", p50=7.0)]
+    assert metrics.device_values("latency_p50", [r for r in rows if r["device_class"] == "a"]) == {
+        "d1": 2.0, "d2": 3.0, "d3": 10.0}
+    assert metrics.class_value("latency_p50", rows, "a") == 3.0
+    assert metrics.class_value("latency_p50", rows, "b") == 7.0
+    assert metrics.class_value("latency_p50", rows, "c") is None
+
+
+def test_energy_kinds_never_stand_in_for_each_other() -> None:
+    """Three devices of one class: a real meter (10), a simulated sensor (50), none (the
+    op-count estimate 0.3 on every row). Each energy metric reads its own kind only."""
+    rows = [row("d1", energy=10.0, kind="measured"), row("d2", energy=50.0, kind="simulated"), row("d3")]
+    assert metrics.class_value("energy", rows, "a") == 10.0
+    assert metrics.class_value("energy_simulated", rows, "a") == 50.0
+    assert metrics.class_value("energy_estimated", rows, "a") == 0.3
+    assert metrics.row_value("energy", rows[2]) is None  # no sensor: no measured energy
+    assert metrics.row_value("energy", rows[1]) is None  # a model of a sensor is not a meter
+
+
+def test_candidate_metrics_read_the_candidates_fields() -> None:
+    c = Candidate(model="mlp", data="digits", method="deepiot", artifact_hash="x", accuracy_val=0.97,
+                  accuracy_test=0.96, accuracy_drop_pp=0.8, params=1000, macs=900, bytes=5000, kept_params=0.05)
+    assert metrics.candidate_value("accuracy", c) == 0.97
+    assert metrics.candidate_value("accuracy_drop_pp", c) == 0.8
+    assert metrics.candidate_value("bytes", c) == 5000
+    with pytest.raises(ValueError, match="measured on devices"):
+        metrics.candidate_value("latency_p50", c)
+
+
+def test_device_table_has_every_device_metric_per_device() -> None:
+    rows = [row("d1", energy=10.0, kind="measured"), row("d1", p50=3.0, energy=12.0, kind="measured"),
+            row("d2", artifact="y")]
+    table = metrics.device_table(rows)
+    assert [(r["artifact_hash"], r["device"], r["rows"]) for r in table] == [("x", "d1", 2), ("y", "d2", 1)]
+    assert table[0]["latency_p50"] == 2.0 and table[0]["energy"] == 11.0 and table[1]["energy"] is None
+
+
+def test_device_metrics_read_columns_the_results_dataset_has() -> None:
+    from deepfleet.orchestrator.results import RESULTS_SCHEMA
+
+    columns = set(RESULTS_SCHEMA.names)
+    assert {m.field for m in metrics.METRICS.values() if m.per_device} <= columns
+    assert {m.field for m in metrics.METRICS.values() if not m.per_device} <= set(Candidate.__dataclass_fields__)
