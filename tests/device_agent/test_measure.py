@@ -16,7 +16,7 @@ import pytest
 
 from deepfleet.artifact import Artifact
 from deepfleet.device_agent.agent import AGENT_VERSION
-from deepfleet.device_agent.energy import ADD_PJ, DRAM_PJ_PER_32BIT, MULT_PJ
+from deepfleet.device_agent.protocol import ADD_PJ, DRAM_PJ_PER_32BIT, MULT_PJ
 from tests.conftest import AgentProcess
 
 NO_ENERGY = {"source": "none"}

@@ -18,9 +18,11 @@ from deepfleet.errors import ResultsError
 from deepfleet.orchestrator.results import (
     RESULTS_SCHEMA,
     SCHEMA_VERSION,
+    UPGRADES,
     failure_row,
     measurement_row,
     read_results,
+    readable,
     write_results,
 )
 from tests.conftest import AgentProcess
@@ -179,3 +181,16 @@ def test_version_1_files_without_drift_read_back_with_null_drift(tmp_path: Path)
     assert df.loc["old", "schema_version"] == 1 and pd.isna(df.loc["old", "drift"])
     new = df[df.index != "old"].iloc[0]
     assert new["schema_version"] == 2 and new["drift"] == pytest.approx(0.04)
+    # the upgrade that did it is the one in UPGRADES (the report reads through it too)
+    assert readable(1) and 1 in UPGRADES and not readable(0)
+
+
+@pytest.mark.parametrize("version", [0, SCHEMA_VERSION + 1])
+def test_rows_of_a_version_without_an_upgrade_are_refused(tmp_path: Path, version: int) -> None:
+    """read_results used to return rows of a newer (or unknown older) version as if current,
+    while the report refused them: both now refuse, with the version and what to do."""
+    write_results(tmp_path, [_row(), _row(schema_version=version)])
+    fix = "upgrade deepfleet" if version > SCHEMA_VERSION else "knows no upgrade from 0"
+    with pytest.raises(ResultsError, match=rf"holds rows of schema version {version}.*{fix}"):
+        read_results(tmp_path)
+    assert len(read_results(tmp_path, "other-study")) == 0  # other studies stay readable

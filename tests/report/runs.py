@@ -15,15 +15,23 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from deepfleet.artifact import write_artifact
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.device_agent.agent import AGENT_VERSION, latency_summary
-from deepfleet.device_agent.energy import ESTIMATE_BASIS
+from deepfleet.device_agent.protocol import ESTIMATE_BASIS
 from deepfleet.orchestrator.candidates import candidate_row, write_candidates
-from deepfleet.orchestrator.results import failure_row, measurement_row, write_results
+from deepfleet.orchestrator.results import (
+    RESULTS_SCHEMA,
+    failure_row,
+    measurement_row,
+    write_results,
+)
 
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.timezone.utc)
 # LeNet5 as in DeepIoT's Table 1: units per prunable layer, parameters, Edison time and energy
@@ -129,11 +137,28 @@ def measurement_rows(study: str, n: int = 3, **override: Any) -> list[dict[str, 
     return rows
 
 
+def write_v1_results(root: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` (of one study and device) as a file of results schema version 1 wrote it: no
+    ``drift`` column, ``schema_version`` 1, partition columns in the folder names only."""
+    schema = RESULTS_SCHEMA.remove(RESULTS_SCHEMA.get_field_index("drift"))
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "drift"}
+                                  | {"schema_version": 1} for r in rows], schema=schema)
+    folder = (root / f"study={quote(rows[0]['study'], safe='')}"
+              / f"device={quote(rows[0]['device'], safe='')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-v1-{rows[0]['measurement_id']}.parquet"
+    pq.write_table(table.drop_columns(["study", "device"]), path)
+    return path
+
+
 def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repeats: int = 1,
              runs: int = 30, classes: dict[str, ClassSpec] | None = None,
              candidates: bool = True, reference_every: int = 10, failures: int = 2,
-             seed: int = 0, batch_rows: int = 20_000) -> RunInfo:
+             seed: int = 0, batch_rows: int = 20_000, drop_limit: float | None = None) -> RunInfo:
     """Write ``root/results`` (and ``root/candidates``, ``root/artifacts`` with ``candidates``).
+
+    ``drop_limit`` adds the study constraint ``accuracy_drop_pp<=drop_limit`` to every trial's
+    constraints (as the search labels it): a trial over it breaks a constraint.
 
     Every feasible trial is measured ``repeats`` times on every device (``runs`` latencies per
     row); every ``reference_every``-th measurement of a device is followed by a drift check of a
@@ -167,6 +192,10 @@ def make_run(root: Path, *, study: str = "lenet5-digits", trials: int = 24, repe
         outcome = {0: "predicted_infeasible", 1: "failed", 2: "infeasible"}.get(t, "measured")
         constraints = [{"label": "bytes<=400000", "metric": "bytes", "device_class": None, "max": 400_000.0,
                         "excess": int(BASE_BYTES * keep) - 400_000}]
+        if drop_limit is not None:
+            constraints.append({"label": f"accuracy_drop_pp<={drop_limit:g}", "metric": "accuracy_drop_pp",
+                                "device_class": None, "max": drop_limit,
+                                "excess": 100 * (0.985 - acc) - drop_limit})
         info.trials[t] = {"hash": h, "keep": keep, "accuracy_val": acc, "outcome": outcome}
         objectives = [{"metric": "accuracy", "device_class": None, "value": acc}]
         for cls, spec in classes.items():

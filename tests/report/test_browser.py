@@ -108,6 +108,30 @@ def test_report_stays_readable_on_a_narrow_window(browser: Any, search_report: t
         browser.set_window_size(1280, 1600)
 
 
+# (table, its width, the width of the box it sits in) for every table wider than its box
+_TOO_WIDE_JS = """
+return Array.from(document.querySelectorAll('table[data-table]')).map(t =>
+  [t.dataset.table, Math.ceil(t.getBoundingClientRect().width), t.parentElement.clientWidth])
+  .filter(([name, w, box]) => w > box + 1);
+"""
+
+
+@pytest.mark.parametrize("run", ["search_report", "measure_report"])
+def test_every_table_fits_a_1400_px_window(browser: Any, run: str,
+                                           request: pytest.FixtureRequest) -> None:
+    """No table needs a horizontal scroll bar at 1400 px: Table 1 (one column per number:
+    3200 px before) is shown transposed, column names break after underscores, text cells
+    wrap, hashes break anywhere."""
+    files, _ = request.getfixturevalue(run)
+    browser.set_window_size(1400, 1000)
+    try:
+        _open(browser, files.html)
+        assert browser.execute_script(_TOO_WIDE_JS) == []
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 1400
+    finally:
+        browser.set_window_size(1280, 1600)
+
+
 def test_the_pixel_check_sees_a_blank_plot(browser: Any, search_report: tuple[ReportFiles, Report],
                                            tmp_path: Path) -> None:
     """The check above can fail: a page whose only figure is an empty canvas reads as blank."""

@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from markupsafe import escape
 
 from deepfleet.cli import main
 from deepfleet.orchestrator.results import SCHEMA_VERSION, read_results, write_results
 from deepfleet.report import ReportFiles, build_report
-from tests.report.runs import DEFAULT_CLASSES, RunInfo, measurement_rows
+from tests.report.runs import DEFAULT_CLASSES, ClassSpec, RunInfo, make_run, measurement_rows
 
 
 def _report(*args: str) -> Any:
@@ -112,6 +113,63 @@ def test_variation_ranking_layers_and_drift(search_report: tuple[ReportFiles, An
     assert report.absent == []
 
 
+def test_empty_tables_keep_their_columns_and_the_page_says_why(tmp_path: Path) -> None:
+    """One device per class: no unit-to-unit variation. unit_variation_summary.csv was an empty
+    file (no header); every CSV now has its columns, and the section says why it is empty."""
+    one_each = {"pi4": ClassSpec(devices=1, base_ms=12.0, energy="estimated"),
+                "x86": ClassSpec(devices=1, base_ms=1.5, energy="measured")}
+    info = make_run(tmp_path / "run", trials=4, classes=one_each)
+    files, report = build_report(info.root)
+    for csv in files.csv:
+        header = csv.read_text().splitlines()[:1]
+        assert header and header[0].count(",") >= 1, f"{csv.name} has no header: {header}"
+    summary = pd.read_csv(files.tables / "unit_variation_summary.csv")
+    assert summary.empty and "cv_p50_median_pct" in summary.columns
+    [section] = [s for s in report.sections if s.key == "variation"]
+    assert section.notes[0].startswith("The variation tables are empty: no device class has two "
+                                       "devices") and "pi4 1, x86 1" in section.notes[0]
+    assert section.notes[0] in files.html.read_text()
+
+
+def test_the_default_max_drop_is_the_studys_own_constraint(tmp_path: Path) -> None:
+    """A study constrained to accuracy_drop_pp <= 0.3: the report chose within 0.5 pp (its own
+    default) and said nothing about it; now it uses 0.3, says so, and --max-drop still wins."""
+    info = make_run(tmp_path / "run", trials=24, drop_limit=0.3)
+    out = tmp_path / "study.html"
+    result = _report(str(info.root), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    source = "the study's constraint accuracy_drop_pp<=0.3 (the candidates' constraints)"
+    assert f"accuracy-drop limit 0.3 pp, from {source}" in result.output
+    assert str(escape(f"0.3 pp (validation split), from {source}")) in out.read_text()
+    assert f"0.3 pp (validation split), from {source}" in out.with_suffix(".md").read_text()
+    t1 = pd.read_csv(tmp_path / "study_tables" / "table1.csv")
+    assert (t1["accuracy_drop_pp"] <= 0.3).all() and t1["chosen_trial"].notna().all()
+    assert (t1["note"].str.contains("within 0.3 pp")).all()
+    # over 0.3 but within 0.5: what the old default would have taken, had the study allowed it
+    drops = {t: 100 * (0.985 - v["accuracy_val"]) for t, v in info.trials.items()}
+    assert any(0.3 < d <= 0.5 for d in drops.values())
+
+    explicit = tmp_path / "explicit.html"
+    result = _report(str(info.root), "--out", str(explicit), "--max-drop", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "accuracy-drop limit 0.2 pp, from --max-drop\n" in result.output
+    t1 = pd.read_csv(tmp_path / "explicit_tables" / "table1.csv")
+    assert (t1["accuracy_drop_pp"].dropna() <= 0.2).all()
+    result = _report(str(info.root), "--out", str(explicit), "--max-drop", "1")
+    assert "from --max-drop (larger drops still break the study's constraint " in result.output
+
+
+def test_max_drop_sources() -> None:
+    from deepfleet.report._build import max_drop
+
+    assert max_drop(None, {}) == (0.5, "the default: the study has no accuracy_drop_pp "
+                                       "constraint in the candidates' constraints")
+    value, source = max_drop(None, {"accuracy_drop_pp<=2": 2.0, "accuracy_drop_pp@pi4<=1.5": 1.5})
+    assert value == 1.5 and "accuracy_drop_pp@pi4<=1.5" in source and "strictest" in source
+    assert max_drop(0.7, {}) == (0.7, "--max-drop")
+    assert max_drop(0.0, {"accuracy_drop_pp<=2": 2.0}) == (0.0, "--max-drop")
+
+
 def _copy_report(files: ReportFiles, directory: Path) -> Path:
     """A copy of an existing report in ``directory`` (as ``report.*``): cheaper than a build."""
     shutil.copy(files.html, directory / "report.html")
@@ -138,6 +196,7 @@ def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: Ru
     assert result.exit_code == 0, result.output
     assert "absent: no candidate rows" in result.output
     assert "absent: no artifacts/ directory" in result.output
+    assert "accuracy-drop limit 0.5 pp, from the default: the study has no" in result.output
     out = measure_run.root / "report.html"  # next to results/, never inside it
     html = out.read_text()
     assert "Not in this report, and why" in html and "Table 1: original vs compressed" in html
@@ -163,8 +222,9 @@ def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: Ru
 
 
 def _old_schema(root: Path) -> None:
+    """Rows of version 0: older than any this deepfleet can upgrade (version 1 it can)."""
     write_results(root / "results", measurement_rows("s"))
-    write_results(root / "results", measurement_rows("s", schema_version=SCHEMA_VERSION - 1))
+    write_results(root / "results", measurement_rows("s", schema_version=0))
 
 
 def _old_file_layout(root: Path) -> None:
@@ -184,6 +244,11 @@ def _two_studies(root: Path) -> None:
     write_results(root / "results", measurement_rows("alpha") + measurement_rows("beta"))
 
 
+def _run_and_a_file(root: Path) -> None:
+    write_results(root / "results", measurement_rows("s"))
+    (root.parent / "some_file.txt").write_text("notes\n")
+
+
 def _empty(root: Path) -> None:
     (root / "results").mkdir(parents=True)
 
@@ -196,8 +261,8 @@ def _not_a_run(root: Path) -> None:
     (None, [], r"no run directory at .*: it does not exist"),
     (_empty, [], r"results dataset at .*results is empty \(no Parquet files\)"),
     (_not_a_run, [], r"is neither a run directory \(with results/\) nor a results dataset"),
-    (_old_schema, [], rf"holds rows of schema version {SCHEMA_VERSION - 1} \(e\.g\. .*part-.*\.parquet\);"
-                      rf" this deepfleet reads version {SCHEMA_VERSION} and knows no upgrade"),
+    (_old_schema, [], r"holds rows of schema version 0 \(e\.g\. .*part-.*\.parquet\);"
+                      rf" this deepfleet reads versions 1, {SCHEMA_VERSION} and knows no upgrade"),
     (_old_file_layout, [], r"schema version 0 \(e\.g\. .*part-old\.parquet\)"),
     (_newer_schema, [], rf"schema version {SCHEMA_VERSION + 1} .*newer .* upgrade deepfleet"),
     (_two_studies, [], r"hold 2 studies \(alpha, beta\); choose one with --study"),
@@ -205,8 +270,11 @@ def _not_a_run(root: Path) -> None:
     (_two_studies, ["--max-drop", "-1"], r"--max-drop must be >= 0"),
     (_two_studies, ["--study", "alpha", "--out", "{root}/results/r.html"],
      r"is inside the results dataset"),
+    (_run_and_a_file, ["--out", "{root}/../some_file.txt/x/report.html"],
+     r"--out .*some_file\.txt/x/report\.html lies under .*some_file\.txt, which is a file, not a "
+     r"folder; .* e\.g\. --out .*/report\.html$"),
 ], ids=["missing", "empty", "not-a-run", "old-schema", "old-file-layout", "newer-schema", "no-study-chosen", "unknown-study",
-        "negative-drop", "out-inside-results"])
+        "negative-drop", "out-inside-results", "out-under-a-file"])
 def test_bad_input_is_one_error_line_status_2_and_nothing_written(
         tmp_path: Path, make: Any, args: list[str], expected: str) -> None:
     root = tmp_path / "run"
@@ -226,6 +294,8 @@ def test_bad_input_is_one_error_line_status_2_and_nothing_written(
     assert result.stdout == ""
     assert _report_files(tmp_path) == ["report.html"]
     assert (tmp_path / "report.html").read_text() == "earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["report.html"], ["report.html", "run"],
+                                                          ["report.html", "run", "some_file.txt"])
     if root.exists():
         assert not [p for p in root.rglob("*") if "report" in p.name]
 

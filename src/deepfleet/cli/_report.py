@@ -22,7 +22,8 @@ def _size(path: Path) -> str:
                    "<stem>.md and the CSV folder <stem>_tables/ go next to it.")
 @click.option("--max-drop", "max_drop", type=float, default=None, show_default=False,
               help="Accuracy-drop limit in percentage points (validation split) for the chosen "
-                   "candidate. Default: 0.5.")
+                   "candidate. Default: the study's own accuracy_drop_pp constraint (its max), "
+                   "else 0.5. The report says which value it used and where it came from.")
 def report(results_dir: Path, study: str | None, out: Path | None, max_drop: float | None) -> None:
     """Write a self-contained HTML report, a Markdown summary and CSV tables for a run.
 
@@ -31,11 +32,11 @@ def report(results_dir: Path, study: str | None, out: Path | None, max_drop: flo
     data cannot be reported (missing, empty, unknown study, rows of an unknown schema version).
     """
     # lazy: pandas and matplotlib load only when this command runs
-    from deepfleet.report import DEFAULT_MAX_DROP_PP, build_report
+    from deepfleet.report import build_report
 
-    files, rep = build_report(results_dir, study=study, out=out,
-                              max_drop_pp=DEFAULT_MAX_DROP_PP if max_drop is None else max_drop)
+    files, rep = build_report(results_dir, study=study, out=out, max_drop_pp=max_drop)
     click.echo(f"deepfleet report: study {rep.study!r}: {rep.facts['measurement rows']}")
+    click.echo(f"  accuracy-drop limit {rep.max_drop_pp:g} pp, from {rep.max_drop_source}")
     for line in rep.absent:
         click.echo(f"  absent: {line}")
     click.echo(f"html     {files.html} ({_size(files.html)})")

@@ -17,16 +17,19 @@ import subprocess
 import threading
 import time
 
-from deepfleet.device_agent.protocol import AgentError, finite
+from deepfleet.device_agent.protocol import (
+    ADD_PJ,
+    DRAM_PJ_PER_32BIT,
+    ESTIMATE_BASIS,
+    MULT_PJ,
+    AgentError,
+    finite,
+)
 from deepfleet.device_agent.system import natural_key, read_number, read_number_strict, read_text
 
 ENERGY_ROOTS = {"rapl": "/sys/class/powercap", "hwmon": "/sys/class/hwmon",
                 "power_supply": "/sys/class/power_supply"}
 SIM_HWMON_NAME = "deepfleet_sim"  # the name powersim.py gives its hwmon device
-# DESIGN §6 energy table (32-bit float operations, 45 nm, as used by the DeepIoT paper), in pJ.
-MULT_PJ = 3.7
-ADD_PJ = 0.9
-DRAM_PJ_PER_32BIT = 640.0
 
 
 class EnergySource(abc.ABC):
@@ -437,8 +440,6 @@ def estimate_energy_mj(manifest, batch):
     return (batch * macs * (MULT_PJ + ADD_PJ) + params * DRAM_PJ_PER_32BIT) * 1e-9
 
 
-ESTIMATE_BASIS = ("operation-count estimate, not a measurement: batch x MACs x (3.7 + 0.9) pJ + "
-                  "params x 640 pJ (32-bit float MULT, ADD, DRAM access; activations not counted)")
 
 
 # ---------------------------------------------------------------------------- the response

@@ -63,6 +63,15 @@ import shlex
 
 PROTOCOL_VERSION = 1
 BACKENDS = ("numpy", "onnxruntime", "torch")
+
+# The operation-count energy estimate every measure response carries (DESIGN §6: the seed's energy
+# table, 32-bit float operations at 45 nm as used by the DeepIoT paper, in pJ):
+# part of what a response means, so the host (reports) reads the same definition.
+MULT_PJ = 3.7
+ADD_PJ = 0.9
+DRAM_PJ_PER_32BIT = 640.0
+ESTIMATE_BASIS = ("operation-count estimate, not a measurement: batch x MACs x (3.7 + 0.9) pJ + "
+                  "params x 640 pJ (32-bit float MULT, ADD, DRAM access; activations not counted)")
 ENERGY_SOURCES = ("auto", "rapl", "hwmon", "power_supply", "command", "none")
 
 

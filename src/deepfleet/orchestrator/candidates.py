@@ -32,11 +32,15 @@ from deepfleet.candidate import Candidate, Layer
 from deepfleet.errors import ResultsError
 from deepfleet.orchestrator.results import write_partitioned
 
-__all__ = ["CANDIDATES_SCHEMA", "OUTCOMES", "candidate_row", "read_candidates", "write_candidates"]
+__all__ = ["CANDIDATES_SCHEMA", "OUTCOMES", "READ_VERSIONS", "candidate_row", "read_candidates",
+           "write_candidates"]
 
 # 2: nested columns (layers, objectives, constraints, predictions, trial_params) instead of
 #    *_json text; Candidate's field names.
 CANDIDATES_SCHEMA_VERSION = 2
+# The versions read_candidates returns: the current one, and 1 (upgraded on read, its rows keep
+# schema_version 1); readers check rows against this, not against the current version alone.
+READ_VERSIONS = frozenset({1, CANDIDATES_SCHEMA_VERSION})
 OUTCOMES = ("measured", "infeasible", "predicted_infeasible", "failed", "baseline")
 
 _LAYER = pa.struct([

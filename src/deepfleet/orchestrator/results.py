@@ -21,10 +21,11 @@ import datetime as dt
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -38,16 +39,20 @@ __all__ = [
     "PARTITIONING",
     "RESULTS_SCHEMA",
     "SCHEMA_VERSION",
+    "UPGRADES",
     "failure_row",
     "measurement_row",
     "plain_rows",
     "read_results",
+    "readable",
+    "upgrade_rows",
+    "version_error",
     "write_results",
 ]
 
 # 2: the ``drift`` column. Files written at version 1 lack it; they read back with drift null
-# (the dataset is read with RESULTS_SCHEMA, which fills a column a file lacks with nulls), and
-# their rows keep schema_version 1, so a reader can tell "not recorded" from "no drift".
+# (see UPGRADES), and their rows keep schema_version 1, so a reader can tell "not recorded" from
+# "no drift".
 SCHEMA_VERSION = 2
 ENERGY_KINDS = ("measured", "simulated", "estimated")
 
@@ -127,6 +132,58 @@ PARTITION_SCHEMA = pa.schema([pa.field("study", pa.string()), pa.field("device",
 PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 
 _REQUIRED = [f.name for f in RESULTS_SCHEMA if not f.nullable]
+
+
+def _upgrade_1(rows: pd.DataFrame) -> pd.DataFrame:
+    # Version 2 added ``drift``; a version-1 writer never measured it: null ("not recorded").
+    return rows.assign(drift=np.nan)
+
+
+# The ONE place that knows how to read rows of an older schema version (read_results applies it,
+# so every reader, the report included, gets the same answer). UPGRADES[v] takes rows of version
+# v in RESULTS_SCHEMA columns (read with RESULTS_SCHEMA: a column the file lacks is null) and
+# returns them as version v + 1 means them; rows keep their ``schema_version``. A version with a
+# chain of upgrades up to SCHEMA_VERSION is readable; any other (older, newer, or a file without
+# the column: version 0) is refused with a ResultsError. A SCHEMA_VERSION bump adds its step here.
+UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _upgrade_1}
+
+
+def readable(version: int) -> bool:
+    """Whether rows of schema ``version`` can be read (the current one, or upgradable to it)."""
+    return version == SCHEMA_VERSION or (
+        0 < version < SCHEMA_VERSION and all(v in UPGRADES for v in range(version, SCHEMA_VERSION)))
+
+
+def version_error(what: str, version: int, example: str | os.PathLike[str] | None = None
+                  ) -> ResultsError:
+    """The error for rows of a schema ``version`` this code cannot read, found in ``what`` (e.g.
+    'results dataset at runs/x/results'), naming a file that holds them when known."""
+    where = f" (e.g. {example})" if example is not None else ""
+    versions = ", ".join(str(v) for v in range(1, SCHEMA_VERSION + 1) if readable(v))
+    if version > SCHEMA_VERSION:
+        return ResultsError(
+            f"{what} holds rows of schema version {version}{where}, newer than the versions "
+            f"{versions} this deepfleet reads; upgrade deepfleet to read them")
+    return ResultsError(
+        f"{what} holds rows of schema version {version}{where}; this deepfleet reads versions "
+        f"{versions} and knows no upgrade from {version}; read them with the deepfleet that "
+        "wrote them, or measure those artifacts again")
+
+
+def upgrade_rows(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``frame`` (RESULTS_SCHEMA columns) with the rows of every older readable version upgraded
+    (UPGRADES), their ``schema_version`` kept; raises :func:`version_error` for a version that
+    cannot be read. Rows come back grouped by version: sort afterwards."""
+    versions = frame["schema_version"].fillna(0).astype(int)
+    parts = []
+    for version in sorted(set(versions)):
+        if not readable(version):
+            raise version_error(what, version)
+        rows = frame.loc[versions == version]
+        for step in range(version, SCHEMA_VERSION):
+            rows = UPGRADES[step](rows)
+        parts.append(rows)
+    return pd.concat(parts) if len(parts) > 1 else frame
 
 
 def _timestamp(value: Any) -> dt.datetime | None:
@@ -369,13 +426,14 @@ def read_results(root: str | os.PathLike[str], study: str | None = None) -> pd.D
     Columns are RESULTS_SCHEMA's, in its order, with every row's partition values restored:
     strings use pandas' string dtype, integers nullable ``Int*`` dtypes, timestamps UTC,
     ``latencies_ms``/``affinity`` hold numpy arrays. A dataset with no rows (or none for
-    ``study``) gives an empty frame with those columns. Rows written by an older schema version
-    have nulls in the columns added since (their ``schema_version`` says which). Raises
-    ResultsError when ``root`` does not exist or a file is unreadable.
+    ``study``) gives an empty frame with those columns. Rows of an older schema version are
+    upgraded on read (:data:`UPGRADES`: version 1 has a null ``drift``) and keep their
+    ``schema_version``. Raises ResultsError when ``root`` does not exist, a file is unreadable,
+    or rows are of a version this code cannot read (newer, or older without an upgrade).
     """
     table = read_table(root, study)
     frame = table.to_pandas(types_mapper=_pandas_type)
-    frame = frame[RESULTS_SCHEMA.names]
+    frame = upgrade_rows(frame[RESULTS_SCHEMA.names], f"results dataset at {root}")
     # A new frame, not an in-place sort: pandas 3's copy-on-write makes that explicit anyway.
     return frame.sort_values(["started_at", "measurement_id"], kind="stable").reset_index(drop=True)
 

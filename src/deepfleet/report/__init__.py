@@ -33,6 +33,14 @@ def _check_out(out: Path, run: RunData) -> None:
                           "next to it), e.g. --out report.html")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name, e.g. {out / 'report.html'}")
+    for folder in out.absolute().parents:  # the nearest one that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"--out {out} lies under {folder}, which is a file, not a folder; give an "
+                    f"--out whose folders are folders or do not exist yet, e.g. "
+                    f"--out {folder.parent / out.name}")
+            break
     results = run.located.results.resolve()
     if out.resolve().is_relative_to(results):
         # pyarrow would try to read the report's files as part of the results dataset
@@ -42,16 +50,20 @@ def _check_out(out: Path, run: RunData) -> None:
 
 def build_report(path: str | os.PathLike[str], *, study: str | None = None,
                  out: str | os.PathLike[str] | None = None,
-                 max_drop_pp: float = DEFAULT_MAX_DROP_PP) -> tuple[ReportFiles, Report]:
+                 max_drop_pp: float | None = None) -> tuple[ReportFiles, Report]:
     """Write the report of the run at ``path`` (a run directory or its ``results/``).
 
     ``out`` is the HTML file (default ``<run>/report.html``); ``<stem>.md`` and ``<stem>_tables/``
-    go next to it. Nothing is written unless everything succeeds. Raises ResultsError for data
-    that cannot be reported (missing, empty, unknown study, old schema) and ConfigError for a
-    bad ``out`` or ``max_drop_pp``.
+    go next to it. ``max_drop_pp`` (None: the study's ``accuracy_drop_pp`` constraint, else
+    DEFAULT_MAX_DROP_PP) limits the chosen candidate's validation-accuracy drop; the report says
+    which value it used and where it came from. Nothing is written unless everything succeeds.
+    Raises ResultsError for data that cannot be reported (missing, empty, unknown study, old
+    schema) and ConfigError for a bad ``out`` or ``max_drop_pp``.
     """
-    if not max_drop_pp >= 0:
-        raise ConfigError(f"--max-drop must be >= 0 percentage points, but got {max_drop_pp}")
+    if max_drop_pp is not None and not max_drop_pp >= 0:
+        raise ConfigError(f"--max-drop must be >= 0 percentage points, but got {max_drop_pp}; "
+                          "give e.g. --max-drop 0.5, or leave it out to use the study's own "
+                          "accuracy_drop_pp constraint")
     run = load_run(path, study)
     html_path = Path(out) if out is not None else run.located.run / "report.html"
     _check_out(html_path, run)

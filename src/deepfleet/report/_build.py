@@ -13,9 +13,11 @@ from typing import Any
 
 import pandas as pd
 
+from deepfleet.device_agent.protocol import ESTIMATE_BASIS
 from deepfleet.report import _plots, _tables
 from deepfleet.report._analysis import (
     CHOSEN_RULE,
+    DEFAULT_MAX_DROP_PP,
     ENERGY_COLUMNS,
     candidate_frame,
     choose,
@@ -27,7 +29,7 @@ from deepfleet.report._analysis import (
 from deepfleet.report._format import paper_table1
 from deepfleet.report._load import RunData
 
-__all__ = ["FOCUS_LIMIT", "Figure", "Report", "Section", "Table", "build"]
+__all__ = ["FOCUS_LIMIT", "Figure", "Report", "Section", "Table", "build", "max_drop"]
 
 FOCUS_LIMIT = 6  # artifacts per class in the latency section when nothing was chosen
 
@@ -39,6 +41,9 @@ class Table:
     frame: pd.DataFrame
     html_rows: int = 40  # the HTML shows this many rows; the CSV always has all
     csv: bool = True  # False: a text view of another table (which has the CSV)
+    # The page shows the table transposed: one column per row, named by these columns' values,
+    # one row per other column (a few rows of many columns fit a window that way); CSV as is.
+    transpose_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Report:
     source: str  # the run directory
     generated_at: str
     max_drop_pp: float
+    max_drop_source: str  # where max_drop_pp came from (--max-drop, the study, the default)
     facts: dict[str, str]  # overview lines: label -> value
     absent: list[str]  # what could not be shown, and why
     sections: list[Section]
@@ -164,8 +170,30 @@ def _facts(run: RunData, classes: list[str]) -> dict[str, str]:
     return facts
 
 
-def build(run: RunData, *, max_drop_pp: float) -> Report:
-    """The whole report for ``run``; ``max_drop_pp`` is the accuracy-drop limit for choosing."""
+def max_drop(given: float | None, limits: dict[str, float]) -> tuple[float, str]:
+    """The accuracy-drop limit for choosing, and where it comes from: ``given`` (--max-drop)
+    wins; else the study's own ``accuracy_drop_pp`` constraint (its max; the strictest when
+    the candidates name several); else DEFAULT_MAX_DROP_PP."""
+    where = "the candidates' constraints"
+    if given is not None:
+        source = "--max-drop"
+        if limits and given > min(limits.values()):
+            label = min(limits, key=limits.__getitem__)
+            source += (f" (larger drops still break the study's constraint {label}: those "
+                       "candidates are infeasible)")
+        return given, source
+    if not limits:
+        return DEFAULT_MAX_DROP_PP, ("the default: the study has no accuracy_drop_pp constraint"
+                                     f" in {where}")
+    label = min(limits, key=limits.__getitem__)
+    others = f"; the strictest of {', '.join(sorted(limits))}" if len(limits) > 1 else ""
+    return limits[label], f"the study's constraint {label} ({where}{others})"
+
+
+def build(run: RunData, *, max_drop_pp: float | None = None) -> Report:
+    """The whole report for ``run``. ``max_drop_pp`` is the accuracy-drop limit for choosing;
+    None takes it from the study (see :func:`max_drop`)."""
+    max_drop_pp, max_drop_source = max_drop(max_drop_pp, run.drop_limits)
     results = run.results
     per_device = device_metrics(results)
     per_class = class_metrics(per_device)
@@ -188,15 +216,17 @@ def build(run: RunData, *, max_drop_pp: float) -> Report:
     csv_only = [Table("per_class_metrics", "class values of every artifact", per_class),
                 Table("per_device_metrics", "device values of every artifact", per_device)]
     if entries:
-        pts = pd.concat([e["points"].assign(device_class=e["device_class"]) for e in entries
-                         if not e["points"].empty] or [pd.DataFrame()], ignore_index=True)
+        frames = [e["points"].assign(device_class=e["device_class"]) for e in entries]
+        # the columns even when no candidate was measured on any class
+        pts = pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
         csv_only.append(Table("pareto_points", "candidates with their class metrics", pts))
     if not (ok["energy_kind"] == "measured").any():
         absent.append("no measured energy: energy numbers are simulated or operation-count "
                       "estimates only, labelled so everywhere")
     return Report(study=run.study, source=str(run.located.run),
                   generated_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  max_drop_pp=max_drop_pp, facts=_facts(run, classes), absent=absent,
+                  max_drop_pp=max_drop_pp, max_drop_source=max_drop_source,
+                  facts=_facts(run, classes), absent=absent,
                   sections=[s for s in sections if s is not None], csv_only=csv_only)
 
 
@@ -216,7 +246,8 @@ def _table1_section(entries: list[dict[str, Any]], max_drop: float, absent: list
                    notes=notes, tables=[
                        Table("table1_paper", "original → compressed (reduction), as in DeepIoT's "
                              "Table 1", paper_table1(frame), csv=False),
-                       Table("table1", "the same numbers, one column each", frame)])
+                       Table("table1", "the same numbers, one row each (one column each in "
+                             "the CSV file)", frame, transpose_by=("model", "device_class"))])
 
 
 def _pareto_section(entries: list[dict[str, Any]], max_drop: float) -> Section | None:
@@ -265,14 +296,18 @@ def _variation_section(results: pd.DataFrame, per_device: pd.DataFrame, roles: d
                        absent: list[str]) -> Section:
     variation = _tables.unit_variation_table(per_device)
     summary = _tables.unit_variation_summary(variation)
+    notes = ["CV = sample standard deviation / mean of the device p50s of one artifact across "
+             "the class's devices. relative_p50 (devices table) is a device's median ratio to "
+             "its class value: a unit that is consistently slow or fast shows here."]
     if variation.empty:
-        absent.append("no device class has two devices that measured the same artifact: "
-                      "unit-to-unit variation cannot be computed")
+        why = ("no device class has two devices that measured the same artifact: unit-to-unit "
+               "variation cannot be computed")
+        absent.append(why)
+        counts = per_device.groupby("device_class")["device"].nunique()
+        notes.insert(0, f"The variation tables are empty: {why} (devices per class: "
+                        + ", ".join(f"{c} {n}" for c, n in counts.items()) + ").")
     focus = variation.loc[variation["artifact_hash"].isin(list(roles))]
-    return Section("variation", "Unit-to-unit variation within a class", notes=[
-        "CV = sample standard deviation / mean of the device p50s of one artifact across the "
-        "class's devices. relative_p50 (devices table) is a device's median ratio to its class "
-        "value: a unit that is consistently slow or fast shows here."],
+    return Section("variation", "Unit-to-unit variation within a class", notes=notes,
         tables=[Table("unit_variation_summary", "per class", summary),
                 Table("unit_variation_focus", "original and chosen artifacts", focus),
                 Table("devices", "devices", _tables.devices_table(results, per_device), 60)])
@@ -330,17 +365,21 @@ def _provenance_section(run: RunData, roles: dict[str, str], absent: list[str]) 
         Table("temperatures", "device temperatures and clocks", _tables.temperatures_table(r), 60),
     ]
     figures = []
+    notes = [
+        "Energy kinds are kept apart: 'measured' comes from a real sensor, 'simulated' from a "
+        "sensor that is a model (e.g. the sandbox's power simulator), and 'estimated' is an "
+        f"{ESTIMATE_BASIS}. No number of one kind is ever averaged with another."]
     drift = _tables.drift_table(r)
     if drift.empty:
         absent.append("no drift-check (reference) rows: drift of the devices is unchecked")
     else:
         tables.append(Table("drift", "drift checks (reference rows)", drift))
-        figures.append(Figure("drift checks", _plots.drift_png(ok_rows(r, reference=True))))
+        if (drift["checks"] >= 2).any():
+            figures.append(Figure("drift checks", _plots.drift_png(ok_rows(r, reference=True))))
+        else:  # single points on a time axis show no drift, only an empty plot
+            notes.append("Drift over time is not plotted: each device has one drift check "
+                         "only (the drift table lists it); a later check would show a change.")
     failures = _tables.failures_table(r)
     if not failures.empty:
         tables.append(Table("failures", "failed measurements", failures))
-    return Section("provenance", "Provenance", notes=[
-        "Energy kinds are kept apart: 'measured' comes from a real sensor, 'simulated' from a "
-        "sensor that is a model (e.g. the sandbox's power simulator), 'estimated' from operation "
-        "counts (DESIGN §6 energy table). No number of one kind is ever averaged with another."],
-        tables=tables, figures=figures)
+    return Section("provenance", "Provenance", notes=notes, tables=tables, figures=figures)

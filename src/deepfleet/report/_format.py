@@ -17,9 +17,10 @@ import pandas as pd
 
 from deepfleet.report._analysis import ENERGY_COLUMNS
 
-__all__ = ["MISSING", "energy_kind_of", "format_value", "paper_table1"]
+__all__ = ["MINUS", "MISSING", "energy_kind_of", "format_value", "paper_table1", "signed"]
 
 MISSING = "–"
+MINUS = "\u2212"  # the Unicode minus sign of the report's text (never a hyphen, never two)
 _KINDS = tuple(ENERGY_COLUMNS)
 
 
@@ -50,9 +51,9 @@ def format_value(column: str, value: Any, *, short_hash: bool = False) -> str:
     if math.isinf(v):
         return "∞" if v > 0 else "-∞"
     if column.endswith("_pct"):
-        return f"{v:.1f}"
+        return _fixed(v, 1)
     if column.endswith("_pp"):
-        return f"{v:.2f}"
+        return _fixed(v, 2)
     if column.startswith("accuracy"):
         return f"{100 * v:.2f} %"
     if column.startswith(("kendall", "spearman")) or column == "relative_p50":
@@ -60,17 +61,34 @@ def format_value(column: str, value: Any, *, short_hash: bool = False) -> str:
     return f"{v:.4g}"
 
 
+def _fixed(v: float, digits: int) -> str:
+    """``v`` to ``digits`` decimals; a value that rounds to zero prints without a sign ('-0.0'
+    would read as a change that is not there)."""
+    text = f"{v:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
 _COUNTS = {"runs", "devices", "artifacts", "checks", "trial", "chosen_trial", "params", "bytes",
            "units_before", "units_after", "params_before", "params_after", "common_artifacts",
            "devices_max", "samples_median", "batch"}
 
 
+def signed(change: float, *, digits: int, unit: str) -> str:
+    """A signed difference as text, with exactly one sign: '+0.50 pp', '−0.50 pp' (Unicode
+    minus), and no sign when it rounds to zero ('0.00 pp'). ``change`` is new − old."""
+    text = f"{abs(change):.{digits}f}"
+    if float(text) == 0:
+        return f"{text} {unit}"
+    return f"{MINUS if change < 0 else '+'}{text} {unit}"
+
+
 def _change(original: Any, compressed: Any, reduction: Any, column: str) -> str:
-    """'orig → comp (−x %)' in the style of DeepIoT's Table 1."""
+    """'orig → comp (−x %)' in the style of DeepIoT's Table 1 (``reduction`` in % of the
+    original: positive is smaller, shown with a minus sign)."""
     o, c = format_value(column, original), format_value(column, compressed)
     if c == MISSING:
         return o if o == MISSING else f"{o} → {MISSING}"
-    r = "" if pd.isna(reduction) else f" (−{reduction:.1f} %)" if reduction >= 0 else f" (+{-reduction:.1f} %)"
+    r = "" if pd.isna(reduction) else f" ({signed(-float(reduction), digits=1, unit='%')})"
     return f"{o} → {c}{r}"
 
 
@@ -94,7 +112,7 @@ def paper_table1(table1: pd.DataFrame) -> pd.DataFrame:
         row["validation accuracy"] = (
             f"{format_value('accuracy', r['accuracy_val_original'])} → "
             f"{format_value('accuracy', r['accuracy_val_compressed'])}"
-            + ("" if pd.isna(drop) else f" (−{drop:.2f} pp)"))
+            + ("" if pd.isna(drop) else f" ({signed(-float(drop), digits=2, unit='pp')})"))
         row["test accuracy (reported only)"] = (
             f"{format_value('accuracy', r['accuracy_test_original'])} → "
             f"{format_value('accuracy', r['accuracy_test_compressed'])}")

@@ -23,12 +23,20 @@ class _Cell:
     text: str
     cls: str
     title: str = ""  # full value on hover (for shortened hashes)
+    header: bool = False  # a row's label (<th>) in a transposed table
 
 
 @dataclass(frozen=True)
 class _Header:
     name: str
     cls: str
+
+    @property
+    def parts(self) -> list[str]:
+        """The name cut after each underscore: the page may break a long column name there
+        (``latency_p50_<wbr>original_<wbr>ms``) instead of widening the table."""
+        pieces = self.name.split("_")
+        return [p + "_" for p in pieces[:-1]] + pieces[-1:]
 
 
 @dataclass(frozen=True)
@@ -38,30 +46,40 @@ class _View:
     hidden: int  # rows left to the CSV file
 
 
+def _header_class(frame: pd.DataFrame, col: str) -> str:
+    numeric = pd.api.types.is_numeric_dtype(frame[col]) and not pd.api.types.is_bool_dtype(frame[col])
+    kind = energy_kind_of(col)
+    return " ".join(c for c in ("" if numeric else "text", f"kind-{kind}" if kind else "") if c)
+
+
+def _cell(table: Table, col: str, value: Any, text_column: bool) -> _Cell:
+    # full hashes where provenance is the point; shortened (hover for full) elsewhere
+    text = format_value(col, value, short_hash=table.name != "artifacts")
+    title = value if isinstance(value, str) and text != value else ""
+    cls = "text hash" if col.endswith(("hash", "artifact")) else ("text" if text_column else "")
+    return _Cell(text, cls, title)
+
+
 def _view(table: Table) -> _View:
     frame = table.frame
-    headers = []
-    text_cols = set()
-    for col in frame.columns:
-        numeric = pd.api.types.is_numeric_dtype(frame[col]) and not pd.api.types.is_bool_dtype(frame[col])
-        if not numeric:
-            text_cols.add(col)
-        kind = energy_kind_of(col)
-        cls = " ".join(c for c in ("" if numeric else "text", f"kind-{kind}" if kind else "") if c)
-        headers.append(_Header(col, cls))
-    # full hashes where provenance is the point; shortened (hover for full) elsewhere
-    short = table.name != "artifacts"
-    rows = []
+    classes = {col: _header_class(frame, col) for col in frame.columns}
     shown = frame.head(table.html_rows)
-    for record in shown.itertuples(index=False, name=None):
-        cells = []
-        for col, value in zip(frame.columns, record):
-            text = format_value(col, value, short_hash=short)
-            title = value if isinstance(value, str) and text != value else ""
-            cls = "text hash" if col.endswith(("hash", "artifact")) else ("text" if col in text_cols else "")
-            cells.append(_Cell(text, cls, title))
-        rows.append(cells)
-    return _View(headers, rows, max(0, len(frame) - len(shown)))
+    hidden = max(0, len(frame) - len(shown))
+    if table.transpose_by:
+        # one column per row of the frame (named by its key values), one row per other column
+        keys = list(table.transpose_by)
+        headers = [_Header("", "text")] + [
+            _Header(" / ".join(format_value(k, r[k]) for k in keys), "")
+            for r in shown[keys].to_dict("records")]
+        rows = [[_Cell(col, f"text {classes[col]}".strip(), header=True)]
+                + [_cell(table, col, v, "text" in classes[col]) for v in shown[col]]
+                for col in frame.columns if col not in keys]
+        return _View(headers, rows, hidden)
+    headers = [_Header(col, classes[col]) for col in frame.columns]
+    rows = [[_cell(table, col, value, "text" in classes[col])
+             for col, value in zip(frame.columns, record)]
+            for record in shown.itertuples(index=False, name=None)]
+    return _View(headers, rows, hidden)
 
 
 def _environment() -> jinja2.Environment:

@@ -6,8 +6,10 @@ then looked for next to it). Everything read is checked here, once, so that the 
 report works on data it can trust:
 
 - the results dataset exists and has rows (of the chosen study);
-- every row's ``schema_version`` is the current one, or has a known upgrade (none exist yet:
-  version 1 is the first); older or newer rows are an error that names a file holding them;
+- every row's ``schema_version`` is readable: the current one, or an older one that
+  ``orchestrator.results`` upgrades on read (its ``UPGRADES``, the one place for them, which
+  ``read_results`` applies for every reader); other rows are an error that names a file
+  holding them;
 - the study exists (an unknown name is an error that lists the studies there).
 
 What is missing but optional (candidates, artifacts, reference rows, ...) is not an error: it is
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,7 @@ from deepfleet.errors import ResultsError
 from deepfleet.orchestrator import candidates as cand_mod
 from deepfleet.orchestrator import results as res_mod
 
-__all__ = ["RunData", "UPGRADES", "load_run", "locate"]
-
-# Upgrades of results rows from schema version v to v + 1, keyed by v. Version 1 is the first
-# released schema, so none exist; a future SCHEMA_VERSION bump adds its function here (and a
-# test) so that old runs keep producing reports.
-UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {}
+__all__ = ["RunData", "drop_limits", "load_run", "locate"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +57,8 @@ class RunData:
     candidates: pd.DataFrame | None  # CANDIDATES_SCHEMA columns, or None when there are none
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact hash -> manifest
     absent: tuple[str, ...] = ()  # what the report cannot show, one sentence each
+    # the study's accuracy_drop_pp constraints as told to Optuna: label -> max (pp)
+    drop_limits: dict[str, float] = field(default_factory=dict)
 
 
 def _has_partitions(path: Path) -> bool:
@@ -124,39 +123,13 @@ def _file_versions(files: list[Path]) -> dict[int, Path]:
     return found
 
 
-def _version_error(what: str, version: int, current: int, example: Path) -> ResultsError:
-    if version > current:
-        return ResultsError(
-            f"{what} holds rows of schema version {version} (e.g. {example}), newer than the "
-            f"version {current} this deepfleet reads; upgrade deepfleet to report on them")
-    return ResultsError(
-        f"{what} holds rows of schema version {version} (e.g. {example}); this deepfleet reads "
-        f"version {current} and knows no upgrade from {version}; report them with the deepfleet "
-        "that wrote them, or measure those artifacts again")
-
-
 def _explain_unreadable(files: list[Path], where: Path) -> None:
-    """Raise the schema-version error when files of another version made a dataset unreadable
-    (the usual cause: a column changed type); return when all files are of this version."""
+    """Raise the schema-version error naming a file when files of a version this code cannot
+    read made a dataset unreadable (a column of another type, or rows of that version); return
+    when every file is readable."""
     for v, example in sorted(_file_versions(files).items()):
-        if v != res_mod.SCHEMA_VERSION:
-            raise _version_error(f"results dataset at {where}", v, res_mod.SCHEMA_VERSION,
-                                 example) from None
-
-
-def _check_results_versions(frame: pd.DataFrame, files: list[Path], where: Path) -> pd.DataFrame:
-    """``frame`` with every row at SCHEMA_VERSION (upgraded if possible); raises otherwise."""
-    current = res_mod.SCHEMA_VERSION
-    versions = frame["schema_version"].fillna(0).astype(int)
-    for v in sorted(set(versions) - {current}):
-        chain = range(v, current)
-        if v > current or any(step not in UPGRADES for step in chain):
-            example = _file_versions(files).get(v, where)
-            raise _version_error(f"results dataset at {where}", v, current, example)
-    while (low := int(frame["schema_version"].fillna(0).astype(int).min())) < current:
-        older = frame["schema_version"].fillna(0).astype(int) == low
-        frame = pd.concat([frame[~older], UPGRADES[low](frame[older])], ignore_index=True)
-    return frame
+        if not res_mod.readable(v):
+            raise res_mod.version_error(f"results dataset at {where}", v, example) from None
 
 
 def _read_results(loc: Located, study: str | None) -> tuple[str, pd.DataFrame]:
@@ -180,12 +153,26 @@ def _read_results(loc: Located, study: str | None) -> tuple[str, pd.DataFrame]:
         raise ResultsError(f"study {study!r} is not in {loc.results}; studies there: "
                            f"{', '.join(studies)}")
     try:
-        frame = res_mod.read_results(loc.results, study)
+        frame = res_mod.read_results(loc.results, study)  # upgrades older readable rows
     except ResultsError:
-        _explain_unreadable(files, loc.results)
+        _explain_unreadable(_parquet_files(loc.results / f"study={quote(study, safe='')}")
+                            or files, loc.results)
         raise
-    study_files = _parquet_files(loc.results / f"study={quote(study, safe='')}") or files
-    return study, _check_results_versions(frame, study_files, loc.results)
+    return study, frame
+
+
+def _candidates_version_error(where: Path, version: int, example: Path) -> ResultsError:
+    current = cand_mod.CANDIDATES_SCHEMA_VERSION
+    if version > current:
+        return ResultsError(
+            f"candidates dataset at {where} holds rows of schema version {version} (e.g. "
+            f"{example}), newer than the version {current} this deepfleet reads; upgrade "
+            "deepfleet to report on them")
+    versions = ", ".join(str(v) for v in sorted(cand_mod.READ_VERSIONS))
+    return ResultsError(
+        f"candidates dataset at {where} holds rows of schema version {version} (e.g. {example});"
+        f" this deepfleet reads versions {versions} and knows no upgrade from {version}; report "
+        "them with the deepfleet that wrote them")
 
 
 def _read_candidates(loc: Located, study: str) -> pd.DataFrame | None:
@@ -194,13 +181,43 @@ def _read_candidates(loc: Located, study: str) -> pd.DataFrame | None:
     frame = cand_mod.read_candidates(loc.candidates, study)
     if frame.empty:
         return None
-    current = cand_mod.CANDIDATES_SCHEMA_VERSION
-    bad = sorted(set(frame["schema_version"].fillna(0).astype(int)) - {current})
-    if bad:  # no upgrade exists for candidate rows either
+    bad = sorted(set(frame["schema_version"].fillna(0).astype(int)) - cand_mod.READ_VERSIONS)
+    if bad:  # read_candidates upgrades version 1 only
         files = _parquet_files(loc.candidates / f"study={quote(study, safe='')}")
         example = _file_versions(files).get(bad[0], loc.candidates)
-        raise _version_error(f"candidates dataset at {loc.candidates}", bad[0], current, example)
+        raise _candidates_version_error(loc.candidates, bad[0], example)
     return frame
+
+
+# A constraint's label as the search writes it: 'accuracy_drop_pp<=2', or with a device class
+# 'accuracy_drop_pp@pi4<=2'. Read only when a row lacks ``max`` (rows upgraded from version 1).
+_DROP_LABEL = re.compile(r"accuracy_drop_pp(?:@[^<]*)?<=(?P<max>.+)")
+
+
+def _drop_max(constraint: dict[str, Any]) -> float | None:
+    if constraint.get("metric") != "accuracy_drop_pp":
+        return None
+    if constraint.get("max") is not None and not pd.isna(constraint["max"]):
+        return float(constraint["max"])
+    match = _DROP_LABEL.fullmatch(str(constraint.get("label") or ""))
+    try:
+        return float(match["max"]) if match else None
+    except ValueError:
+        return None  # not a label the search writes: no limit to take from it
+
+
+def drop_limits(candidates: pd.DataFrame | None) -> dict[str, float]:
+    """The study's ``accuracy_drop_pp`` constraints, {label: max in pp}, as the candidates'
+    ``constraints`` column records them (empty when no candidate row names one)."""
+    found: dict[str, float] = {}
+    if candidates is None:
+        return found
+    for told in candidates["constraints"].dropna():
+        for constraint in told:
+            limit = _drop_max(constraint)
+            if limit is not None:
+                found.setdefault(str(constraint.get("label")), limit)
+    return found
 
 
 def _manifests(artifacts: Path | None, hashes: set[str]) -> dict[str, dict[str, Any]]:
@@ -241,4 +258,4 @@ def load_run(path: str | os.PathLike[str], study: str | None = None) -> RunData:
     if loc.artifacts is None:
         absent.append("no artifacts/ directory: artifact manifests are not shown")
     return RunData(located=loc, study=study, results=results, candidates=candidates,
-                   manifests=manifests, absent=tuple(absent))
+                   manifests=manifests, absent=tuple(absent), drop_limits=drop_limits(candidates))

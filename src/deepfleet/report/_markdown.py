@@ -46,7 +46,8 @@ def render_markdown(report: Report, *, html_name: str, tables_dir: str) -> str:
            f"Generated {report.generated_at} from `{report.source}`. Full report: `{html_name}`; "
            f"all tables as CSV in `{tables_dir}/`.", ""]
     out += [f"- **{k}**: {v}" for k, v in report.facts.items()]
-    out += [f"- **accuracy-drop limit**: {report.max_drop_pp:g} pp (validation split)", ""]
+    out += [f"- **accuracy-drop limit**: {report.max_drop_pp:g} pp (validation split), from "
+            f"{report.max_drop_source}", ""]
     if report.absent:
         out += ["## Not in this report, and why", ""] + [f"- {a}" for a in report.absent] + [""]
     out += ["## Chosen candidate", "", CHOSEN_RULE.replace("MAX_DROP", f"{report.max_drop_pp:g}"),

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -30,6 +31,20 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
     return buf.getvalue()
+
+
+def _legend_below(fig: Figure, axes: Any) -> None:
+    """One legend for the whole figure, below its panels (outside every axes, so it never hides
+    a point: the original's star often sits in a corner a legend inside would take), with each
+    label once, in as many columns as the figure's width holds (about 1.9 inches each)."""
+    entries: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        ncols = max(1, min(len(entries), int(fig.get_figwidth() / 1.9)))
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+                   ncols=ncols, fontsize=7, frameon=False)
 
 
 def _maybe_log(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
@@ -88,7 +103,7 @@ def pareto_png(pts: pd.DataFrame, *, title: str, baseline: Mapping[str, Any] | N
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (column, front, label) in zip(axes, panels):
         _pareto_panel(ax, pts, column, front, label, baseline, chosen, accuracy_floor)
-    axes[0].legend(fontsize=7, loc="lower right")
+    _legend_below(fig, axes)
     fig.suptitle(title, fontsize=10)
     return _png(fig)
 
@@ -121,7 +136,7 @@ def latency_box_png(stats: pd.DataFrame, *, title: str) -> bytes:
         ax.set_ylabel("latency per run (ms)")
         ax.tick_params(axis="x", labelsize=7, rotation=45)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _legend_below(fig, axes)
     for ax in axes[len(roles):]:
         ax.set_visible(False)
     fig.suptitle(title + "  (box: q1-q3, whiskers: p1-p99)", fontsize=10)
@@ -143,7 +158,7 @@ def layers_png(layers: pd.DataFrame, *, title: str) -> bytes:
     ax.set_xticks(x, [str(n) for n in layers["layer"]], rotation=30, fontsize=8)
     _maybe_log(ax, before, axis="y")
     ax.set_ylabel("units (neurons / filters / hidden units)")
-    ax.legend(fontsize=8)
+    _legend_below(fig, ax)
     ax.set_title(title, fontsize=10)
     return _png(fig)
 
@@ -181,7 +196,7 @@ def objectives_png(candidates: pd.DataFrame, chosen_trials: set[int]) -> bytes |
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("trial")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+    _legend_below(fig, axes)
     for ax in axes[len(labels):]:
         ax.set_visible(False)
     return _png(fig)
@@ -198,17 +213,27 @@ def _binned(times: np.ndarray, values: np.ndarray, bins: int) -> tuple[np.ndarra
 
 def drift_png(reference: pd.DataFrame, max_points: int = 150) -> bytes:
     """p50 of the drift-check rows against time, one line per (device, reference artifact);
-    a line with more than ``max_points`` checks shows medians of consecutive checks."""
+    a line with more than ``max_points`` checks shows medians of consecutive checks. The time
+    axis spans the checks plus 5 % (at least a minute each side): matplotlib alone stretches a
+    single instant to years."""
     fig = Figure(figsize=(8.0, 3.6), layout="constrained")
     ax = fig.subplots()
+    times = reference["started_at"].dt.tz_localize(None)
     for (device, h), g in reference.groupby(["device", "artifact_hash"], sort=True):
         g = g.sort_values("started_at")
         t, v = _binned(g["started_at"].dt.tz_localize(None).to_numpy(),
                        g["p50_ms"].to_numpy(dtype=float), max_points)
         ax.plot(t, v, marker=".", ms=3, lw=1, label=f"{device} ({h[:8]})")
+    if len(times):
+        first, last = times.min(), times.max()
+        pad = max((last - first) * 0.05, pd.Timedelta(minutes=1))
+        ax.set_xlim(first - pad, last + pad)
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.set_ylabel("reference p50 (ms)")
     ax.set_xlabel("time (UTC)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncols=2)
+    _legend_below(fig, ax)
     ax.set_title("drift checks: the same reference model measured again over time", fontsize=10)
     return _png(fig)

@@ -114,9 +114,9 @@ def latency_table(ok: pd.DataFrame, roles: Mapping[str, str], per_device: pd.Dat
             "p99_ms": s["p99"], "mean_ms": s["mean"], "q1_ms": s["q1"], "q3_ms": s["q3"],
             "p1_ms": s["p1"], "batch": ",".join(str(b) for b in sorted(set(g["batch"].dropna()))),
         })
-    table = pd.DataFrame(out)
-    if table.empty:
-        return table
+    columns = ["device_class", "device", "role", "artifact_hash", "rows", "runs", "p50_ms",
+               "p90_ms", "p99_ms", "mean_ms", "q1_ms", "q3_ms", "p1_ms", "batch"]
+    table = pd.DataFrame(out, columns=columns)
     energy = per_device[[*keys, *ENERGY_COLUMNS.values()]]
     table = table.merge(energy, on=keys, how="left")
     return table[[c for c in table.columns if c != "batch"] + ["batch"]]
@@ -172,7 +172,10 @@ def unit_variation_summary(variation: pd.DataFrame) -> pd.DataFrame:
                      "cv_p50_p90_pct": float(cv.quantile(0.9)) if len(cv) else math.nan,
                      "cv_p50_max_pct": float(cv.max()) if len(cv) else math.nan,
                      "worst_artifact": worst["artifact_hash"] if worst is not None else None})
-    return pd.DataFrame(rows)
+    # the columns even with no rows: an empty CSV still says what it would hold
+    return pd.DataFrame(rows, columns=["device_class", "artifacts", "devices_max",
+                                       "cv_p50_median_pct", "cv_p50_p90_pct", "cv_p50_max_pct",
+                                       "worst_artifact"])
 
 
 def rank_agreement_table(per_class: pd.DataFrame, chosen_by_class: Mapping[str, str | None]
