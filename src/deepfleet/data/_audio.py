@@ -106,7 +106,7 @@ def _syllables(rng: np.random.Generator, n: int, t: np.ndarray) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(np.pi * np.minimum(up, down))
 
 
-def speech(rng: np.random.Generator, f0: np.ndarray, scale: np.ndarray, length: int = CLIP) -> np.ndarray:
+def speech(rng: np.random.Generator, f0: np.ndarray, scale: np.ndarray, *, length: int = CLIP) -> np.ndarray:
     """Voiced speech (S, length) of S talkers with median pitch f0 (S,) Hz and formant scale
     (S,) (1 = adult male vocal tract). Unit RMS per talker."""
     S = len(f0)
