@@ -48,6 +48,7 @@ ZOO_SHAPES = {
     "vgg": (3, 16, 16),
     "bilstm": (6, 12),
     "deepsense": (6, 12),
+    "deepear": (24, 8),  # the audio set's (mel bands, frames): DeepEar's 2.3 M parameters
 }
 
 

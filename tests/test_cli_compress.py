@@ -104,6 +104,33 @@ def test_second_run_reuses_the_cached_base_model(quick_run, tmp_path: Path, monk
     assert os.environ["DEEPFLEET_CACHE"]  # the test's private cache, not the user's
 
 
+def test_deepear_on_audio_runs_end_to_end_and_its_artifact_runs_in_numpy(tmp_path: Path) -> None:
+    proc = run_cli("compress", "deepear", "--data", "audio", "--quick", "--json", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["model"] == "deepear" and r["data"] == "audio" and r["params_before"] == 2_305_032
+    assert r["params_after"] <= 0.05 * r["params_before"] and r["extraction_error"] < 1e-4
+    assert [row["name"] for row in r["layers"]] == ["net.1", "net.3", "net.5", "net.7"]
+    assert r["layers"][-1]["units_after"] == 8  # eight sound classes
+    from deepfleet.data import load_data
+
+    audio = load_data("audio")  # the subprocess cached it in this test's DEEPFLEET_CACHE
+    pred = load_model(r["artifact"]).run(audio.X_test).argmax(1)
+    assert abs(float((pred == audio.y_test).mean()) - r["accuracy_after"]) <= 1 / len(audio.y_test) + 1e-9
+
+
+def test_an_unknown_data_set_lists_every_built_in_name(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deepfleet.cli import main
+
+    res = CliRunner().invoke(main, ["compress", "mlp", "--data", "speech", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unknown data set 'speech'" in lines[0], res.stderr
+    assert "use one of digits, sensing, sensing-user, audio or a path to an .npz file" in lines[0]
+
+
 def _bad_npz(tmp_path: Path) -> str:
     p = tmp_path / "bad.npz"
     np.savez(p, X_train=np.zeros((4, 1, 8, 8)), y_train=np.arange(4))

@@ -23,7 +23,8 @@ DEVICE = os.environ.get("DEEPFLEET_TEST_TORCH_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
                                 reason="torch sees no GPU (set DEEPFLEET_TEST_TORCH_DEVICE=cpu to run on the CPU)")
 
-ZOO_DATA = {"mlp": "digits", "lenet5": "digits", "vgg": "digits", "bilstm": "sensing", "deepsense": "sensing"}
+ZOO_DATA = {"mlp": "digits", "lenet5": "digits", "vgg": "digits", "bilstm": "sensing", "deepsense": "sensing",
+            "deepear": "audio"}
 
 
 def _compress(tmp_path, monkeypatch, model: str, method: str) -> dict:

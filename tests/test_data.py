@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfleet.data import load_data
+from deepfleet.data import _audio, _sensing, data_names, load_data
+from deepfleet.data._dataset import fingerprint
 from deepfleet.data._sensing import CLASSES, generate
 from deepfleet.errors import DataError
 
@@ -32,6 +33,92 @@ def test_sensing_is_seeded_multiclass_and_device_dependent() -> None:
     # the accelerometer sees gravity: its magnitude is about 1 g for a sitting user
     sit = X[y == 0, :3]
     assert 0.8 < np.linalg.norm(sit, axis=1).mean() < 1.2
+
+
+def test_the_activity_set_is_unchanged_by_the_user_variant() -> None:
+    # pinned before sensing-user existed: the gait traits come from their own random stream
+    X, y = generate(n=600, seed=1)
+    assert fingerprint(X, y) == "e21d8068723ab03c"
+
+
+def _nearest_centroid_accuracy(X: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    """Accuracy on the second half of a nearest-centroid rule fitted on the first half, on
+    standardised spectra of every channel: a weak reader of per-class signatures."""
+    F = np.abs(np.fft.rfft(X, axis=2)).reshape(len(X), -1)  # (n, 6 * 33)
+    F = (F - F.mean(0)) / (F.std(0) + 1e-9)
+    half = len(X) // 2
+    centroids = np.stack([F[:half][labels[:half] == k].mean(0) for k in range(classes)])
+    pred = np.argmin(((F[half:, None] - centroids[None]) ** 2).sum(-1), 1)
+    return float((pred == labels[half:]).mean())
+
+
+def test_sensing_user_labels_users_of_moving_windows_who_differ_in_gait() -> None:
+    X, y = _sensing.generate_users(n=900, seed=2)
+    assert X.shape == (900, 6, 64) and set(np.unique(y)) == set(range(_sensing.N_USERS))
+    assert np.array_equal(X, _sensing.generate_users(n=900, seed=2)[0])
+    moving = tuple(CLASSES.index(c) for c in _sensing.USER_ACTIVITIES)
+    settings = dict(pocket_jitter_deg=_sensing.USER_POCKET_JITTER_DEG, activities=moving)
+    _, activity, _ = _sensing.simulate(900, 2, _sensing.DIFFICULTY, gait=_sensing.USER_GAIT, **settings)
+    assert set(np.unique(activity)) == set(moving)
+    # the gait signatures are what makes users recognisable once the pocket orientation varies
+    plain = _sensing.simulate(2000, 3, _sensing.DIFFICULTY, gait=0.0, **settings)
+    gait = _sensing.simulate(2000, 3, _sensing.DIFFICULTY, gait=_sensing.USER_GAIT, **settings)
+    acc_plain = _nearest_centroid_accuracy(plain[0], plain[2], _sensing.N_USERS)
+    acc_gait = _nearest_centroid_accuracy(gait[0], gait[2], _sensing.N_USERS)
+    assert acc_gait > acc_plain + 0.08, (acc_plain, acc_gait)
+
+
+def test_audio_is_seeded_balanced_log_mel_windows() -> None:
+    X, y = _audio.generate(n=96, seed=1)
+    assert X.shape == (96, _audio.N_MELS, _audio.CONTEXT) == (96, 24, 8) and X.dtype == np.float32
+    assert np.bincount(y).tolist() == [12] * len(_audio.CLASSES)
+    X2, y2 = _audio.generate(n=96, seed=1)
+    assert np.array_equal(X, X2) and np.array_equal(y, y2)
+    assert not np.array_equal(X, _audio.generate(n=96, seed=2)[0])
+    assert np.isfinite(X).all()
+    # silence is the room tone alone: the quietest class
+    level = [X[y == c].mean() for c in range(len(_audio.CLASSES))]
+    assert int(np.argmin(level)) == _audio.CLASSES.index("silence")
+
+
+def _band_centres() -> np.ndarray:
+    fb = _audio.mel_filterbank()
+    hz = np.arange(fb.shape[1]) * _audio.RATE_HZ / _audio.N_FFT
+    return (fb * hz).sum(1) / fb.sum(1)  # (N_MELS,)
+
+
+def test_log_mel_puts_a_tone_in_its_band_and_orders_noise_colours() -> None:
+    fb = _audio.mel_filterbank()
+    assert fb.shape == (24, 129) and ((fb > 0).sum(1) >= 1).all()  # no empty band
+    centres = _band_centres()
+    t = np.arange(_audio.WINDOW) / _audio.RATE_HZ
+    tone = _audio.log_mel(np.sin(2 * np.pi * 1000 * t)[None])  # (1, 24, 8)
+    assert tone.shape == (1, 24, 8)
+    assert int(tone[0].mean(1).argmax()) == int(np.abs(centres - 1000).argmin())
+    rng = np.random.default_rng(0)
+    noise = _audio._noise(rng, np.repeat([0.0, 1.0, 2.0], 10), _audio.WINDOW)  # white, pink, brown
+    spectra = _audio.log_mel(noise).mean(2)  # (30, 24)
+    slopes = [np.polyfit(np.log(centres), spectra[i : i + 10].mean(0), 1)[0] for i in (0, 10, 20)]
+    # power per mel band vs log frequency: each step of beta tilts the spectrum down by ~1
+    assert slopes[0] > slopes[1] + 0.7 > slopes[2] + 1.4, slopes
+
+
+def _pitch(x: np.ndarray) -> float:
+    """Autocorrelation pitch (Hz) of the loudest 40 ms of x, searched in 60-400 Hz."""
+    start = max(range(0, len(x) - 320, 80), key=lambda i: float((x[i : i + 320] ** 2).sum()))
+    seg = x[start : start + 320]
+    ac = np.correlate(seg, seg, "full")[len(seg) - 1 :]
+    lo, hi = _audio.RATE_HZ // 400, _audio.RATE_HZ // 60
+    return _audio.RATE_HZ / (lo + int(np.argmax(ac[lo:hi])))
+
+
+def test_speech_is_voiced_at_the_talkers_pitch() -> None:
+    rng = np.random.default_rng(0)
+    f0 = np.repeat([120.0, 220.0], 9)
+    x = _audio.speech(rng, f0, np.repeat([1.0, 1.17], 9))  # (18, CLIP)
+    assert x.shape == (18, _audio.CLIP) and np.allclose(x.std(1), 1)
+    male, female = np.median([_pitch(v) for v in x[:9]]), np.median([_pitch(v) for v in x[9:]])
+    assert abs(male / 120 - 1) < 0.15 and abs(female / 220 - 1) < 0.15, (male, female)
 
 
 def _npz(tmp_path: Path, **arrays) -> str:
@@ -77,8 +164,10 @@ def test_bad_npz_is_rejected_with_the_problem_named(tmp_path: Path, change, need
 
 
 def test_unknown_names_and_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="unknown data set 'mnist'"):
+    with pytest.raises(DataError, match="unknown data set 'mnist'") as err:
         load_data("mnist")
+    assert data_names() == ["digits", "sensing", "sensing-user", "audio"]
+    assert f"use one of {', '.join(data_names())} or a path" in str(err.value)
     with pytest.raises(DataError, match="does not exist"):
         load_data(str(tmp_path / "absent.npz"))
     (tmp_path / "junk.npz").write_text("not a zip")

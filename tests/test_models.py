@@ -32,8 +32,16 @@ def test_zoo_models_adapt_to_shape_and_classes(name: str) -> None:
     assert m(torch.randn(3, *shape)).shape == (3, 5)
 
 
-def test_zoo_lists_all_five() -> None:
-    assert zoo_names() == ["bilstm", "deepsense", "lenet5", "mlp", "vgg"]
+def test_deepear_is_deepears_2_3m_dnn_on_24_bands_by_8_frames() -> None:
+    m = build_model("deepear", input_shape=(24, 8), num_classes=8)
+    widths = [layer.out_features for layer in m.modules() if isinstance(layer, torch.nn.Linear)]
+    assert widths == [1024, 1024, 1024, 8]
+    # 2 x (1024 x 1024 + 1024) + (192 x 1024 + 1024) + (1024 x 8 + 8)
+    assert sum(p.numel() for p in m.parameters()) == 2_305_032
+
+
+def test_zoo_lists_all_six() -> None:
+    assert zoo_names() == ["bilstm", "deepear", "deepsense", "lenet5", "mlp", "vgg"]
 
 
 def test_user_model_gets_shape_and_classes_when_it_takes_them() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from deepfleet.data import data_names
 from deepfleet.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def parse_settings(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 @click.command()
 @click.argument("model")
-@click.option("--data", "data", required=True, help="Data set: digits, sensing, or a path to an .npz file.")
+@click.option("--data", "data", required=True, help=f"Data set: {', '.join(data_names())}, or a path to an .npz file.")
 @click.option("--method", "method", default="deepiot", show_default=True,
               help="Compression method, or a comma list applied in order: deepiot, l1, lowrank, "
                    "magnitude, dns, fixedpoint, kmeans, pq, rq, binary (e.g. deepiot,fixedpoint).")

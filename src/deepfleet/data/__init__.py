@@ -1,4 +1,5 @@
-"""Data sets: ``load_data(spec)`` for ``digits``, ``sensing`` or a path to an ``.npz`` file.
+"""Data sets: ``load_data(spec)`` for a built-in name (``digits``, ``sensing``, ``sensing-user``,
+``audio``) or a path to an ``.npz`` file.
 
 An ``.npz`` holds ``X_train, y_train, X_test, y_test`` and optionally ``X_val, y_val`` (when
 absent, a fixed stratified 10 % of the training split becomes validation). X is ``(N, C, T)``
@@ -25,7 +26,7 @@ from deepfleet.errors import DataError
 
 __all__ = ["Dataset", "check_data", "load_data", "data_names"]
 
-_BUILTIN = ("digits", "sensing")
+_BUILTIN = ("digits", "sensing", "sensing-user", "audio")
 
 
 def data_names() -> list[str]:
@@ -40,8 +41,9 @@ _FIELDS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
 def _builtin(name: str) -> Dataset:
     """A built-in data set, prepared once and kept as .npz in the deepfleet cache.
 
-    Preparing digits imports scikit-learn (seconds on a busy worker) and sensing is generated;
-    every Ray worker of a search would pay that again without the cache.
+    Preparing digits imports scikit-learn (seconds on a busy worker) and the others are
+    generated (audio takes ~10 s); every Ray worker of a search would pay that again without
+    the cache.
     """
     path = os.path.join(cache_dir(), "data", f"{name}-v{_CACHE_VERSION}.npz")
     if os.path.isfile(path):
@@ -49,14 +51,7 @@ def _builtin(name: str) -> Dataset:
             meta = npz["meta"].item().split("\n", 2)
             return Dataset(name=name, **{k: npz[k] for k in _FIELDS}, num_classes=int(meta[0]),
                            fingerprint=meta[1], description=meta[2])
-    if name == "digits":
-        from deepfleet.data._digits import load_digits28
-
-        ds = load_digits28()
-    else:
-        from deepfleet.data._sensing import load_sensing
-
-        ds = load_sensing()
+    ds = _prepare(name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"
     meta = np.array(f"{ds.num_classes}\n{ds.fingerprint}\n{ds.description}")
@@ -80,6 +75,21 @@ def check_data(spec: str) -> None:
 def _unknown(spec: str) -> str:
     return (f"unknown data set {spec!r}; use one of {', '.join(_BUILTIN)} or a path to an .npz file "
             "holding X_train, y_train, X_test, y_test (and optionally X_val, y_val)")
+
+
+def _prepare(name: str) -> Dataset:
+    """Build a built-in data set from its source (no cache)."""
+    if name == "digits":
+        from deepfleet.data._digits import load_digits28
+
+        return load_digits28()
+    if name == "audio":
+        from deepfleet.data._audio import load_audio
+
+        return load_audio()
+    from deepfleet.data._sensing import load_sensing, load_sensing_user
+
+    return load_sensing_user() if name == "sensing-user" else load_sensing()
 
 
 def load_data(spec: str) -> Dataset:

@@ -1,6 +1,6 @@
 """Model zoo and user models: ``build_model(spec, input_shape=..., num_classes=...)``.
 
-``spec`` is a zoo name (``mlp``, ``lenet5``, ``vgg``, ``bilstm``, ``deepsense``) or
+``spec`` is a zoo name (``mlp``, ``lenet5``, ``vgg``, ``bilstm``, ``deepsense``, ``deepear``) or
 ``module:function`` naming a callable that returns a ``torch.nn.Module``; it is called with the
 keyword arguments ``input_shape`` (no batch axis) and ``num_classes`` where its signature takes
 them.
