@@ -29,7 +29,7 @@ from torch import nn
 from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
 from deepfleet._onnx import export_onnx
-from deepfleet.artifact import ArtifactFiles, build_artifact, save_artifact
+from deepfleet.artifact import ONNX_FILE, ArtifactFiles, build_artifact, save_artifact
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
     REGISTRY,
@@ -49,6 +49,7 @@ from deepfleet.compressors._pipeline import layer_table
 from deepfleet.compressors.training import TrainConfig, accuracy, seed_everything, train
 from deepfleet.data import Dataset, load_data
 from deepfleet.errors import ConfigError, ModelError
+from deepfleet.features import onnx_features
 from deepfleet.models import build_model
 
 BASE_TRAINING = TrainConfig(epochs=60, patience=15)
@@ -227,13 +228,18 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
     return exported, files
 
 
+def _features(files: ArtifactFiles) -> dict[str, float]:
+    return onnx_features(files.files[ONNX_FILE]) if ONNX_FILE in files.files else {}
+
+
 def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val: float,
               accuracy_test: float) -> tuple[Exported, Candidate, ArtifactFiles]:
     exported, files = export_artifact(base, model=model, data=ds, seed=seed, compressor={"methods": []},
                                       val_accuracy=accuracy_val)
     cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
                      accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
-                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0)
+                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0,
+                     features=_features(files))
     return exported, cand, files
 
 
@@ -319,7 +325,7 @@ def compress_model(
         accuracy_drop_pp=100.0 * (acc["val_accuracy_before"] - acc["val_accuracy_after"]),
         params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
         kept_params=result.kept_params(params_before), layers=tuple(Layer(**row) for row in layers),  # type: ignore[arg-type]
-        node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2))
+        features=_features(files), node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2))
     deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
     details: dict[str, Any] = {
         "seed": seed, "device": str(dev), "methods": methods, "target": target, "metric": metric, **acc,

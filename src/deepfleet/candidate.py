@@ -9,7 +9,7 @@ Plain data: it crosses Ray and process boundaries and round-trips through JSON.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Candidate", "Layer"]
@@ -40,7 +40,8 @@ class Candidate:
     validation drop against the original in percentage points. ``params``/``macs`` count the
     dense model, ``bytes`` the artifact on disk, ``kept_params`` parameters left by pruning as a
     fraction of the original's. ``node`` and ``train_seconds`` say where and how long it was
-    compressed (None for the original).
+    compressed (None for the original). ``features`` are the predictor's features of its
+    artifact (:func:`deepfleet.features.onnx_features`; empty when it has no ``model.onnx``).
     """
 
     model: str
@@ -55,6 +56,7 @@ class Candidate:
     bytes: int
     kept_params: float
     layers: tuple[Layer, ...] = ()
+    features: dict[str, float] = field(default_factory=dict)
     node: str | None = None
     train_seconds: float | None = None
 

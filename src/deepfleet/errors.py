@@ -17,6 +17,7 @@ __all__ = [
     "DeviceError",
     "ArtifactError",
     "ResultsError",
+    "one_line",
 ]
 
 
@@ -56,3 +57,13 @@ class ArtifactError(DeepfleetError):
 
 class ResultsError(DeepfleetError):
     """A results dataset that is missing or unreadable, or a row that breaks the results schema."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The reason of a (possibly Ray-wrapped) exception on one line: a DeepfleetError's own
+    message, else its type and last line (a traceback's last line is the error)."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, DeepfleetError):
+        return str(cause)
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"

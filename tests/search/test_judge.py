@@ -20,15 +20,21 @@ from deepfleet.search import (
     parse_study,
     prediction_errors,
 )
-from deepfleet.search._predictor import fit, training_points
+from deepfleet.search._predictor import fit_class, training_points
 
 SPEC = parse_study({
     "name": "s", "model": "mlp", "data": "digits", "classes": ["a", "b"],
     "objectives": ["accuracy", {"metric": "latency_p50", "class": "a"}, {"metric": "energy_estimated", "class": "b"}],
     "constraints": [{"metric": "accuracy_drop_pp", "max": 0.5}, {"metric": "latency_p50", "class": "b", "max": 10}],
 })
+def features(macs: float, params: float) -> dict[str, float]:
+    return {"macs": macs, "params": params, "linear_macs": macs, "linear_params": params, "linear_ops": 2.0,
+            "linear_act_kb": 1.0, "act_kb": 1.0, "ops": 2.0}
+
+
 CAND = Candidate(model="mlp", data="digits", method="deepiot", artifact_hash="me", accuracy_val=0.97,
-                 accuracy_test=0.96, accuracy_drop_pp=0.3, params=50_000, macs=500_000, bytes=9000, kept_params=0.2)
+                 accuracy_test=0.96, accuracy_drop_pp=0.3, params=50_000, macs=500_000, bytes=9000, kept_params=0.2,
+                 features=features(500_000, 50_000))
 
 
 def row(device: str, cls: str, p50: float, *, artifact: str = "me", macs: int = 500_000, params: int = 50_000,
@@ -38,11 +44,19 @@ def row(device: str, cls: str, p50: float, *, artifact: str = "me", macs: int = 
             "energy_kind": None, "error": error, "reference": False}
 
 
-def linear_rows(n: int = 8) -> list[dict]:
+def linear_rows(n: int = 12) -> list[dict]:
     """Other artifacts on class b whose p50 follows 0.5 ms + 2e-6 ms per MAC."""
     macs = np.linspace(1e5, 2e6, n)
     return [row("b1", "b", 0.5 + 2e-6 * m, artifact=f"o{i}", macs=int(m), params=int(m / 10))
             for i, m in enumerate(macs)]
+
+
+def known(rows: list[dict], *cands: Candidate) -> dict[str, Candidate]:
+    """The candidates behind ``rows`` (their features from the rows' MACs and params)."""
+    out = {r["artifact_hash"]: dataclasses.replace(CAND, artifact_hash=r["artifact_hash"], macs=r["macs"],
+                                                   params=r["params"], features=features(r["macs"], r["params"]))
+           for r in rows}
+    return {**out, **{c.artifact_hash: c for c in cands}}
 
 
 def test_a_constraint_compression_settles_is_judged_without_devices() -> None:
@@ -69,18 +83,23 @@ def test_measured_rows_give_the_values_to_tell() -> None:
 
 
 def test_a_clear_predicted_violation_costs_no_device_time() -> None:
-    big = dataclasses.replace(CAND, macs=10_000_000, params=1_000_000)  # predicts about 20.5 ms > 10 ms
-    v = judge(SPEC, big, [row("a1", "a", 2.0, artifact="me"), *linear_rows()])
+    big = dataclasses.replace(CAND, macs=10_000_000, params=1_000_000, features=features(1e7, 1e6))  # ~20.5 ms > 10
+    rows = [row("a1", "a", 2.0, artifact="me"), *linear_rows()]
+    v = judge(SPEC, big, rows, known(linear_rows()))
     assert isinstance(v, PredictedInfeasible) and v.prediction is not None
     assert v.prediction.value == pytest.approx(20.5, rel=0.02) and v.prediction.error < 0.01
+    assert v.prediction.predictor == "kernel" and v.prediction.source == "own" and v.prediction.points == 12
     assert v.source == "predicted" and "latency_p50 on b" in (v.reason or "")
+    assert v.label == "latency_p50@b<=10" and v.classes == ("b",)  # what an audit would measure
     # within the margin: measured instead
-    near = dataclasses.replace(CAND, macs=5_500_000, params=550_000)  # about 11.5 ms: within 25 %
-    assert isinstance(judge(SPEC, near, linear_rows()), Measure)
+    near = dataclasses.replace(CAND, macs=5_500_000, params=550_000, features=features(5.5e6, 5.5e5))  # ~11.5 ms
+    assert isinstance(judge(SPEC, near, linear_rows(), known(linear_rows())), Measure)
+    # without features of the measured artifacts nothing is predicted: measured, never rejected
+    assert isinstance(judge(SPEC, big, rows), Measure)
 
 
 def test_predictions_are_scored_against_what_was_measured() -> None:
-    v = judge(SPEC, CAND, linear_rows())
+    v = judge(SPEC, CAND, linear_rows(), known(linear_rows()))
     assert isinstance(v, Measure)
     (p,) = [p for p in v.predictions if p.metric == "latency_p50"]
     errors = prediction_errors(v.predictions, CAND, [row("b1", "b", 2.0)])
@@ -107,8 +126,24 @@ def test_energy_on_a_class_without_sensors_is_refused_on_load() -> None:
 
 
 def test_predictor_recovers_a_linear_cost_and_needs_enough_points() -> None:
-    pts = training_points(linear_rows(12), "b", "latency_p50")
-    f = fit(pts, "latency_p50")
-    assert f is not None and f.loo_error < 0.01
-    assert f.predict({"macs": 5e5, "params": 5e4}) == pytest.approx(1.5, rel=0.01)
-    assert fit(pts[:3], "latency_p50") is None  # too few points to trust
+    rows = linear_rows(12)
+    pts = training_points(rows, "b", "latency_p50", {h: c.features for h, c in known(rows).items()})
+    for kind in ("linear", "kernel"):
+        f = fit_class(kind, pts)
+        assert f is not None and f.error < 0.01 and f.within10 == 1.0 and f.source == "own"
+        assert f.predict(features(5e5, 5e4)) == pytest.approx(1.5, rel=0.01)
+    assert fit_class("kernel", pts[:3]) is None  # too few points to trust, nothing to borrow
+
+
+def test_a_new_class_borrows_from_the_measured_ones() -> None:
+    """Cold start: class c has 3 measured artifacts, 2.5x slower than class b; its predictor is
+    b's model mapped by a scale and offset fitted on c's own points."""
+    rows = linear_rows(12) + [row("c1", "c", 2.5 * (0.5 + 2e-6 * m), artifact=f"o{i}", macs=int(m), params=int(m / 10))
+                              for i, m in zip(range(0, 12, 4), np.linspace(1e5, 2e6, 12)[::4])]
+    feats = {h: c.features for h, c in known(rows).items()}
+    own = training_points(rows, "c", "latency_p50", feats)
+    others = {"b": training_points(rows, "b", "latency_p50", feats)}
+    f = fit_class("kernel", own, others)
+    assert f is not None and "borrowed from b" in f.source and f.points == 3
+    assert f.predict(features(5e5, 5e4)) == pytest.approx(2.5 * 1.5, rel=0.02)
+    assert fit_class("kernel", own[:1], others) is None  # one own point cannot fix scale and offset

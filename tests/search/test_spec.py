@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,16 @@ def test_base_keys_are_checked_and_relative_to_the_study_file(tmp_path: Path) ->
                     str(tmp_path / "study.yaml"))
     with pytest.raises(ConfigError, match="base.epochs: must be >= 1"):
         parse_study({"name": "x", "model": "mlp", "data": "digits", "base": {"epochs": 0}})
+
+
+@pytest.mark.parametrize(("search", "needle"), [
+    ({"predictor": "oracle"}, "search.predictor: got 'oracle'; accepted: linear, kernel, forest"),
+    ({"audit_rejections": 1.5}, "search.audit_rejections: got 1.5; expected a share in [0, 1]"),
+    ({"audit": 0.1}, "search.audit: unknown; accepted: predictor, audit_rejections"),
+])
+def test_the_search_section_names_the_key_and_what_is_accepted(search: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        parse_study({"name": "x", "model": "mlp", "data": "digits", "search": search})
+    ok = parse_study({"name": "x", "model": "mlp", "data": "digits", "search": {"predictor": "forest",
+                                                                                "audit_rejections": 0}})
+    assert ok.judging.predictor == "forest" and ok.judging.audit_rejections == 0.0

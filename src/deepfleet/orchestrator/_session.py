@@ -5,6 +5,7 @@ session of the study, and each session's own figures)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import statistics
 import time
@@ -18,7 +19,7 @@ from deepfleet._files import write_json
 from deepfleet.candidate import Candidate
 from deepfleet.orchestrator.fleet import Device, Fleet, load_fleet, local_fleet
 from deepfleet.orchestrator.measure import MeasureSettings
-from deepfleet.search import StudySpec, counts, pareto, trial_record
+from deepfleet.search import StudySpec, counts, pareto, predictor_status, trial_record
 from deepfleet.search import check_fleet as check_study_fleet
 
 
@@ -70,19 +71,42 @@ def measure_settings(spec: StudySpec) -> MeasureSettings:
     return MeasureSettings(request=request, reference_every=m.reference_every)
 
 
-def remember_training(run_dir: Path, key: str, candidate: Candidate) -> None:
+def _train_key(spec: StudySpec, params: dict[str, Any]) -> str:
+    desc = {"model": spec.model, "data": spec.data, "seed": spec.seed, "training": spec.training, "params": params,
+            "base": [spec.base_checkpoint, spec.base_epochs]}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def remember_training(run_dir: Path, spec: StudySpec, params: dict[str, Any], candidate: Candidate) -> None:
     """Keep a trained candidate so that a later session with the same parameters reuses it."""
     folder = run_dir / "trained"
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / f"{key}.json", candidate.to_dict())
+    write_json(folder / f"{_train_key(spec, params)}.json", candidate.to_dict())
 
 
-def recalled_training(run_dir: Path, key: str) -> Candidate | None:
-    path = run_dir / "trained" / f"{key}.json"
+def recalled_training(run_dir: Path, spec: StudySpec, params: dict[str, Any]) -> Candidate | None:
+    """The candidate an earlier session trained with these parameters, when its artifact is
+    still there; None otherwise."""
+    path = run_dir / "trained" / f"{_train_key(spec, params)}.json"
     try:
-        return Candidate.from_dict(json.loads(path.read_text())) if path.is_file() else None
+        cand = Candidate.from_dict(json.loads(path.read_text())) if path.is_file() else None
     except (TypeError, ValueError):  # written by an older version: train again
         return None
+    return cand if cand and (run_dir / "artifacts" / cand.artifact_hash).is_dir() else None
+
+
+def predictor_summary(search: Any, study: optuna.Study) -> dict[str, Any]:
+    """How the predictor stands per class (model, points, held-out error, or why it cannot
+    predict), and what its rejections cost: candidates rejected on a prediction without device
+    time, those measured anyway (``search.audit_rejections``) and how many of those the
+    measurement showed feasible (false rejections)."""
+    audits = [t.user_attrs["audit"] for t in study.get_trials(deepcopy=False) if "audit" in t.user_attrs]
+    rejected = sum(1 for t in study.get_trials(deepcopy=False)
+                   if str(t.user_attrs.get("reason", "")).startswith("predicted "))
+    false = audits.count("false rejection")
+    return {"model": search.spec.judging.predictor, "classes": predictor_status(search.spec, search.rows, search.known),
+            "rejected_unmeasured": rejected, "audited": len(audits), "false_rejections": false,
+            "false_rejection_share": round(false / len(audits), 4) if audits else None}
 
 
 @dataclass
@@ -123,6 +147,7 @@ class Tally:
             "trained_here": sum(s["trained_here"] for s in sessions),
             "sessions": sessions, **{k: this[k] for k in ("devices", "train_seconds_mean", "ray_resources",
                                                            "prediction_error_median")},
+            "predictor": predictor_summary(search, study),
         }
         write_json(path, summary)
         return summary

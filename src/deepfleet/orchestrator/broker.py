@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from deepfleet.errors import DeviceError
+from deepfleet.errors import DeviceError, one_line
 
 
 @dataclass
@@ -181,14 +181,8 @@ def measure_on_class(
             used.append(name)
             ray.get(broker.release.remote(name, True))
         except Exception as exc:  # whatever breaks on one device (link, key, agent) fails only it
-            reason = _one_line(exc)
+            reason = one_line(exc)
             errors.append(reason)
             ray.get(broker.release.remote(name, False, reason[:300]))
     return {"rows": rows, "errors": errors if len(used) < want else [], "devices": used}
 
-
-def _one_line(exc: BaseException) -> str:
-    """The message of a (Ray-wrapped) exception: the DeepfleetError's own line when there is one."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip()
-    return text.splitlines()[-1] if isinstance(cause, Exception) and "Traceback" in text else text

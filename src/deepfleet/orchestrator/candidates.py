@@ -20,7 +20,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,14 @@ _CONSTRAINT = pa.struct([pa.field("label", pa.string()), pa.field("metric", pa.s
                          pa.field("excess", pa.float64())])  # value - max: <= 0 is feasible
 _PREDICTION = pa.struct([pa.field("metric", pa.string()), pa.field("device_class", pa.string()),
                          pa.field("value", pa.float64()), pa.field("error", pa.float64()),
-                         pa.field("points", pa.int32())])
+                         pa.field("points", pa.int32()), pa.field("predictor", pa.string()),
+                         pa.field("source", pa.string())])
 _CANDIDATE_TYPES = {
     "model": pa.string(), "data": pa.string(), "method": pa.string(), "artifact_hash": pa.string(),
     "accuracy_val": pa.float64(), "accuracy_test": pa.float64(), "accuracy_drop_pp": pa.float64(),
     "params": pa.int64(), "macs": pa.int64(), "bytes": pa.int64(), "kept_params": pa.float64(),
-    "layers": pa.list_(_LAYER), "node": pa.string(), "train_seconds": pa.float64(),
+    "layers": pa.list_(_LAYER), "features": pa.map_(pa.string(), pa.float64()), "node": pa.string(),
+    "train_seconds": pa.float64(),
 }
 assert list(_CANDIDATE_TYPES) == [f.name for f in dataclasses.fields(Candidate)], "one name per field"
 
@@ -99,6 +101,7 @@ def candidate_row(*, study: str, kind: str, outcome: str, candidate: Candidate |
     row: dict[str, Any] = dict.fromkeys(CANDIDATES_SCHEMA.names)
     if candidate is not None:
         row.update(candidate.to_dict())
+        row["features"] = sorted(candidate.features.items())
     row.update(verdict)
     row.update(schema_version=CANDIDATES_SCHEMA_VERSION, study=study, kind=kind, outcome=outcome, trial=trial,
                trial_params=None if trial_params is None else
@@ -183,22 +186,21 @@ def read_candidates(root: str | os.PathLike[str], study: str | None = None) -> p
     return frame.sort_values(["created_at"], kind="stable").reset_index(drop=True)
 
 
+def known_candidates(root: str | os.PathLike[str], study: str) -> dict[str, Candidate]:
+    """{artifact hash: Candidate} of every row of ``study`` that holds one (an earlier session's
+    trials and the original), for the predictor's features; empty when there is no dataset."""
+    if not Path(root).is_dir():
+        return {}
+    frame = read_candidates(root, study)
+    return {str(r["artifact_hash"]): candidate_of(r) for r in frame.to_dict("records")
+            if isinstance(r.get("artifact_hash"), str) and r.get("method") is not None}
+
+
 def candidate_of(row: Mapping[str, Any]) -> Candidate:
     """The Candidate stored in a row of :func:`read_candidates`."""
     data = {k: row[k] for k in _CANDIDATE_TYPES}
     for k in ("params", "macs", "bytes"):
         data[k] = int(data[k])
     data["layers"] = tuple(Layer(**lay) for lay in (row["layers"] if row["layers"] is not None else ()))
+    data["features"] = dict(row["features"]) if isinstance(row["features"], dict) else {}
     return Candidate(**{k: (None if isinstance(v, float) and pd.isna(v) else v) for k, v in data.items()})
-
-
-def verdict_columns(objectives: Sequence[tuple[str, str | None, float]] | None,
-                    constraints: Sequence[tuple[str, str, str | None, float, float]] | None) -> dict[str, Any]:
-    """The objectives and constraints columns from plain tuples (metric, class, value) and
-    (label, metric, class, max, value - max)."""
-    return {
-        "objectives": None if objectives is None else
-        [{"metric": m, "device_class": c, "value": v} for m, c, v in objectives],
-        "constraints": None if constraints is None else
-        [{"label": lab, "metric": m, "device_class": c, "max": mx, "excess": ex} for lab, m, c, mx, ex in constraints],
-    }

@@ -26,6 +26,11 @@ def fmt(value: float, unit: str = "") -> str:
     return f"{value:.4g}{' ' + unit if unit else ''}"
 
 
+def settings_line(params: dict[str, Any]) -> str:
+    """A trial's settings on one line, floats to three significant digits."""
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -36,6 +41,7 @@ class SearchProgress:
         self.spec, self.budget, self.enabled = spec, budget, enabled
         self.started = time.monotonic()
         self.told_here = 0
+        self.predictor: dict[str, dict[str, str]] = {}
         self.console = Console(stderr=True)
         self.live: Live | None = None
         if enabled and sys.stderr.isatty():
@@ -67,17 +73,29 @@ class SearchProgress:
             status = "quarantined" if d["quarantined"] else (f"measuring ({d['holder']})" if d["holder"] else "idle")
             t.add_row(f"device {name} ({d['class']})", f"{status}, {d['leases']} leases, busy {100 * d['utilisation']:.0f} %")
         best = pareto(study)[:3]
+        lines = [f"predictor on {cls}, {metric}: {line}" for cls, m in self.predictor.items() for metric, line in m.items()]
         if best:
-            t.caption = "best so far: " + "; ".join(f"#{b.number} {self.values(b.values)}" for b in best)
+            lines.append("best so far: " + "; ".join(f"#{b.number} {self.values(b.values)}" for b in best))
+        t.caption = "\n".join(lines) or None
         return t
+
+    def predictor_status(self, status: dict[str, dict[str, str]]) -> None:
+        """How the predictor stands per class and metric; printed as events when it changes."""
+        for cls, m in status.items():
+            for metric, line in m.items():
+                if self.predictor.get(cls, {}).get(metric) != line and self.live is None:
+                    self.event(f"predictor on {cls}, {metric}: {line}")
+        self.predictor = status
 
     def update(self, state: dict[str, Any]) -> None:
         if self.live is not None:  # the state costs storage reads: only when it is shown
             self.live.update(self._table(state))
 
-    def told(self, number: int, outcome: str, values: Sequence[float], reason: str | None) -> None:
+    def told(self, number: int, outcome: str, values: Sequence[float], source: str, reason: str | None) -> None:
+        """A trial told to Optuna; values not measured are labelled with where they came from."""
         self.told_here += 1
-        self.event(f"trial {number} {outcome}: {self.values(values)}" + (f" ({reason})" if reason else ""))
+        label = "" if source == "measured" else f" [{source}, not measured]"
+        self.event(f"trial {number} {outcome}: {self.values(values)}{label}" + (f" ({reason})" if reason else ""))
 
     def event(self, line: str) -> None:
         """A one-line message (a trial started or ended, a device failed)."""

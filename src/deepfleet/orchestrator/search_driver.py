@@ -14,8 +14,7 @@ Run directory::
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +27,26 @@ from optuna.trial import TrialState
 from deepfleet.api import BaseSpec
 from deepfleet.artifact import save_artifact
 from deepfleet.candidate import Candidate
-from deepfleet.errors import ConfigError, DeepfleetError
+from deepfleet.errors import ConfigError, one_line
 from deepfleet.orchestrator import _session
 from deepfleet.orchestrator.broker import BrokerActor, measure_on_class
-from deepfleet.orchestrator.candidates import candidate_row, read_candidates, write_candidates
+from deepfleet.orchestrator.candidates import candidate_row, known_candidates, write_candidates
 from deepfleet.orchestrator.device_actor import start_device_actors
 from deepfleet.orchestrator.fleet import Fleet
-from deepfleet.orchestrator.progress import SearchProgress
+from deepfleet.orchestrator.progress import SearchProgress, settings_line
 from deepfleet.orchestrator.raycluster import driver_node_id, start_ray
 from deepfleet.orchestrator.results import plain_rows, read_results
 from deepfleet.orchestrator.trainer import Trained, TrainJob, train_base, train_candidate
-from deepfleet.search import StudySpec, finished, judge, open_study, prediction_errors, suggest
-from deepfleet.search._judge import Failed, Final, Measure, Prediction
+from deepfleet.search import (
+    StudySpec,
+    finished,
+    judge,
+    open_study,
+    prediction_errors,
+    predictor_status,
+    suggest,
+)
+from deepfleet.search._judge import Failed, Final, Measure, PredictedInfeasible, Prediction
 
 __all__ = ["Search"]
 
@@ -69,6 +76,7 @@ class Live:
     waiting: set[str] = field(default_factory=set)  # classes still being measured
     errors: list[str] = field(default_factory=list)
     predictions: tuple[Prediction, ...] = ()
+    audit: str | None = None  # the constraint a prediction said it breaks, measured to check
 
 
 class Search:
@@ -91,6 +99,7 @@ class Search:
         self.devices = _session.check_fleet(spec, self.fleet)
         self.view = SearchProgress(spec, self.budget, enabled=progress)
         self.rows: list[dict[str, Any]] = []  # every results row of this study (Parquet is the truth)
+        self.known: dict[str, Candidate] = {}  # candidates by artifact hash: the predictor's features
         self.pending: dict[Any, Job] = {}
         self.live: dict[int, Live] = {}
         self.tally = _session.Tally()
@@ -110,6 +119,9 @@ class Search:
                                           _session.measure_settings(spec))
         if (self.run_dir / "results").is_dir():
             self.rows = plain_rows(read_results(self.run_dir / "results", study=spec.name))
+        self.known = known_candidates(self.run_dir / "candidates", spec.name)
+        # audits draw from their own stream: resumed sessions draw anew, runs repeat
+        self.audits = random.Random(f"{spec.name}/{spec.seed}/{opened.session}")
         self.trainer = ray.remote(train_candidate).options(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
                                                           max_retries=0)
         self.base: Trained | None = None
@@ -148,7 +160,7 @@ class Search:
             trial = study.ask()
             t = Live(trial, suggest(trial, self.spec.space))
             self.live[trial.number] = t
-            reused = self._reusable(t.params)
+            reused = _session.recalled_training(self.run_dir, self.spec, t.params)
             if reused is not None:
                 self.view.event(f"trial {trial.number}: training reused from an earlier run")
                 t.candidate = reused
@@ -156,16 +168,16 @@ class Search:
             else:
                 self.pending[self.trainer.remote(self._job(t.params))] = Job(JobKind.TRAIN, trial.number)
                 training += 1
-                self.view.event(f"trial {trial.number}: training {_settings(t.params)}")
+                self.view.event(f"trial {trial.number}: training {settings_line(t.params)}")
 
     def _done(self, job: Job, ref: Any, study: optuna.Study) -> None:
         try:
             out = ray.get(ref)
         except Exception as exc:  # a trial's failure must not end the study
             if job.kind is JobKind.BASE:
-                raise ConfigError(f"{self.spec.source}: the original model could not be trained: {_reason(exc)}") from None
+                raise ConfigError(f"{self.spec.source}: the original model could not be trained: {one_line(exc)}") from None
             if job.trial is not None:
-                self._fail(self.live.pop(job.trial), _reason(exc), study)
+                self._fail(self.live.pop(job.trial), one_line(exc), study)
             return
         if job.kind is JobKind.BASE:
             self._base_ready(out)
@@ -173,10 +185,10 @@ class Search:
             self.rows += out["rows"]
         elif job.kind is JobKind.TRAIN:
             t = self.live[job.trial]  # type: ignore[index]
-            t.candidate = out.candidate
+            t.candidate = self.known[out.candidate.artifact_hash] = out.candidate
             save_artifact(self.run_dir / "artifacts", out.artifact)
             self.tally.trained(out.candidate.train_seconds or 0.0)
-            _session.remember_training(self.run_dir, self._train_key(t.params), out.candidate)
+            _session.remember_training(self.run_dir, self.spec, t.params, out.candidate)
             self._judge(t, study)
         else:
             t = self.live[job.trial]  # type: ignore[index]
@@ -194,10 +206,10 @@ class Search:
         c = base.candidate
         self.view.event(f"original model: validation accuracy {c.accuracy_val:.4f}"
                         + (" (cached)" if base.cached else ""))
-        known = self.run_dir / "candidates"
-        if not known.is_dir() or c.artifact_hash not in set(read_candidates(known, self.spec.name)["artifact_hash"]):
-            write_candidates(known, [candidate_row(study=self.spec.name, kind="baseline", outcome="baseline",
-                                                   candidate=c)])
+        if c.artifact_hash not in self.known:  # once per study
+            write_candidates(self.run_dir / "candidates", [candidate_row(
+                study=self.spec.name, kind="baseline", outcome="baseline", candidate=c)])
+            self.known[c.artifact_hash] = c
         for cls in sorted({d.device_class for d in self.devices}):
             if any(r["artifact_hash"] == c.artifact_hash and r["device_class"] == cls and not r.get("error")
                    for r in self.rows):
@@ -210,7 +222,11 @@ class Search:
         if t.errors:
             self._fail(t, "; ".join(t.errors), study)
             return
-        verdict = judge(self.spec, t.candidate, self.rows)
+        verdict = judge(self.spec, t.candidate, self.rows, self.known)
+        if isinstance(verdict, PredictedInfeasible) and self.audits.random() < self.spec.judging.audit_rejections:
+            self.view.event(f"trial {t.trial.number}: {verdict.reason}; measured anyway (audit)")
+            t.audit = verdict.label
+            verdict = Measure(classes=verdict.classes, predictions=verdict.predictions)
         if isinstance(verdict, Measure):
             t.predictions = verdict.predictions
             t.waiting = set(verdict.classes)
@@ -236,16 +252,20 @@ class Search:
         t.trial.set_user_attr("accuracy_test", cand.accuracy_test)
         if v.reason:
             t.trial.set_user_attr("reason", v.reason)
+        if t.audit:  # a rejection the measurement checks: false when the constraint holds
+            t.trial.set_user_attr("audit", "false rejection" if v.constraints[t.audit] <= 0 else "true rejection")
         study.tell(t.trial, list(v.values) if len(v.values) > 1 else v.values[0])
         predictions = t.predictions or v.predictions
         for p, err in prediction_errors(t.predictions, cand, self.rows):
             self.tally.predicted(p.device_class, err)
+        if v.source == "measured" and spec.needs_devices:
+            self.view.predictor_status(predictor_status(spec, self.rows, self.known))
         self._record(t, v.outcome, reason=v.reason, values_source=v.source, predictions=predictions,
                      objectives=[{"metric": o.metric, "device_class": o.device_class, "value": x}
                                  for o, x in zip(spec.objectives, v.values)],
                      constraints=[{"label": c.label, "metric": c.metric, "device_class": c.device_class,
                                    "max": c.max, "excess": v.constraints[c.label]} for c in spec.constraints])
-        self.view.told(t.trial.number, v.outcome, v.values, v.reason)
+        self.view.told(t.trial.number, v.outcome, v.values, v.source, v.reason)
 
     def _fail(self, t: Live, reason: str, study: optuna.Study) -> None:
         t.trial.set_user_attr("fail_reason", reason[:2000])
@@ -261,36 +281,15 @@ class Search:
             trial=t.trial.number, trial_params=t.params, fail_reason=reason,
             predictions=[p.__dict__ for p in predictions] or None, **verdict)])
 
-    # ---------------------------------------------------------------- reuse and display
-    def _train_key(self, params: dict[str, Any]) -> str:
-        s = self.spec
-        desc = {"model": s.model, "data": s.data, "seed": s.seed, "training": s.training, "params": params,
-                "base": [s.base_checkpoint, s.base_epochs]}
-        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-    def _reusable(self, params: dict[str, Any]) -> Candidate | None:
-        cand = _session.recalled_training(self.run_dir, self._train_key(params))
-        return cand if cand and (self.run_dir / "artifacts" / cand.artifact_hash).is_dir() else None
-
+    # ---------------------------------------------------------------- display
     def _state(self, study: optuna.Study) -> dict[str, Any]:
         now = time.monotonic()
         stages = [(JobKind.BASE.value, "")] if not self.base else []
         for number, t in sorted(self.live.items()):
             doing = "measuring on " + ", ".join(sorted(t.waiting)) if t.waiting else "training"
-            stages.append((f"trial {number}: {doing} ({now - t.started:.0f} s)", _settings(t.params)))
+            stages.append((f"trial {number}: {doing} ({now - t.started:.0f} s)", settings_line(t.params)))
         kinds = [j.kind for j in self.pending.values()]
         return {"stages": stages, "study": study, "training": kinds.count(JobKind.TRAIN),
                 "measuring": kinds.count(JobKind.MEASURE),
                 "devices": ray.get(self.broker.status.remote()) if self.devices and self.view.live else {}}
 
-
-def _settings(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def _reason(exc: BaseException) -> str:
-    """A one-line reason from a (Ray-wrapped) exception."""
-    cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, DeepfleetError):
-        return str(cause)
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"

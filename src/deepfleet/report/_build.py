@@ -210,7 +210,7 @@ def build(run: RunData, *, max_drop_pp: float | None = None) -> Report:
         _variation_section(results, per_device, roles, absent),
         _ranking_section(per_class, chosen_by_class, classes, absent),
         _layers_section(entries),
-        _objectives_section(cands, entries),
+        _objectives_section(cands, entries, per_class),
         _provenance_section(run, roles, absent),
     ]
     csv_only = [Table("per_class_metrics", "class values of every artifact", per_class),
@@ -340,18 +340,23 @@ def _layers_section(entries: list[dict[str, Any]]) -> Section | None:
                    tables=[Table("layers", "units before and after", table)], figures=figures)
 
 
-def _objectives_section(cands: pd.DataFrame | None, entries: list[dict[str, Any]]) -> Section | None:
+def _objectives_section(cands: pd.DataFrame | None, entries: list[dict[str, Any]],
+                        per_class: pd.DataFrame) -> Section | None:
     if cands is None:
         return None
     trials = {int(e["chosen"]["trial"]) for e in entries
               if e["chosen"] is not None and not pd.isna(e["chosen"].get("trial"))}
     png = _plots.objectives_png(cands, trials)
+    predictions = Table("predictions", "the predictor: its predictions before measurement against what was "
+                        "then measured, per class and metric (PREDICTED values, never told as measured)",
+                        _tables.predictions_table(cands, per_class))
     if png is None:
-        return Section("objectives", "Objectives vs trial",
+        return Section("objectives", "Objectives vs trial", tables=[predictions],
                        notes=["Not available: no candidate row has objectives."])
     return Section("objectives", "Objectives vs trial", notes=[
         "The values told to Optuna (the candidates' objectives), by trial; triangles are predicted values "
-        "(not measured), circles measured ones."], figures=[Figure("objectives", png)])
+        "(not measured), circles measured ones. Candidates rejected on a prediction were never measured "
+        "unless audited (search.audit_rejections)."], figures=[Figure("objectives", png)], tables=[predictions])
 
 
 def _provenance_section(run: RunData, roles: dict[str, str], absent: list[str]) -> Section:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from deepfleet.device_agent.format import compressor_label
-from deepfleet.report._analysis import ENERGY_COLUMNS, ok_rows
+from deepfleet.report._analysis import COLUMNS, ENERGY_COLUMNS, ok_rows
 from deepfleet.report._stats import (
     box_stats,
     coefficient_of_variation,
@@ -317,3 +317,41 @@ def failures_table(results: pd.DataFrame) -> pd.DataFrame:
     g = f.groupby(["device_class", "device", "error"], sort=True)
     return g.agg(rows=("device", "size"), first_at=("started_at", "min"),
                  last_at=("started_at", "max")).reset_index()
+
+
+def predictions_table(cands: pd.DataFrame, per_class: pd.DataFrame) -> pd.DataFrame:
+    """Per (device_class, metric): predictions made before measurement, how many were then
+    measured, their median relative error and share within 10 %, the predictor(s) and its own
+    held-out error estimate, and how many candidates were rejected on a prediction."""
+    columns = {m: c for c, m in COLUMNS.items()}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    measured = per_class.set_index(["artifact_hash", "device_class"])
+    for _, c in cands.iterrows():
+        preds = c.get("predictions")
+        if preds is None or (isinstance(preds, float) and math.isnan(preds)):
+            continue
+        for p in preds:
+            r = rows.setdefault((p["device_class"], p["metric"]), {
+                "device_class": p["device_class"], "metric": p["metric"], "predicted": 0, "measured": 0,
+                "errors": [], "predictors": set(), "held_out_error_pct": [], "rejected": 0})
+            r["predicted"] += 1
+            r["predictors"].add(f"{p.get('predictor') or 'linear'} ({p.get('source') or 'own'})")
+            if p.get("error") is not None:
+                r["held_out_error_pct"].append(100 * p["error"])
+            r["rejected"] += int(c["outcome"] == "predicted_infeasible")
+            col = columns.get(p["metric"])
+            key = (c["artifact_hash"], p["device_class"])
+            if col and key in measured.index and not math.isnan(float(measured.loc[key, col])):
+                actual = float(measured.loc[key, col])
+                r["measured"] += 1
+                r["errors"].append(abs(p["value"] - actual) / actual)
+    out = []
+    for r in rows.values():
+        errs = np.array(r.pop("errors"))
+        held = r.pop("held_out_error_pct")
+        out.append({**r, "predictors": ", ".join(sorted(r["predictors"])),
+                    "median_error_pct": 100 * float(np.median(errs)) if len(errs) else math.nan,
+                    "within_10pct": float(np.mean(errs <= 0.10)) if len(errs) else math.nan,
+                    "held_out_error_pct": float(np.median(held)) if held else math.nan})
+    return pd.DataFrame(out, columns=["device_class", "metric", "predicted", "measured", "median_error_pct",
+                                      "within_10pct", "held_out_error_pct", "predictors", "rejected"])

@@ -24,6 +24,7 @@ from deepfleet.search._judge import (
     Verdict,
     judge,
     prediction_errors,
+    predictor_status,
 )
 from deepfleet.search._spec import (
     METRICS,
@@ -79,6 +80,7 @@ __all__ = [
     "parse_study",
     "pareto",
     "prediction_errors",
+    "predictor_status",
     "suggest",
     "trial_record",
 ]

@@ -28,20 +28,25 @@ from deepfleet.search import _predictor as predictor
 from deepfleet.search._spec import Constraint, Objective, StudySpec
 
 __all__ = ["Failed", "Final", "Infeasible", "Measure", "PredictedInfeasible", "Prediction", "Tell",
-           "Verdict", "judge", "prediction_errors"]
+           "Verdict", "fit", "judge", "prediction_errors", "predictor_status"]
 
 Rows = Sequence[Mapping[str, Any]]
+Known = Mapping[str, Candidate]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
-    """A predicted class value, with the held-out relative error of the model that made it."""
+    """A predicted class value, labelled: the held-out relative error of the model that made it,
+    how many measured artifacts it was fitted on, which predictor, and where its data came from
+    (``own`` or borrowed from other classes: cold start)."""
 
     metric: str
     device_class: str
     value: float
     error: float
-    points: int  # measured artifacts the model was fitted on
+    points: int
+    predictor: str
+    source: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +72,8 @@ class Infeasible(Final):
 @dataclass(frozen=True, kw_only=True)
 class PredictedInfeasible(Final):
     prediction: Prediction | None = None  # the one that broke its constraint
+    label: str = ""  # the constraint it broke
+    classes: tuple[str, ...] = ()  # the classes a measurement would need (to audit the rejection)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,46 +136,73 @@ def _unmeasured(spec: StudySpec, cand: Candidate, rows: Rows, predictions: Seque
             "predictions": tuple(predictions)}
 
 
-def _predict(spec: StudySpec, cand: Candidate, rows: Rows, classes: Sequence[str]) -> list[Prediction]:
-    """Predictions of every device metric the study uses on ``classes``, from the rows of
-    other artifacts (None where too few were measured to fit)."""
-    wanted = {(x.metric, x.device_class) for x in (*spec.objectives, *spec.constraints)
+def _backend(rows: Rows, device_class: str) -> str | None:
+    """The backend the class's devices measured with most often (rows of one backend train a
+    predictor for that backend only)."""
+    seen = [str(r["backend"]) for r in rows if r.get("device_class") == device_class and r.get("backend")
+            and not r.get("error") and not r.get("reference")]
+    return max(sorted(set(seen)), key=seen.count) if seen else None
+
+
+def fit(spec: StudySpec, rows: Rows, known: Known, metric: str, device_class: str,
+        exclude: str | None = None) -> tuple[predictor.Fit | None, int]:
+    """The study's predictor of ``metric`` on ``device_class`` fitted on the rows of every
+    artifact but ``exclude`` (borrowing from the other classes while the class has few), and
+    how many artifacts of the class it could use."""
+    features = {h: c.features for h, c in known.items() if c.features and h != exclude}
+    points = {}
+    for cls in sorted({str(r["device_class"]) for r in rows}):
+        pts = predictor.training_points(rows, cls, metric, features, _backend(rows, cls))
+        if pts:
+            points[cls] = pts
+    own = points.pop(device_class, [])
+    return predictor.fit_class(spec.judging.predictor, own, points), len(own)
+
+
+def _predict(spec: StudySpec, cand: Candidate, rows: Rows, known: Known,
+             classes: Sequence[str]) -> list[Prediction]:
+    """Predictions of every device metric the study uses on ``classes`` (none where the
+    predictor has too few points)."""
+    if not cand.features:
+        return []
+    wanted = {(x.metric, str(x.device_class)) for x in (*spec.objectives, *spec.constraints)
               if x.device_class in classes}
     out = []
-    for metric, cls in sorted(wanted, key=lambda t: (t[0], str(t[1]))):
-        points = predictor.training_points([r for r in rows if r.get("artifact_hash") != cand.artifact_hash],
-                                           str(cls), metric)
-        fit = predictor.fit(points, metric)
-        if fit is not None:
-            out.append(Prediction(metric=metric, device_class=str(cls), value=fit.predict(cand.to_dict()),
-                                  error=fit.loo_error, points=fit.points))
+    for metric, cls in sorted(wanted):
+        f, _ = fit(spec, rows, known, metric, cls, exclude=cand.artifact_hash)
+        if f is not None:
+            out.append(Prediction(metric=metric, device_class=cls, value=f.predict(cand.features), error=f.error,
+                                  points=f.points, predictor=f.name, source=f.source))
     return out
 
 
-def judge(spec: StudySpec, candidate: Candidate, rows: Rows) -> Verdict:
-    """The verdict on ``candidate`` given every results row measured so far (any artifact)."""
-    known = {}
+def judge(spec: StudySpec, candidate: Candidate, rows: Rows, known: Known | None = None) -> Verdict:
+    """The verdict on ``candidate`` given every results row measured so far (any artifact) and
+    the candidates ``known`` so far by artifact hash (their features train the predictor)."""
+    known = known or {}
+    known_values = {}
     for c in spec.constraints:
         if not metrics.metric(c.metric).per_device:
             v = metrics.candidate_value(c.metric, candidate)
             if v is not None:
-                known[c.label] = v - c.max
-    broken = tuple(label for label, v in known.items() if v > 0)
+                known_values[c.label] = v - c.max
+    broken = tuple(label for label, v in known_values.items() if v > 0)
     if broken:
         return Infeasible(outcome="infeasible", broken=broken, reason=f"breaks {', '.join(broken)} before measurement",
-                          **_unmeasured(spec, candidate, rows, (), known))
+                          **_unmeasured(spec, candidate, rows, (), known_values))
     mine = _mine(rows, candidate.artifact_hash)
     missing = tuple(cls for cls in spec.device_classes if not any(r.get("device_class") == cls for r in mine))
     if missing:
-        predictions = _predict(spec, candidate, rows, missing)
+        predictions = _predict(spec, candidate, rows, known, missing)
         for c, p in ((c, p) for c in spec.constraints for p in predictions
                      if (p.metric, p.device_class) == (c.metric, c.device_class)):
             margin = predictor.margin_for(p.error)
             if p.value > c.max * (1 + margin):
                 reason = (f"predicted {c.metric} on {p.device_class} = {p.value:.3g} breaks <= {c.max:g} by more "
-                          f"than {100 * margin:.0f} % (predictor error {100 * p.error:.1f} %)")
+                          f"than {100 * margin:.0f} % ({p.predictor} predictor, held-out error {100 * p.error:.1f} %)")
                 return PredictedInfeasible(outcome="predicted_infeasible", prediction=p, reason=reason,
-                                           **_unmeasured(spec, candidate, rows, predictions, known))
+                                           label=c.label, classes=missing,
+                                           **_unmeasured(spec, candidate, rows, predictions, known_values))
         return Measure(classes=missing, predictions=tuple(predictions))
     values = []
     for o in spec.objectives:
@@ -202,4 +236,16 @@ def prediction_errors(predictions: Sequence[Prediction], candidate: Candidate, r
         actual = metrics.class_value(p.metric, mine, p.device_class)
         if actual:
             out.append((p, abs(p.value - actual) / abs(actual)))
+    return out
+
+
+def predictor_status(spec: StudySpec, rows: Rows, known: Known) -> dict[str, dict[str, str]]:
+    """{class: {metric: one line}}: how the predictor of each device metric the study uses
+    stands on each class (its model, points, held-out error and data source, or why it cannot
+    predict yet)."""
+    out: dict[str, dict[str, str]] = {}
+    for x in (*spec.objectives, *spec.constraints):
+        if x.device_class:
+            f, own = fit(spec, rows, known, x.metric, x.device_class)
+            out.setdefault(x.device_class, {})[x.metric] = predictor.describe(f, own)
     return out

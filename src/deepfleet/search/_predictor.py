@@ -1,58 +1,143 @@
-"""Cheap before dear: predict a candidate's latency and energy per device class from structure.
+"""Cheap before dear: predict a candidate's class value of a device metric (latency, energy,
+memory) from its features (:mod:`deepfleet.features`), with the predictor's own held-out error.
 
-Per class and metric, a linear model ``y = a + b * MACs + c * params`` with non-negative
-coefficients (work and weight traffic cannot make a model faster) is fitted on the result rows
-measured so far. A candidate whose prediction breaks a constraint by more than a margin (at least
-25 %, widened to twice the model's own leave-one-out error) is judged without board time.
+One interface (:class:`Predictor`: ``fit``, ``predict``) and three models, fitted per device class
+and backend on the rows measured so far (one point per measured artifact: its features and its
+class value, :func:`deepfleet.metrics.class_value`):
+
+* ``linear``: ``y = a + b * MACs + c * params`` with non-negative coefficients (work and weight
+  traffic cannot make a model faster): the first round's model;
+* ``kernel``: a kernel sum in the manner of nn-Meter: ``y = a + sum over op kinds of
+  (b_k * MACs_k + c_k * activation kB_k + d_k * ops_k) + e * params``, non-negative, so each op
+  kind (conv, linear, recurrent, pooling, element-wise, ...) gets its own cost per unit of work,
+  per byte written and per op launched (the fixed cost a runtime pays per op);
+* ``forest``: extremely randomised trees (scikit-learn) on log features, predicting log y.
+
+**Cold start** (a class with fewer than :data:`MIN_OWN` measured artifacts): the class borrows
+from the classes already measured, as HELP does from other devices: the same model fitted on the
+other classes' points gives a base prediction, and a scale and offset fitted on this class's own
+points (at least 2) map it to this class. With fewer own points there is no fit, hence no
+rejection on prediction.
+
+Every fit carries its held-out error (median relative error over k-fold predictions of its own
+points, :data:`FOLDS` folds) and the share within 10 %; the judge rejects a candidate only when
+the prediction breaks a limit by more than a margin that grows with that error.
 """
 
 from __future__ import annotations
 
+import abc
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.optimize import nnls
 
 from deepfleet import metrics
+from deepfleet.features import KINDS
 
-MIN_POINTS = 4  # below this a fit is too easy to fool
-FEATURES = ("macs", "params")
+__all__ = ["MIN_OWN", "MIN_POINTS", "PREDICTORS", "Fit", "Predictor", "describe", "fit_class",
+           "margin_for", "training_points"]
+
+MIN_POINTS = 4  # below this a model is too easy to fool: no fit, no rejection
+MIN_OWN = 10  # below this a class borrows from the others (cold start)
+FOLDS = 5
+Features = Mapping[str, float]
+
+
+class Predictor(abc.ABC):
+    """A regression from features (one mapping per point) to a positive value."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def fit(self, X: Sequence[Features], y: np.ndarray) -> Predictor:
+        """Fit on points ``X`` with values ``y``; return self."""
+
+    @abc.abstractmethod
+    def predict(self, X: Sequence[Features]) -> np.ndarray:
+        """Predicted values for ``X``."""
+
+
+class _NonNegative(Predictor):
+    """A linear model with non-negative coefficients over :meth:`columns` (scaled for NNLS)."""
+
+    @abc.abstractmethod
+    def columns(self, f: Features) -> list[float]:
+        """The design row of one point (an intercept first)."""
+
+    def _design(self, X: Sequence[Features]) -> np.ndarray:
+        return np.array([self.columns(f) for f in X], dtype=float)
+
+    def fit(self, X: Sequence[Features], y: np.ndarray) -> Predictor:
+        A = self._design(X)
+        self.scale = np.abs(A).max(axis=0)
+        self.scale[self.scale == 0] = 1.0
+        coef, _ = nnls(A / self.scale, np.asarray(y, dtype=float))
+        self.coef = coef / self.scale
+        return self
+
+    def predict(self, X: Sequence[Features]) -> np.ndarray:
+        return self._design(X) @ self.coef
+
+
+class Linear(_NonNegative):
+    name = "linear"
+
+    def columns(self, f: Features) -> list[float]:
+        return [1.0, f["macs"] * f.get("batch", 1), f["params"]]
+
+
+class KernelSum(_NonNegative):
+    name = "kernel"
+
+    def columns(self, f: Features) -> list[float]:
+        b = f.get("batch", 1)
+        per_kind = [v for k in KINDS for v in (f.get(f"{k}_macs", 0.0) * b, f.get(f"{k}_act_kb", 0.0) * b,
+                                               f.get(f"{k}_ops", 0.0))]
+        return [1.0, *per_kind, f["params"]]
+
+
+class Forest(Predictor):
+    name = "forest"
+    COLUMNS: ClassVar[tuple[str, ...]] = ("macs", "params", "act_kb", "ops", "batch",
+                                          *(f"{k}_{q}" for k in KINDS for q in ("macs", "act_kb", "ops")))
+
+    def _design(self, X: Sequence[Features]) -> np.ndarray:
+        return np.log1p(np.array([[max(f.get(c, 1.0 if c == "batch" else 0.0), 0.0) for c in self.COLUMNS]
+                                  for f in X]))
+
+    def fit(self, X: Sequence[Features], y: np.ndarray) -> Predictor:
+        from sklearn.ensemble import ExtraTreesRegressor
+
+        self.model = ExtraTreesRegressor(n_estimators=60, random_state=0, n_jobs=1)
+        self.model.fit(self._design(X), np.log(np.maximum(np.asarray(y, dtype=float), 1e-9)))
+        return self
+
+    def predict(self, X: Sequence[Features]) -> np.ndarray:
+        return np.exp(self.model.predict(self._design(X)))
+
+
+PREDICTORS: dict[str, type[Predictor]] = {c.name: c for c in (Linear, KernelSum, Forest)}
 
 
 @dataclass(frozen=True)
 class Fit:
-    coef: tuple[float, ...]  # intercept, then one per feature
+    """A fitted model of one (metric, class, backend): ``predict(features)``, how many artifacts
+    it was fitted on, its held-out error (median relative error) and share within 10 %, and
+    where its data came from (``own`` or ``borrowed from <classes>``)."""
+
+    model: Any
+    name: str
     points: int
-    loo_error: float  # median relative leave-one-out error
+    error: float
+    within10: float
+    source: str
 
-    def predict(self, features: Mapping[str, float]) -> float:
-        x = np.array([1.0] + [float(features[f]) for f in FEATURES])
-        return float(x @ np.array(self.coef))
-
-
-def _design(points: Sequence[Mapping[str, float]]) -> np.ndarray:
-    return np.array([[1.0] + [float(p[f]) for f in FEATURES] for p in points])
-
-
-def fit(points: Sequence[Mapping[str, float]], target: str) -> Fit | None:
-    """Fit ``target`` from FEATURES over ``points`` (dicts); None with too few distinct points."""
-    pts = [p for p in points if p.get(target) is not None]
-    if len({tuple(p[f] for f in FEATURES) for p in pts}) < MIN_POINTS:
-        return None
-    X = _design(pts)
-    y = np.array([float(p[target]) for p in pts])
-    scale = np.abs(X).max(axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls(X / scale, y)
-    errors = []
-    for i in range(len(y)):  # leave-one-out: how wrong is the model on a point it has not seen
-        mask = np.arange(len(y)) != i
-        c, _ = nnls(X[mask] / scale, y[mask])
-        errors.append(abs(float(X[i] / scale @ c) - y[i]) / max(abs(y[i]), 1e-12))
-    return Fit(tuple(float(c) for c in coef / scale), len(y), float(statistics.median(errors)))
+    def predict(self, features: Features) -> float:
+        return float(self.model(features))
 
 
 def margin_for(error: float) -> float:
@@ -61,16 +146,70 @@ def margin_for(error: float) -> float:
     return max(0.25, 2 * error)
 
 
-def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric: str) -> list[dict[str, float]]:
-    """Per artifact measured on ``device_class``: its features and its class value of
-    ``metric`` (:func:`deepfleet.metrics.class_value`)."""
+def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric: str,
+                    features: Mapping[str, Features], backend: str | None = None) -> list[dict[str, float]]:
+    """One point per artifact measured on ``device_class`` (with ``backend`` when given) whose
+    features are known: its features, the rows' batch, and its class value under ``value``."""
     by_artifact: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
-        if r.get("device_class") == device_class and all(r.get(f) is not None for f in FEATURES):
+        if (r.get("device_class") == device_class and r.get("artifact_hash") in features
+                and (backend is None or r.get("backend") == backend)):
             by_artifact.setdefault(str(r["artifact_hash"]), []).append(r)
     points = []
-    for members in by_artifact.values():
+    for artifact, members in by_artifact.items():
         value = metrics.class_value(metric, members, device_class)
-        if value is not None:
-            points.append({**{f: float(members[0][f]) for f in FEATURES}, metric: value})
+        if value is not None and value > 0:
+            points.append({**features[artifact], "batch": float(members[0].get("batch") or 1), "value": value})
     return points
+
+
+def _held_out(kind: str, points: Sequence[Mapping[str, float]]) -> tuple[float, float]:
+    """(median relative error, share within 10 %) of k-fold predictions of ``points``."""
+    y = np.array([p["value"] for p in points])
+    folds = np.arange(len(points)) % min(FOLDS, len(points))
+    pred = np.empty_like(y)
+    for k in np.unique(folds):
+        train = [p for p, f in zip(points, folds) if f != k]
+        pred[folds == k] = PREDICTORS[kind]().fit(train, y[folds != k]).predict(
+            [p for p, f in zip(points, folds) if f == k])
+    rel = np.abs(pred - y) / y
+    return float(np.median(rel)), float(np.mean(rel <= 0.10))
+
+
+def fit_class(kind: str, own: Sequence[Mapping[str, float]],
+              others: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> Fit | None:
+    """Fit predictor ``kind`` for one class from its ``own`` points, borrowing from ``others``
+    ({class: points}) when it has fewer than :data:`MIN_OWN`; None when neither is enough."""
+    distinct = {tuple(sorted((k, v) for k, v in p.items() if k != "value")) for p in own}
+    if len(distinct) >= MIN_OWN or (len(distinct) >= MIN_POINTS and not others):
+        y = np.array([p["value"] for p in own])
+        model = PREDICTORS[kind]().fit(own, y)
+        error, within = _held_out(kind, own)
+        return Fit(lambda f: model.predict([f])[0], kind, len(own), error, within, "own")
+    pooled = [p for pts in (others or {}).values() for p in pts]
+    if len(distinct) < 2 or len(pooled) < MIN_POINTS:
+        return None
+    base = PREDICTORS[kind]().fit(pooled, np.array([p["value"] for p in pooled]))
+    x = base.predict(own)
+    y = np.array([p["value"] for p in own])
+    # y = a * base + b (a, b >= 0), leave-one-out over the class's own points for the error
+    A = np.stack([x, np.ones_like(x)], axis=1)
+    (a, b), _ = nnls(A, y)
+    rel = []
+    for i in range(len(own)):
+        keep = np.arange(len(own)) != i
+        (ai, bi), _ = nnls(A[keep], y[keep])
+        rel.append(abs(ai * x[i] + bi - y[i]) / y[i])
+    src = f"borrowed from {', '.join(sorted(others or {}))} (scale and offset on {len(own)} own points)"
+    return Fit(lambda f: a * base.predict([f])[0] + b, kind, len(own), float(statistics.median(rel)),
+               float(np.mean(np.array(rel) <= 0.10)), src)
+
+
+def describe(fit: Fit | None, points: int) -> str:
+    """One line for the summary: how the class's predictor stands."""
+    if fit is None:
+        return (f"no prediction: {points} artifact(s) measured, {MIN_POINTS} needed "
+                f"(or 2 with another class to borrow from); candidates are measured, never rejected")
+    return (f"{fit.name} on {fit.points} artifact(s), {fit.source}: held-out median error "
+            f"{100 * fit.error:.1f} %, {100 * fit.within10:.0f} % within 10 %")
+

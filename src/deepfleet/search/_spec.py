@@ -28,13 +28,15 @@ import yaml
 
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.metrics import METRICS
+from deepfleet.search._predictor import PREDICTORS
 
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 _TOP = {
     "name", "model", "data", "seed", "base", "space", "objectives", "constraints", "trials",
     "parallelism", "resources", "fleet", "classes", "storage", "sampler", "sampler_seed", "measure",
-    "training",
+    "training", "search",
 }
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +101,18 @@ class StudyMeasure:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Judging:
+    """The study's ``search:`` section: how the judge predicts before measuring.
+
+    ``predictor``: the model that predicts device metrics (see ``search/_predictor.py``);
+    ``audit_rejections``: the share of candidates rejected on a prediction that are measured
+    anyway, to count false rejections (0: never, 1: every one)."""
+
+    predictor: str = "kernel"
+    audit_rejections: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
 class Resources:
     cpu: float = 1.0
     gpu: float = 0.0  # fractional GPUs allowed: small compressions are host-bound
@@ -125,6 +139,7 @@ class StudySpec:
     sampler_seed: int | None = None  # default: seed
     measure: StudyMeasure = field(default_factory=StudyMeasure)
     training: dict[str, Any] = field(default_factory=dict)  # e.g. finetune_epochs
+    judging: Judging = field(default_factory=Judging)
     source: str = "<dict>"
 
     @property
@@ -286,6 +301,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     bad = set(m_raw) - set(fields)
     if bad:
         raise _err(src, f"measure.{sorted(bad)[0]}", f"unknown; accepted: {', '.join(fields)}")
+    judging = _judging(src, raw.get("search") or {})
     _resolve_names(src, raw["model"], raw["data"])
     base = raw.get("base") or {}
     bad = set(base) - {"checkpoint", "epochs"}
@@ -308,8 +324,25 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
         parallelism=parallelism, resources=resources, fleet=raw.get("fleet"), classes=classes,
         storage=raw.get("storage"), sampler=sampler, measure=StudyMeasure(**m_raw),
         sampler_seed=_expect(src, "sampler_seed", raw["sampler_seed"], int, "an integer") if "sampler_seed" in raw else None,
-        training=dict(raw.get("training") or {}), source=src,
+        training=dict(raw.get("training") or {}), judging=judging, source=src,
     )
+
+
+def _judging(src: str, raw: Any) -> Judging:
+    if not isinstance(raw, dict):
+        raise _err(src, "search", f"got {raw!r}; expected a mapping with predictor and audit_rejections")
+    bad = set(raw) - {"predictor", "audit_rejections"}
+    if bad:
+        raise _err(src, f"search.{sorted(bad)[0]}", "unknown; accepted: predictor, audit_rejections")
+    predictor = raw.get("predictor", Judging.predictor)
+    if predictor not in PREDICTORS:
+        raise _err(src, "search.predictor", f"got {predictor!r}; accepted: {', '.join(PREDICTORS)}")
+    share = _expect(src, "search.audit_rejections", raw.get("audit_rejections", Judging.audit_rejections),
+                    (int, float), "a share in [0, 1]")
+    if not 0 <= share <= 1:
+        raise _err(src, "search.audit_rejections", f"got {share}; expected a share in [0, 1] (0.1 measures "
+                   "one in ten candidates rejected on a prediction)")
+    return Judging(predictor=predictor, audit_rejections=float(share))
 
 
 def _relative_to(src: str, path: str) -> str:

@@ -164,12 +164,16 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 
 def pareto(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible non-dominated trials (for one objective: the best feasible trial)."""
+    """Feasible non-dominated trials (for one objective: the best feasible trial), measured ones
+    only: a trial told predicted values (``values_source``) is never on the front."""
+    def measured(t: FrozenTrial) -> bool:
+        return t.user_attrs.get("values_source", "measured") == "measured"
+
     if len(study.directions) > 1:
-        return list(study.best_trials)
+        return [t for t in study.best_trials if measured(t)]
     feasible = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if all(v <= 0 for v in t.constraints.values())
+        if all(v <= 0 for v in t.constraints.values()) and measured(t)
     ]
     if not feasible:
         return []

@@ -1,0 +1,102 @@
+"""Features of a model for the latency and energy predictor, from its artifact's ONNX graph.
+
+One function, :func:`onnx_features`, shared by compression (every
+:class:`~deepfleet.candidate.Candidate` carries its features), the search's predictor, the
+predictor benchmark and the report. Per op kind (conv, linear, recurrent, pooling, elementwise,
+shape, gather, quant, other) it counts, for one sample:
+
+* ``<kind>_macs``: multiply-accumulates (conv, linear, recurrent; 0 elsewhere),
+* ``<kind>_params``: weights the ops of that kind read (through a DequantizeLinear too),
+* ``<kind>_act_kb``: kilobytes of the activations they write (float32),
+* ``<kind>_ops``: how many ops of that kind the graph runs,
+
+plus ``macs``, ``params``, ``act_kb`` and ``ops`` over all kinds. The ONNX graph is the one the
+artifact ships (``model.onnx``): the same structure as ``graph.json``, with shapes from ONNX's
+own shape inference at batch 1 (a measurement at batch B does B times the per-sample work; the
+predictor scales by the row's batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+__all__ = ["KINDS", "QUANTITIES", "onnx_features"]
+
+KINDS = ("conv", "linear", "recurrent", "pooling", "elementwise", "shape", "gather", "quant", "other")
+QUANTITIES = ("macs", "params", "act_kb", "ops")
+_KIND = {
+    **dict.fromkeys(("Conv", "ConvInteger", "QLinearConv", "ConvTranspose"), "conv"),
+    **dict.fromkeys(("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm"), "linear"),
+    **dict.fromkeys(("LSTM", "GRU", "RNN"), "recurrent"),
+    **dict.fromkeys(("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
+                     "ReduceMax", "ReduceSum"), "pooling"),
+    **dict.fromkeys(("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Erf", "Clip", "Softmax", "LogSoftmax",
+                     "Add", "Sub", "Mul", "Div", "Where", "Greater", "GreaterOrEqual", "Less", "Round",
+                     "Neg", "Abs", "Sqrt", "Pow", "Exp", "Log", "Sign", "Max", "Min"), "elementwise"),
+    **dict.fromkeys(("Reshape", "Transpose", "Concat", "Slice", "Squeeze", "Unsqueeze", "Identity",
+                     "Flatten", "Expand", "Split"), "shape"),
+    **dict.fromkeys(("Gather", "GatherElements"), "gather"),
+    **dict.fromkeys(("QuantizeLinear", "DequantizeLinear"), "quant"),
+}
+
+
+def _size(shape: list[int]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def onnx_features(data: bytes) -> dict[str, float]:
+    """The features of the ONNX model ``data`` (see the module docstring); plain floats."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load_from_string(data)
+    for value in model.graph.input:  # batch 1: symbolic dimensions become 1
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param or not d.dim_value:
+                d.dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int]] = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+    numeric = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    weights = {t.name: list(numpy_helper.to_array(t).shape) for t in model.graph.initializer
+               if t.data_type in numeric}  # not the int64 shapes and indices ops take
+    # a weight read through DequantizeLinear counts as the initializer behind it
+    through = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] in weights}
+    out = {f"{k}_{q}": 0.0 for k in KINDS for q in QUANTITIES}
+    for node in model.graph.node:
+        kind = _KIND.get(node.op_type, "other")
+        read = [through.get(i, i) for i in node.input if through.get(i, i) in weights]
+        params = 0 if kind == "quant" else sum(_size(weights[w]) for w in read)
+        outs = [shapes.get(o, []) for o in node.output if o]
+        out[f"{kind}_macs"] += _macs(node.op_type, [weights.get(w) for w in read], shapes, node, outs)
+        out[f"{kind}_params"] += params
+        out[f"{kind}_act_kb"] += sum(4 * _size(s) for s in outs if s) / 1024
+        out[f"{kind}_ops"] += 1
+    for q in QUANTITIES:
+        out[q] = sum(out[f"{k}_{q}"] for k in KINDS)
+    return out
+
+
+def _macs(op: str, read: list[list[int] | None], shapes: Mapping[str, list[int]], node: object,
+          outs: list[list[int]]) -> float:
+    """Multiply-accumulates of one node for one sample (0 for ops without them)."""
+    w = next((s for s in read if s is not None and len(s) >= 2), None)
+    if w is None or not outs or not outs[0]:
+        return 0.0
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        return float(_size(outs[0]) * _size(w[1:]))  # each output: C_in/groups x kernel
+    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm"):
+        return float(_size(outs[0]) * (w[1] if op == "Gemm" and _trans_b(node) else w[0]))
+    if op in ("LSTM", "GRU", "RNN"):
+        x = shapes.get(node.input[0], [])  # type: ignore[attr-defined]
+        steps = x[0] if x else 1
+        recurrent = next((s for s in read[1:] if s is not None), [0, 0, 0])
+        return float(steps * (_size(w) + _size(recurrent)))  # (dirs x gates*H) x (I + H) per step
+    return 0.0
+
+
+def _trans_b(node: object) -> bool:
+    return any(a.name == "transB" and a.i for a in node.attribute)  # type: ignore[attr-defined]
