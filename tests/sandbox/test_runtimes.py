@@ -9,7 +9,6 @@ measurements. arm64 and armhf run under qemu: these tests check what runs, never
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -79,11 +78,6 @@ def auto_settings() -> MeasureSettings:
         pytest.skip(f"backend 'auto' is not in this agent's protocol yet: {exc}")
 
 
-def _notes(row: dict[str, Any]) -> str:
-    """Every text the row has about its backend (its name, version, provider, fallback)."""
-    return " ".join(f"{k}={v}" for k, v in row.items() if "backend" in k and isinstance(v, str))
-
-
 def check_auto(devices: list[Device], artifact: Artifact, root: Path,
                expected: dict[str, str]) -> None:
     """One artifact measured with ``backend: auto`` on every device: each row names the backend
@@ -94,9 +88,11 @@ def check_auto(devices: list[Device], artifact: Artifact, root: Path,
     for o in outcomes:
         assert o.ok, o.error
         row = o.row
-        assert row["backend"] == expected[o.device], _notes(row)
-        if expected[o.device] == "numpy":  # a fallback, and the row says so
-            assert "onnxruntime" in _notes(row), _notes(row)
+        assert row["backend"] == expected[o.device], row.get("backend_note")
+        if expected[o.device] == "onnxruntime":  # the device's first preference: no note
+            assert row["backend_version"] == ONNXRUNTIME and row["backend_note"] is None
+        else:  # a fallback, and the row says why
+            assert "onnxruntime not installed" in (row["backend_note"] or ""), row
     df = read_results(root)
     assert dict(zip(df["device"], df["backend"], strict=True)) == expected
 
