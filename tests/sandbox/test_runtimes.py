@@ -8,6 +8,10 @@ measurements. arm64 and armhf run under qemu: these tests check what runs, never
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,8 @@ from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device, load_fleet
 from deepfleet.orchestrator.measure import MeasureSettings, measure_many
 from deepfleet.orchestrator.results import read_results
-from deepfleet.sandbox import SandboxState
+from deepfleet.orchestrator.transport import open_transport
+from deepfleet.sandbox import SandboxState, _roots, _runtimes
 from deepfleet.sandbox._runtimes import ONNXRUNTIME
 from tests.conftest import QUICK_REQUEST
 
@@ -61,6 +66,10 @@ def check_runtimes(state: SandboxState, name: str, artifact: Artifact) -> None:
             return
         assert "onnxruntime" in hello["backends"], hello["backends"]
         assert hello["backend_versions"]["onnxruntime"] == ONNXRUNTIME
+        if MACHINE[name] == "x86_64":  # from the sandbox's venv, not this machine's Python
+            assert "/runtimes/" in session.device.python
+            where = _module_file(session.device)
+            assert where.startswith(str(Path(session.device.python).parents[1])), where
         resp = session.measure(artifact.path, request)
         assert resp["backend"] == "onnxruntime" and resp["runs"] == 5
         outs = {b: session.request({"op": "infer", "artifact": resp["artifact"], "backend": b,
@@ -68,6 +77,12 @@ def check_runtimes(state: SandboxState, name: str, artifact: Artifact) -> None:
     assert outs["onnxruntime"]["ok"] and outs["numpy"]["ok"], outs
     np.testing.assert_allclose(np.asarray(outs["onnxruntime"]["outputs"][0]),
                                np.asarray(outs["numpy"]["outputs"][0]), rtol=1e-4, atol=1e-5)
+
+
+def _module_file(device: Device) -> str:
+    with open_transport(device) as t:
+        return t.run([device.python, "-c", "import onnxruntime; print(onnxruntime.__file__)"],
+                     timeout=60).strip()
 
 
 def auto_settings() -> MeasureSettings:
@@ -119,3 +134,51 @@ def test_auto_falls_back_to_numpy_on_armhf(sandbox_armhf: SandboxState, tiny_art
                                            tmp_path: Path) -> None:
     check_auto([_device(sandbox_armhf, "armhf-1")], tiny_artifact, tmp_path / "results",
                {"armhf-1": "numpy"})
+
+
+# ---------------------------------------------------------------- without devices (run anywhere)
+
+
+def test_no_wheel_for_i686_or_armv7l_says_so() -> None:
+    for machine in ("i686", "armv7l"):
+        assert not _runtimes.has_wheel(machine)
+        with pytest.raises(DeviceError, match=rf"no wheel for {machine} on PyPI.*numpy only"):
+            _runtimes.wheel(machine, "3.11")
+
+
+def test_root_cache_key_names_the_onnxruntime_it_holds() -> None:
+    assert _roots.tarball_path("arm64").name == \
+        f"debian-bookworm-arm64-r{_roots.RECIPE}-onnxruntime{ONNXRUNTIME}.tar.zst"
+    for arch in ("i386", "armhf"):
+        assert _roots.onnxruntime_in(arch) is None
+        assert _roots.tarball_path(arch).name == f"debian-bookworm-{arch}-r{_roots.RECIPE}.tar.zst"
+
+
+def _wheel(path: Path, files: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_unpack_wheel_installs_an_importable_package(tmp_path: Path) -> None:
+    whl = _wheel(tmp_path / "demo-1.0-py3-none-any.whl", {
+        "demo/__init__.py": "ANSWER = 42\n",
+        "demo-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n"})
+    site = tmp_path / "site"
+    _runtimes.unpack_wheel(whl, site)
+    out = subprocess.run([sys.executable, "-c", "import demo, importlib.metadata as m; "
+                          "print(demo.ANSWER, m.version('demo'))"],
+                         env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["42", "1.0"]  # importable, and its version found as the agent finds it
+    assert (site / "demo-1.0.dist-info" / "INSTALLER").read_text() == "deepfleet-sandbox\n"
+
+
+def test_unpack_wheel_refuses_files_meant_outside_site_packages(tmp_path: Path) -> None:
+    whl = _wheel(tmp_path / "demo-1.0-py3-none-any.whl", {
+        "demo/__init__.py": "", "demo-1.0.data/scripts/demo": "#!/bin/sh\n",
+        "demo-1.0.dist-info/METADATA": "Name: demo\n"})
+    with pytest.raises(DeviceError, match=r"demo-1.0.data/scripts/demo.*needs pip"):
+        _runtimes.unpack_wheel(whl, tmp_path / "site")
+    assert not (tmp_path / "site" / "demo").exists()

@@ -98,7 +98,6 @@ def wheel(machine: str, python: str) -> Path:
 def unpack_wheel(whl: Path, site: Path) -> None:
     """Install a pure-layout wheel (only importable files and its dist-info, like onnxruntime's)
     into the site-packages directory ``site`` by unpacking it: no pip needed where it runs."""
-    site.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(whl) as z:
         odd = [n for n in z.namelist() if n.split("/", 1)[0].endswith(".data")]
         if odd:
