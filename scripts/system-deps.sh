@@ -8,6 +8,9 @@
 #   util-linux              setarch (i686 personality for the Edison stand-in), nsenter
 #   procps                  ps/pgrep, handy when a sandbox device misbehaves
 #   python3-numpy           the x86 sandbox devices run Debian's python3 + numpy, like the roots
+#   (onnxruntime for the x86 and arm64 sandbox devices is no Debian package: Debian 12 has none.
+#   The sandbox fetches PyPI's wheels itself with the venv's pip (`pip download`, cached in
+#   ~/.cache/deepfleet/wheels) and unpacks them; it needs nothing more from apt.)
 #   chromium, chromium-driver  headless browser tests of the HTML report (Selenium drives
 #                           /usr/bin/chromedriver; nothing is downloaded)
 set -euo pipefail

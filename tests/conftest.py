@@ -156,17 +156,47 @@ def sandbox_missing() -> str | None:
     return None
 
 
+#: Where sandboxes keep their roots, wheels and x86 runtime: the cache in effect when the
+#: session starts (``$DEEPFLEET_CACHE`` or ``~/.cache/deepfleet``), not each test's private one,
+#: so that a root or wheel is built or fetched once per machine, not once per test.
+SANDBOX_CACHE = os.environ.get("DEEPFLEET_CACHE") or str(Path.home() / ".cache" / "deepfleet")
+
+
+@pytest.fixture
+def sandbox_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For a test that runs its own ``up``: the shared :data:`SANDBOX_CACHE` in effect."""
+    monkeypatch.setenv("DEEPFLEET_CACHE", SANDBOX_CACHE)
+    return Path(SANDBOX_CACHE)
+
+
+def _sandbox_up(directory: Path, kinds: list[str]) -> SandboxState:
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPFLEET_CACHE", SANDBOX_CACHE)
+        up(kinds, state_dir=directory, echo=lines.append)
+    state = read_state(directory)
+    assert state is not None, "\n".join(lines)
+    return state
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxState]:
     """A sandbox with one device of each default kind, shared by the whole session."""
     if (why := sandbox_missing()):
         pytest.skip(f"sandbox: {why}")
     directory = tmp_path_factory.mktemp("sandbox")
-    lines: list[str] = []
-    up(["x86", "x86-slow", "edison", "arm64"], state_dir=directory, echo=lines.append)
-    state = read_state(directory)
-    assert state is not None, "\n".join(lines)
-    yield state
+    yield _sandbox_up(directory, ["x86", "x86-slow", "edison", "arm64"])
+    down(directory)
+
+
+@pytest.fixture(scope="session")
+def sandbox_armhf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxState]:
+    """A sandbox with one armhf device (not a default kind: its root takes about a minute more
+    to build), for the tests marked ``slow`` that need it."""
+    if (why := sandbox_missing()):
+        pytest.skip(f"sandbox: {why}")
+    directory = tmp_path_factory.mktemp("sandbox-armhf")
+    yield _sandbox_up(directory, ["armhf"])
     down(directory)
 
 

@@ -186,7 +186,7 @@ def _namespaces() -> set[str]:
     return set(re.findall(r"^(\S+)", sh(["ip", "netns", "list"]).stdout, re.M))
 
 
-def test_down_removes_everything(tmp_path: Path) -> None:
+def test_down_removes_everything(tmp_path: Path, sandbox_cache: Path) -> None:
     if (why := sandbox_missing()):
         pytest.skip(why)
     fleet = up(["x86", "edison"], state_dir=tmp_path)
@@ -211,7 +211,8 @@ def test_down_removes_everything(tmp_path: Path) -> None:
     down(tmp_path)  # idempotent
 
 
-def test_loopback_mode_falls_back_and_says_what_it_skipped(tmp_path: Path) -> None:
+def test_loopback_mode_falls_back_and_says_what_it_skipped(tmp_path: Path,
+                                                           sandbox_cache: Path) -> None:
     if (why := sandbox_missing()):
         pytest.skip(why)
     lines: list[str] = []

@@ -5,7 +5,8 @@ Edison stand-in (32-bit i386 root, i686, CPU quota, simulated power sensor), ARM
 qemu-user, and a device behind a slow, lossy link. It returns the path of a generated fleet.yaml;
 :func:`down` removes everything. :func:`cut_link`, :func:`stop_device` and friends inject faults.
 
-Module map: ``_kinds`` (what each kind is), ``_roots`` (Debian roots and their cache), ``_netns``
+Module map: ``_kinds`` (what each kind is), ``_roots`` (Debian roots and their cache),
+``_runtimes`` (onnxruntime where PyPI has a wheel for the device's CPU: x86 and arm64), ``_netns``
 (namespaces and links), ``_cgroup`` (CPU quota and CPU time), ``_sshd`` (keys, config,
 servers), ``_device`` (one device's lifetime), ``_state`` (the record ``down`` reads), ``_up``
 (up/down), ``_faults``. The simulated power sensor is :mod:`deepfleet.device_agent.powersim`,

@@ -42,15 +42,6 @@ _POWERSIM = Path(powersim.__file__)
 _SIM_DIR = "var/lib/deepfleet/sim-hwmon"  # inside a root; the device sees /var/lib/...
 
 
-def _device_python() -> str:
-    # A device should look like one: Debian's python3 with python3-numpy, as in the roots. The
-    # running interpreter (which has numpy) stands in when that is not installed.
-    system = "/usr/bin/python3"
-    ok = subprocess.run([system, "-c", "import numpy"], capture_output=True).returncode == 0 \
-        if Path(system).exists() else False
-    return system if ok else sys.executable
-
-
 def _sshd_of(rec: Record) -> Sshd:
     s = rec["sshd"]
     return Sshd(name=rec["name"], argv=s["argv"], pid_file=Path(s["pid_file"]),
@@ -68,8 +59,9 @@ def start_sshd(rec: Record, commit: Callable[[], None]) -> None:
 
 
 def start_netns(rec: Record, kind: Kind, *, state_dir: Path, client_public: str,
-                tarball: Path | None, commit: Callable[[], None]) -> None:
-    """Start a device in its own network namespace (and chroot, for a foreign root)."""
+                tarball: Path | None, python: str | None, commit: Callable[[], None]) -> None:
+    """Start a device in its own network namespace (and chroot, for a foreign root, whose
+    interpreter is its ``python3``; ``python`` is the interpreter of the others)."""
     dev_dir = Path(rec["dir"])
     dev_dir.mkdir(parents=True, exist_ok=True)
     ns = _netns.create()
@@ -105,7 +97,8 @@ def start_netns(rec: Record, kind: Kind, *, state_dir: Path, client_public: str,
         # This machine's sshd separates privileges in /run/sshd, which nothing creates at boot
         # on machines without systemd.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        rec.update(python=_device_python(), workdir=str(dev_dir / "work"))
+        assert python is not None
+        rec.update(python=python, workdir=str(dev_dir / "work"))
     files = {"key": "etc/ssh/ssh_host_ed25519_key", "auth": "etc/ssh/deepfleet_authorized_keys",
              "config": "etc/ssh/deepfleet_sshd_config", "pid": "run/deepfleet-sshd.pid"}
     for rel in ("etc/ssh", "run/sshd"):
@@ -154,13 +147,14 @@ def _start_power(rec: Record, kind: Kind, group: _cgroup.Cgroup, out: Path,
     commit()
 
 
-def start_loopback(rec: Record, *, state_dir: Path, client_key: Path,
+def start_loopback(rec: Record, *, state_dir: Path, client_key: Path, python: str,
                    commit: Callable[[], None]) -> None:
-    """Start a device as an sshd on 127.0.0.1 run by this user (no namespaces needed)."""
+    """Start a device as an sshd on 127.0.0.1 run by this user (no namespaces needed), whose
+    interpreter is ``python``."""
     dev_dir = Path(rec["dir"])
     server = LoopbackSshd(dev_dir, name=rec["name"], client_key=client_key)
     rec.update(mode="loopback", host="127.0.0.1", port=server.port, user=getpass.getuser(),
-               python=_device_python(), workdir=str(dev_dir / "work"),
+               python=python, workdir=str(dev_dir / "work"),
                host_public=server.host_public)
     rec["sshd"] = {"argv": server.sshd.argv, "pid_file": str(server.sshd.pid_file),
                    "log_file": str(server.sshd.log_file), "join": [], "pid": None}

@@ -4,8 +4,11 @@ A root is built with ``mmdebstrap --variant=extract`` (packages unpacked, no mai
 run: 7-30 s instead of minutes of emulated dpkg), then given the fix-ups those scripts would have
 made (FLEET-NOTES): passwd/group from base-passwd, an ``sshd`` user, ld.so entries for the BLAS
 and LAPACK alternatives plus ``ldconfig``, and byte-compiled Python. Foreign roots run through
-qemu-user via binfmt_misc (:func:`ensure_binfmt`). The cache is ``$DEEPFLEET_CACHE/roots`` or
-``~/.cache/deepfleet/roots``; a recipe change bumps :data:`RECIPE` so stale tarballs are rebuilt.
+qemu-user via binfmt_misc (:func:`ensure_binfmt`). Roots of a CPU that onnxruntime has wheels
+for (arm64) get the wheel unpacked into their ``/usr/local`` site-packages, fetched on this machine
+(no pip runs inside the emulated root). The cache is ``$DEEPFLEET_CACHE/roots`` or
+``~/.cache/deepfleet/roots``; a recipe change bumps :data:`RECIPE` (and a root with onnxruntime
+names its version) so stale tarballs are rebuilt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from deepfleet import _files
 from deepfleet.errors import DeviceError
+from deepfleet.sandbox import _runtimes
 from deepfleet.sandbox._proc import sh
 
 __all__ = [
@@ -28,6 +32,8 @@ __all__ = [
     "ensure_binfmt",
     "extracted_root",
     "mount_root",
+    "onnxruntime_in",
+    "tarball_path",
     "unpack_root",
 ]
 
@@ -36,18 +42,35 @@ RECIPE = 1
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-numpy", "openssh-server", "base-files", "base-passwd", "bash",
             "dash", "coreutils", "libc-bin", "procps")
-#: Debian architecture -> (multiarch triplet, binfmt entry name or None when it runs natively).
+#: Debian architecture -> (multiarch triplet, binfmt entry name or None when it runs natively,
+#: ``platform.machine()`` of its devices).
 ARCHES = {
-    "i386": ("i386-linux-gnu", None),
-    "arm64": ("aarch64-linux-gnu", "qemu-aarch64"),
-    "armhf": ("arm-linux-gnueabihf", "qemu-arm"),
+    "i386": ("i386-linux-gnu", None, "i686"),
+    "arm64": ("aarch64-linux-gnu", "qemu-aarch64", "aarch64"),
+    "armhf": ("arm-linux-gnueabihf", "qemu-arm", "armv7l"),
 }
+#: What onnxruntime's extension needs beyond PACKAGES (libgcc_s is there already).
+ONNXRUNTIME_PACKAGES = ("libstdc++6",)
 _BINFMT = Path("/proc/sys/fs/binfmt_misc")
+#: Never imported by the agent: not worth compiling (onnxruntime's model tools: ~300 files).
+_NOT_COMPILED = "test|idlelib|lib2to3|onnxruntime/(tools|transformers|quantization)/"
 
 
 def cache_dir() -> Path:
     """Where root tarballs are kept: ``$DEEPFLEET_CACHE/roots`` or ``~/.cache/deepfleet/roots``."""
     return _files.cache_dir() / "roots"
+
+
+def onnxruntime_in(arch: str) -> str | None:
+    """The onnxruntime version a root of ``arch`` has (None: numpy only, as no wheel exists)."""
+    return _runtimes.ONNXRUNTIME if _runtimes.has_wheel(ARCHES[arch][2]) else None
+
+
+def tarball_path(arch: str) -> Path:
+    """Where the cached root of ``arch`` is (or will be): its name says the recipe."""
+    ort = onnxruntime_in(arch)
+    extra = f"-onnxruntime{ort}" if ort else ""
+    return cache_dir() / f"debian-{SUITE}-{arch}-r{RECIPE}{extra}.tar.zst"
 
 
 def _mirror() -> str:
@@ -98,30 +121,56 @@ def _fix_up(root: Path, arch: str) -> None:
     if not (root / "bin/sh").exists():
         (root / "bin/sh").symlink_to("dash")
     sh(["chroot", str(root), "/sbin/ldconfig"])
-    _compile(root)
+
+
+def _python_of(root: Path) -> str:
+    """The root's ``pythonX.Y``."""
+    versions = sorted(p.name for p in (root / "usr/lib").glob("python3.*") if p.is_dir())
+    if not versions:
+        raise DeviceError(f"sandbox: no python3.x found in the root {root}")
+    return versions[-1]
+
+
+def _add_onnxruntime(root: Path, arch: str) -> None:
+    """Unpack the onnxruntime wheel for the root's CPU and Python into its /usr/local
+    site-packages (fetched here: no pip inside the root)."""
+    python = _python_of(root)
+    whl = _runtimes.wheel(ARCHES[arch][2], python.removeprefix("python"))
+    _runtimes.unpack_wheel(whl, root / _runtimes.site_packages(python).lstrip("/"))
+
+
+def _check_onnxruntime(root: Path, arch: str) -> None:
+    """Check that the root's python3 imports its onnxruntime beside its Debian numpy (emulated:
+    seconds). Without /proc and /sys its CPU probe warns and falls back, as it does on a device."""
+    python = _python_of(root)
+    code = "import numpy, onnxruntime as o; print(o.__version__)"
+    proc = sh(["chroot", str(root), f"/usr/bin/{python}", "-c", code], check=False, timeout=600)
+    if proc.returncode != 0 or proc.stdout.strip() != _runtimes.ONNXRUNTIME:
+        raise DeviceError(f"sandbox: onnxruntime {_runtimes.ONNXRUNTIME} does not import in the "
+                          f"{arch} root: {(proc.stderr or proc.stdout).strip()[-600:]}")
 
 
 def _compile(root: Path) -> None:
-    """Byte-compile the stdlib and numpy: without it every cold start under qemu compiles them.
+    """Byte-compile the stdlib, numpy and onnxruntime's runtime (not its model tools): without it
+    every cold start under qemu compiles them.
 
     The host's python3 does it when its version matches the root's (.pyc files do not depend on
     the CPU); otherwise the root's own python, emulated if need be.
     """
-    versions = sorted(p.name for p in (root / "usr/lib").glob("python3.*") if p.is_dir())
-    if not versions:
-        raise DeviceError(f"sandbox: no python3.x found in the root {root}")
-    version = versions[-1]
+    version = _python_of(root)
     dirs = [f"/usr/lib/{version}", "/usr/lib/python3/dist-packages"]
+    if (root / _runtimes.site_packages(version).lstrip("/")).is_dir():
+        dirs.append(_runtimes.site_packages(version))
     host = shutil.which("python3")
     host_version = subprocess.run([host, "-c", "import sys;print('python%d.%d' % sys.version_info"
                                    "[:2])"], capture_output=True, text=True).stdout.strip() if host \
         else ""
     if host and host_version == version:
-        sh([host, "-m", "compileall", "-q", "-j0", "-x", "test|idlelib|lib2to3", "-s", str(root),
+        sh([host, "-m", "compileall", "-q", "-j0", "-x", _NOT_COMPILED, "-s", str(root),
             "-p", "/", *[str(root) + d for d in dirs]], check=False)
     else:
         sh(["chroot", str(root), f"/usr/bin/{version}", "-m", "compileall", "-q", "-x",
-            "test|idlelib|lib2to3", *dirs], check=False, timeout=900)
+            _NOT_COMPILED, *dirs], check=False, timeout=900)
 
 
 def build_root(arch: str, dest: Path) -> None:
@@ -134,14 +183,21 @@ def build_root(arch: str, dest: Path) -> None:
     reason = ensure_binfmt(arch)
     if reason:
         raise DeviceError(f"sandbox: cannot run {arch} binaries: {reason}")
+    ort = onnxruntime_in(arch)
+    packages = PACKAGES + (ONNXRUNTIME_PACKAGES if ort else ())
     sh(["mmdebstrap", "--variant=extract", f"--architectures={arch}",
-        f"--include={','.join(PACKAGES)}", SUITE, str(dest), _mirror()], timeout=900)
+        f"--include={','.join(packages)}", SUITE, str(dest), _mirror()], timeout=900)
     _fix_up(dest, arch)
+    if ort:
+        _add_onnxruntime(dest, arch)
+    _compile(dest)
+    if ort:
+        _check_onnxruntime(dest, arch)
 
 
 def cached_root(arch: str) -> Path:
     """The tarball of the ``arch`` root, building and caching it first if needed."""
-    out = cache_dir() / f"debian-{SUITE}-{arch}-r{RECIPE}.tar.zst"
+    out = tarball_path(arch)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

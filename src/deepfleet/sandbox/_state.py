@@ -18,7 +18,11 @@ __all__ = ["SandboxDevice", "SandboxState", "load", "read_state", "save", "state
 
 @dataclass(frozen=True, kw_only=True)
 class SandboxDevice:
-    """One started sandbox device, as recorded (``netns`` None for a loopback device)."""
+    """One started sandbox device, as recorded (``netns`` None for a loopback device).
+
+    ``onnxruntime`` is the version its Python can import (None: numpy only, ``onnxruntime_note``
+    says why).
+    """
 
     name: str
     kind: str
@@ -30,6 +34,8 @@ class SandboxDevice:
     root: str | None
     power_dir: str | None
     simulated: str | None
+    onnxruntime: str | None = None
+    onnxruntime_note: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +79,7 @@ def read_state(directory: str | Path) -> SandboxState | None:
             name=d["name"], kind=d["kind"], device_class=d["device_class"], host=d["host"],
             port=d["port"], mode=d["mode"], netns=(d.get("netns") or {}).get("name"),
             root=d.get("root"), power_dir=d.get("power_dir"), simulated=d.get("simulated"),
+            onnxruntime=d.get("onnxruntime"), onnxruntime_note=d.get("onnxruntime_note"),
         )
         for d in raw["devices"] if d.get("started")
     )

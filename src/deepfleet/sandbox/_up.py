@@ -21,7 +21,7 @@ import yaml
 from deepfleet._files import cache_dir
 from deepfleet.errors import DeviceError
 from deepfleet.orchestrator.fleet import load_fleet
-from deepfleet.sandbox import _cgroup, _device, _roots, _state
+from deepfleet.sandbox import _cgroup, _device, _roots, _runtimes, _state
 from deepfleet.sandbox._kinds import Kind, name_devices
 from deepfleet.sandbox._proc import sh
 from deepfleet.sandbox._sshd import keygen, known_hosts_entry, sshd_binary
@@ -59,17 +59,18 @@ def _why_not(kind: Kind, netns_problem: str | None) -> str | None:
     if (kind.cpus is not None or kind.power is not None) and (why := _cgroup.why_unavailable()):
         return f"needs a cgroup CPU quota ({why})"
     if kind.arch:
-        cached = _roots.cache_dir() / f"debian-{_roots.SUITE}-{kind.arch}-r{_roots.RECIPE}.tar.zst"
-        if not cached.exists() and shutil.which("mmdebstrap") is None:
+        if not _roots.tarball_path(kind.arch).exists() and shutil.which("mmdebstrap") is None:
             return f"needs a {kind.arch} root: mmdebstrap not installed and none cached"
         if kind.arch != "i386" and (why := _roots.ensure_binfmt(kind.arch)):
             return f"needs qemu-user via binfmt_misc ({why})"
     return None
 
 
-def _build_roots(arches: set[str], echo: Echo) -> dict[str, Path | str]:
-    """Build (or find cached) roots in parallel: arch -> tarball, or the failure reason."""
-    def one(arch: str) -> Path | str:
+def _prepare(arches: set[str], x86: bool,
+             echo: Echo) -> tuple[dict[str, Path | str], _runtimes.Interpreter | None]:
+    """Build (or find cached) roots and, if ``x86``, the x86 devices' interpreter, in parallel:
+    (arch -> tarball or the failure reason, the interpreter)."""
+    def root(arch: str) -> Path | str:
         start = time.monotonic()
         try:
             path = _roots.cached_root(arch)
@@ -78,8 +79,28 @@ def _build_roots(arches: set[str], echo: Echo) -> dict[str, Path | str]:
         echo(f"root {arch}: {path} ({time.monotonic() - start:.1f} s)")
         return path
 
+    def interpreter() -> _runtimes.Interpreter:
+        start = time.monotonic()
+        got = _runtimes.x86_interpreter()
+        runs = f"numpy + onnxruntime {got.onnxruntime}" if got.onnxruntime else \
+            f"numpy only: {got.note}"
+        echo(f"x86 python: {got.python} ({runs}) ({time.monotonic() - start:.1f} s)")
+        return got
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(sorted(arches), pool.map(one, sorted(arches)), strict=True))
+        x86_future = pool.submit(interpreter) if x86 else None
+        tarballs = dict(zip(sorted(arches), pool.map(root, sorted(arches)), strict=True))
+        return tarballs, x86_future.result() if x86_future else None
+
+
+def _runtime_of(kind: Kind, x86: _runtimes.Interpreter | None) -> dict[str, str | None]:
+    """The state's record of which onnxruntime a device of ``kind`` has, or why none."""
+    if kind.arch is None:
+        assert x86 is not None
+        return {"onnxruntime": x86.onnxruntime, "onnxruntime_note": x86.note}
+    version = _roots.onnxruntime_in(kind.arch)
+    note = None if version else _runtimes.NO_WHEEL.format(machine=_roots.ARCHES[kind.arch][2])
+    return {"onnxruntime": version, "onnxruntime_note": note}
 
 
 def _fleet_entry(rec: dict[str, Any], key: Path, known_hosts: Path) -> dict[str, Any]:
@@ -150,7 +171,8 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
     commit()
     key = directory / "id_ed25519"
     client_public = keygen(key, "deepfleet-sandbox-user")
-    tarballs = _build_roots({k.arch for _, k in runnable if k.arch}, say)
+    tarballs, x86 = _prepare({k.arch for _, k in runnable if k.arch},
+                             any(k.arch is None for _, k in runnable), say)
     for name, kind in runnable:
         tarball = tarballs.get(kind.arch) if kind.arch else None
         if isinstance(tarball, str):
@@ -159,15 +181,19 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
             continue
         rec: dict[str, Any] = {"name": name, "kind": kind.name, "device_class": kind.device_class,
                                "dir": str(directory / "devices" / name),
-                               "simulated": kind.simulated, "started": False}
+                               "simulated": kind.simulated, "started": False,
+                               **_runtime_of(kind, x86)}
         records.append(rec)
         start = time.monotonic()
+        python = x86.python if x86 and kind.arch is None else None
         try:
             if netns_problem:
-                _device.start_loopback(rec, state_dir=directory, client_key=key, commit=commit)
+                assert python is not None
+                _device.start_loopback(rec, state_dir=directory, client_key=key, python=python,
+                                       commit=commit)
             else:
                 _device.start_netns(rec, kind, state_dir=directory, client_public=client_public,
-                                    tarball=tarball, commit=commit)
+                                    tarball=tarball, python=python, commit=commit)
         except (DeviceError, OSError) as exc:  # OSError: a cgroup or sysfs write refused
             _device.teardown(rec)
             records.remove(rec)
@@ -178,7 +204,8 @@ def up(devices: Sequence[str] | None = None, *, state_dir: str | Path | None = N
         rec["started"] = True
         commit()
         what = "sshd on a 127.0.0.1 port, as this user" if netns_problem else kind.description
-        say(f"started {name} ({what}) at {rec['user']}@{rec['host']}:{rec['port']} "
+        runs = f"onnxruntime {rec['onnxruntime']}" if rec["onnxruntime"] else "numpy only"
+        say(f"started {name} ({what}; {runs}) at {rec['user']}@{rec['host']}:{rec['port']} "
             f"in {time.monotonic() - start:.1f} s")
     if not records:
         raise DeviceError("sandbox: no device could be started: " + "; ".join(
