@@ -20,7 +20,7 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str 
            notes: Sequence[str] = (), right: Sequence[int] = ()) -> str:
     """A table in the house style: a title line, a header, one line per row, then notes.
     ``right``: indices of columns to right-align (numbers)."""
-    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i, h in enumerate(headers):
         table.add_column(h, justify="right" if i in right else "left", overflow="fold")
     for r in rows:
@@ -28,7 +28,7 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str 
     out = io.StringIO()
     Console(file=out, width=160, no_color=True, highlight=False, emoji=False).print(table)
     lines = [line.rstrip() for line in out.getvalue().rstrip("\n").splitlines()]
-    return "\n".join([*lines, *notes])
+    return "\n".join([*([title] if title else []), *lines, *notes])  # a title never wraps to the table
 
 
 def compress_table(r: dict[str, Any]) -> str:
