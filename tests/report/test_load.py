@@ -4,30 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from deepfleet.errors import ResultsError
+from deepfleet.orchestrator import results as res_mod
 from deepfleet.orchestrator.results import SCHEMA_VERSION, write_results
 from deepfleet.report import _load
 from tests.report.runs import measurement_rows
 
 
-def test_rows_of_an_older_version_are_upgraded_when_an_upgrade_is_known(
+def test_the_report_reads_older_rows_through_the_results_upgrades(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report reads rows through read_results, which applies orchestrator.results.UPGRADES:
+    older rows are upgraded there, once, for every reader."""
     old = SCHEMA_VERSION - 1
-    write_results(tmp_path / "results", measurement_rows("s", 2) + measurement_rows("s", 3, schema_version=old))
-
-    def upgrade(frame: pd.DataFrame) -> pd.DataFrame:
-        # e.g. a column renamed or re-scaled between versions; here: mark the rows
-        return frame.assign(schema_version=old + 1, simulated="upgraded")
-
-    monkeypatch.setitem(_load.UPGRADES, old, upgrade)
+    rows = measurement_rows("s", 2) + measurement_rows("s", 3, schema_version=old, backend_version=None)
+    write_results(tmp_path / "results", rows)
     run = _load.load_run(tmp_path)
-    assert len(run.results) == 5 and set(run.results["schema_version"]) == {SCHEMA_VERSION}
-    assert (run.results["simulated"] == "upgraded").sum() == 3
-    monkeypatch.delitem(_load.UPGRADES, old)
-    with pytest.raises(ResultsError, match=f"knows no upgrade from {old}"):
+    assert len(run.results) == 5 and sorted(set(run.results["schema_version"])) == [old, SCHEMA_VERSION]
+    older = run.results.loc[run.results["schema_version"] == old]
+    assert (older["backend_version"] == older["device_numpy"]).all()  # the 2 -> 3 upgrade ran
+    monkeypatch.delitem(res_mod.UPGRADES, old)
+    with pytest.raises(ResultsError, match=rf"schema version {old} \(e\.g\. .*\.parquet\).*knows no upgrade"):
         _load.load_run(tmp_path)
 
 

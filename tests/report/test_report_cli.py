@@ -164,7 +164,7 @@ def test_measure_run_reports_what_it_can_and_says_what_is_absent(measure_run: Ru
 
 def _old_schema(root: Path) -> None:
     write_results(root / "results", measurement_rows("s"))
-    write_results(root / "results", measurement_rows("s", schema_version=SCHEMA_VERSION - 1))
+    write_results(root / "results", measurement_rows("s", schema_version=0))  # no upgrade from 0
 
 
 def _old_file_layout(root: Path) -> None:
@@ -196,7 +196,7 @@ def _not_a_run(root: Path) -> None:
     (None, [], r"no run directory at .*: it does not exist"),
     (_empty, [], r"results dataset at .*results is empty \(no Parquet files\)"),
     (_not_a_run, [], r"is neither a run directory \(with results/\) nor a results dataset"),
-    (_old_schema, [], rf"holds rows of schema version {SCHEMA_VERSION - 1} \(e\.g\. .*part-.*\.parquet\);"
+    (_old_schema, [], r"holds rows of schema version 0 \(e\.g\. .*part-.*\.parquet\);"
                       rf" this deepfleet reads version {SCHEMA_VERSION} and knows no upgrade"),
     (_old_file_layout, [], r"schema version 0 \(e\.g\. .*part-old\.parquet\)"),
     (_newer_schema, [], rf"schema version {SCHEMA_VERSION + 1} .*newer .* upgrade deepfleet"),

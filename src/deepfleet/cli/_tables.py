@@ -71,6 +71,7 @@ def front_table(summary: dict[str, Any]) -> str:
 
 def check_table(checks: Sequence[Any]) -> str:
     """``deepfleet fleet check``: one row per device."""
-    rows = [(c.device, c.device_class, "yes" if c.reachable else "NO", c.arch, c.python, c.numpy, c.energy,
-             c.simulated) for c in checks]
-    return render(["device", "class", "reachable", "arch", "python", "numpy", "energy", "simulated"], rows)
+    rows = [(c.device, c.device_class, "yes" if c.reachable else "NO", c.arch, c.python, c.runtimes, c.auto,
+             c.energy, c.simulated) for c in checks]
+    return render(["device", "class", "reachable", "arch", "python", "runtimes", "auto", "energy", "simulated"],
+                  rows)

@@ -21,7 +21,7 @@ import datetime as dt
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "PARTITIONING",
     "RESULTS_SCHEMA",
     "SCHEMA_VERSION",
+    "UPGRADES",
     "failure_row",
     "measurement_row",
     "plain_rows",
@@ -45,10 +46,16 @@ __all__ = [
     "write_results",
 ]
 
-# 2: the ``drift`` column. Files written at version 1 lack it; they read back with drift null
-# (the dataset is read with RESULTS_SCHEMA, which fills a column a file lacks with nulls), and
-# their rows keep schema_version 1, so a reader can tell "not recorded" from "no drift".
-SCHEMA_VERSION = 2
+# 2: the ``drift`` column.
+# 3: which runtime ran and how (backend_version, provider, backend_file_sha256, backend_note),
+#    loading (init_ms, first_run_ms), peak memory (memory_*), CPU time (cpu_p50_ms,
+#    process_cpu_ms) and the time-based energy estimate (time_estimated_energy_mj,
+#    stated_power_w).
+# Files of an older version lack the newer columns: the dataset is read with RESULTS_SCHEMA,
+# which fills a column a file lacks with nulls, then UPGRADES bring old rows' values to the
+# current meaning. A row keeps the schema_version it was written at, so a reader can tell "not
+# recorded" (an older row) from "none" (e.g. no drift reference measured).
+SCHEMA_VERSION = 3
 ENERGY_KINDS = ("measured", "simulated", "estimated")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -75,13 +82,24 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("macs", pa.int64(), True),  # multiply-accumulates per sample
     ("artifact_bytes", pa.int64(), True),
     # how
-    ("backend", pa.string(), True),
+    ("backend", pa.string(), True),  # the runtime that ran: numpy | onnxruntime | torch
+    ("backend_version", pa.string(), True),
+    ("provider", pa.string(), True),  # e.g. CPUExecutionProvider; numpy: "cpu (BLAS: openblas)"
+    ("backend_file_sha256", pa.string(), True),  # model.onnx / model.ts when one ran
+    ("backend_note", pa.string(), True),  # why backend "auto" passed over a preferred runtime
     ("threads", pa.int32(), True),  # in effect, as the runtime reported it; null: unknown
     ("threads_requested", pa.int32(), True),
     ("batch", pa.int32(), True),
     ("affinity", pa.list_(pa.int32()), True),
     ("warmup", pa.int32(), True),
     ("stop_reason", pa.string(), True),  # ci | minimum | max_runs | max_seconds
+    # loading and memory (null: a cached model, not loaded for this row, or an older row)
+    ("init_ms", pa.float64(), True),  # the runtime building its model from the files
+    ("first_run_ms", pa.float64(), True),  # the fresh model's first inference
+    ("memory_peak_mb", pa.float64(), True),  # peak resident rise, loading + running (MiB)
+    ("memory_init_mb", pa.float64(), True),  # the same, up to the end of loading
+    ("memory_baseline_mb", pa.float64(), True),  # the agent's resident memory before loading
+    ("memory_method", pa.string(), True),  # clear_refs | vmhwm (see docs/measurement.md)
     # latency (ms, per run of `batch` samples)
     ("latencies_ms", pa.list_(pa.float64()), True),  # every timed run, in run order
     ("runs", pa.int32(), True),
@@ -93,6 +111,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("p50_ci_low_ms", pa.float64(), True),  # distribution-free CI of the median
     ("p50_ci_high_ms", pa.float64(), True),
     ("ci_level", pa.float64(), True),
+    ("cpu_p50_ms", pa.float64(), True),  # the measuring thread's CPU time per run, median
+    ("process_cpu_ms", pa.float64(), True),  # the process's CPU time per run (every thread)
     # energy (per run of `batch` samples)
     ("energy_per_inference_mj", pa.float64(), True),  # null: nothing measured
     ("energy_kind", pa.string(), True),  # measured | simulated | estimated
@@ -102,6 +122,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("idle_power_w", pa.float64(), True),
     ("active_power_w", pa.float64(), True),
     ("estimated_energy_mj", pa.float64(), True),  # operation-count estimate, always labelled so
+    ("time_estimated_energy_mj", pa.float64(), True),  # busy time x stated power; its own kind
+    ("stated_power_w", pa.float64(), True),  # the power it used (fleet file: active_w - idle_w)
     # device state
     ("temp_before_c", pa.float64(), True),
     ("temp_after_c", pa.float64(), True),
@@ -205,6 +227,18 @@ def measurement_row(
         "macs": result.get("macs"),
         "artifact_bytes": artifact_bytes,
         "backend": result.get("backend"),
+        "backend_version": result.get("backend_version"),
+        "provider": result.get("provider"),
+        "backend_file_sha256": result.get("backend_file_sha256"),
+        "backend_note": result.get("backend_note"),
+        "init_ms": result.get("init_ms"),
+        "first_run_ms": result.get("first_run_ms"),
+        "memory_peak_mb": result.get("memory_peak_mb"),
+        "memory_init_mb": result.get("memory_init_mb"),
+        "memory_baseline_mb": result.get("memory_baseline_mb"),
+        "memory_method": result.get("memory_method"),
+        "cpu_p50_ms": result.get("cpu_p50_ms"),
+        "process_cpu_ms": result.get("process_cpu_ms"),
         "threads": result.get("threads"),
         "threads_requested": result.get("threads_requested"),
         "batch": result.get("batch"),
@@ -221,6 +255,8 @@ def measurement_row(
         "idle_power_w": energy.get("idle_power_w"),
         "active_power_w": energy.get("active_power_w"),
         "estimated_energy_mj": energy.get("estimated_energy_per_inference_mj"),
+        "time_estimated_energy_mj": energy.get("time_estimated_energy_per_inference_mj"),
+        "stated_power_w": energy.get("stated_power_w"),
         "temp_before_c": result.get("temp_before_c"),
         "temp_after_c": result.get("temp_after_c"),
         "freq_before_mhz": result.get("freq_before_mhz"),
@@ -363,6 +399,56 @@ def read_table(root: str | os.PathLike[str], study: str | None = None) -> pa.Tab
         raise ResultsError(f"results dataset at {root} cannot be read: {exc}") from None
 
 
+def _v1_to_v2(frame: pd.DataFrame) -> pd.DataFrame:
+    """Version 1 rows: ``drift`` was not recorded; it stays null (nothing to compute)."""
+    return frame
+
+
+def _v2_to_v3(frame: pd.DataFrame) -> pd.DataFrame:
+    """Version 2 rows: agents before 0.4.0 ran their numpy runtime in the device's numpy, so a
+    numpy row's ``backend_version`` is its ``device_numpy``. What they did not measure (loading,
+    memory, CPU time) and no time-based estimate stay null."""
+    numpy_rows = frame["backend"].eq("numpy").fillna(False).astype(bool) & frame["backend_version"].isna()
+    return frame.assign(backend_version=frame["backend_version"].where(~numpy_rows, frame["device_numpy"]))
+
+
+# Upgrades of results rows from schema version v to v + 1, keyed by v: each takes the rows
+# of version <= v (in RESULTS_SCHEMA's columns) and returns them with v + 1's meaning. The one
+# place old rows are brought up to date: read_results applies them, so the search, the
+# report and any reader see the current meaning; a SCHEMA_VERSION bump adds one here (and a
+# test that reads a real file of the older version).
+UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _v1_to_v2, 2: _v2_to_v3}
+
+
+def readable(version: int) -> bool:
+    """True when rows of schema ``version`` can be read: the current one, or an older one with
+    an upgrade for every step up to it."""
+    return version == SCHEMA_VERSION or (
+        0 < version < SCHEMA_VERSION and all(v in UPGRADES for v in range(version, SCHEMA_VERSION)))
+
+
+def upgrade(frame: pd.DataFrame, where: object = "results") -> pd.DataFrame:
+    """``frame`` (RESULTS_SCHEMA columns) with every older row upgraded to the current meaning
+    (:data:`UPGRADES`); ``schema_version`` keeps the version each row was written at. Raises
+    ResultsError naming ``where`` for rows of a newer version or one with no upgrade."""
+    versions = frame["schema_version"].fillna(0).astype(int)
+    for v in sorted(set(versions)):
+        if v > SCHEMA_VERSION:
+            raise ResultsError(f"{where} holds rows of schema version {v}, newer than the version "
+                               f"{SCHEMA_VERSION} this deepfleet reads; upgrade deepfleet to read them")
+        if not readable(v):
+            raise ResultsError(f"{where} holds rows of schema version {v}; this deepfleet reads "
+                               f"version {SCHEMA_VERSION} and knows no upgrade from {v}; read them "
+                               "with the deepfleet that wrote them, or measure those artifacts again")
+    for step in range(int(versions.min()) if len(frame) else SCHEMA_VERSION, SCHEMA_VERSION):
+        older = (versions <= step).to_numpy()
+        if older.any():
+            upgraded = UPGRADES[step](frame.loc[older])
+            frame = pd.concat([frame.loc[~older], upgraded[frame.columns]]).astype(frame.dtypes)
+            versions = frame["schema_version"].fillna(0).astype(int)
+    return frame
+
+
 def read_results(root: str | os.PathLike[str], study: str | None = None) -> pd.DataFrame:
     """The results under ``root`` as a DataFrame, one row per measurement, oldest first.
 
@@ -370,12 +456,13 @@ def read_results(root: str | os.PathLike[str], study: str | None = None) -> pd.D
     strings use pandas' string dtype, integers nullable ``Int*`` dtypes, timestamps UTC,
     ``latencies_ms``/``affinity`` hold numpy arrays. A dataset with no rows (or none for
     ``study``) gives an empty frame with those columns. Rows written by an older schema version
-    have nulls in the columns added since (their ``schema_version`` says which). Raises
-    ResultsError when ``root`` does not exist or a file is unreadable.
+    are upgraded (:data:`UPGRADES`): what they did not record is null, and their
+    ``schema_version`` says which version wrote them. Raises ResultsError when ``root`` does not
+    exist, a file is unreadable, or rows are of a version this code cannot read.
     """
     table = read_table(root, study)
     frame = table.to_pandas(types_mapper=_pandas_type)
-    frame = frame[RESULTS_SCHEMA.names]
+    frame = upgrade(frame[RESULTS_SCHEMA.names], f"results dataset at {root}")
     # A new frame, not an in-place sort: pandas 3's copy-on-write makes that explicit anyway.
     return frame.sort_values(["started_at", "measurement_id"], kind="stable").reset_index(drop=True)
 

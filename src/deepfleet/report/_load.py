@@ -6,8 +6,10 @@ then looked for next to it). Everything read is checked here, once, so that the 
 report works on data it can trust:
 
 - the results dataset exists and has rows (of the chosen study);
-- every row's ``schema_version`` is the current one, or has a known upgrade (none exist yet:
-  version 1 is the first); older or newer rows are an error that names a file holding them;
+- every row's ``schema_version`` is the current one or has a known upgrade
+  (:data:`deepfleet.orchestrator.results.UPGRADES`, which ``read_results`` applies: the report
+  reads old rows exactly as the search does); rows of a newer version, or an older one with no
+  upgrade, are an error that names a file holding them;
 - the study exists (an unknown name is an error that lists the studies there).
 
 What is missing but optional (candidates, artifacts, reference rows, ...) is not an error: it is
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,7 @@ from deepfleet.errors import ResultsError
 from deepfleet.orchestrator import candidates as cand_mod
 from deepfleet.orchestrator import results as res_mod
 
-__all__ = ["RunData", "UPGRADES", "load_run", "locate"]
-
-# Upgrades of results rows from schema version v to v + 1, keyed by v. Version 1 is the first
-# released schema, so none exist; a future SCHEMA_VERSION bump adds its function here (and a
-# test) so that old runs keep producing reports.
-UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {}
+__all__ = ["RunData", "load_run", "locate"]
 
 
 @dataclass(frozen=True)
@@ -136,27 +132,13 @@ def _version_error(what: str, version: int, current: int, example: Path) -> Resu
 
 
 def _explain_unreadable(files: list[Path], where: Path) -> None:
-    """Raise the schema-version error when files of another version made a dataset unreadable
-    (the usual cause: a column changed type); return when all files are of this version."""
+    """Raise the schema-version error, naming a file, when files of a version this code cannot
+    read made a dataset unreadable (a column that changed type, rows of an unknown version);
+    return when every file is of a readable version."""
     for v, example in sorted(_file_versions(files).items()):
-        if v != res_mod.SCHEMA_VERSION:
+        if not res_mod.readable(v):
             raise _version_error(f"results dataset at {where}", v, res_mod.SCHEMA_VERSION,
                                  example) from None
-
-
-def _check_results_versions(frame: pd.DataFrame, files: list[Path], where: Path) -> pd.DataFrame:
-    """``frame`` with every row at SCHEMA_VERSION (upgraded if possible); raises otherwise."""
-    current = res_mod.SCHEMA_VERSION
-    versions = frame["schema_version"].fillna(0).astype(int)
-    for v in sorted(set(versions) - {current}):
-        chain = range(v, current)
-        if v > current or any(step not in UPGRADES for step in chain):
-            example = _file_versions(files).get(v, where)
-            raise _version_error(f"results dataset at {where}", v, current, example)
-    while (low := int(frame["schema_version"].fillna(0).astype(int).min())) < current:
-        older = frame["schema_version"].fillna(0).astype(int) == low
-        frame = pd.concat([frame[~older], UPGRADES[low](frame[older])], ignore_index=True)
-    return frame
 
 
 def _read_results(loc: Located, study: str | None) -> tuple[str, pd.DataFrame]:
@@ -179,13 +161,13 @@ def _read_results(loc: Located, study: str | None) -> tuple[str, pd.DataFrame]:
     elif study not in studies:
         raise ResultsError(f"study {study!r} is not in {loc.results}; studies there: "
                            f"{', '.join(studies)}")
-    try:
-        frame = res_mod.read_results(loc.results, study)
-    except ResultsError:
-        _explain_unreadable(files, loc.results)
-        raise
     study_files = _parquet_files(loc.results / f"study={quote(study, safe='')}") or files
-    return study, _check_results_versions(frame, study_files, loc.results)
+    try:
+        frame = res_mod.read_results(loc.results, study)  # upgrades older rows
+    except ResultsError:
+        _explain_unreadable(study_files, loc.results)
+        raise
+    return study, frame
 
 
 def _read_candidates(loc: Located, study: str) -> pd.DataFrame | None:
