@@ -51,7 +51,7 @@ def test_runtimes_line_lists_versions_and_what_auto_picks(local_device: Device) 
     hello = {"backends": ["numpy", "onnxruntime"], "backend_versions": {"numpy": "2.4.6", "onnxruntime": "1.32.0"}}
     assert describe_runtimes(local_device, hello) == ("onnxruntime 1.32.0, numpy 2.4.6", "onnxruntime")
     edison = {"backends": ["numpy"], "backend_versions": {"numpy": "1.24.2"}}
-    assert describe_runtimes(local_device, edison) == ("numpy 1.24.2", "numpy (onnxruntime not installed)")
+    assert describe_runtimes(local_device, edison) == ("numpy 1.24.2", "numpy (no onnxruntime)")
     picky = dataclasses.replace(local_device, backends=("onnxruntime",))
     assert describe_runtimes(picky, edison)[1] == "none of onnxruntime (add numpy to backends)"
 
@@ -64,4 +64,4 @@ def test_check_shows_the_runtimes_each_device_has(local_device: Device, python_w
     full, bare = check_devices([local_device, numpy_only], session_factory=fast_session)
     assert full.runtimes is not None and f"onnxruntime {onnxruntime.__version__}" in full.runtimes
     assert full.auto == "onnxruntime"
-    assert bare.runtimes == f"numpy {bare.numpy}" and bare.auto == "numpy (onnxruntime not installed)"
+    assert bare.runtimes == f"numpy {bare.numpy}" and bare.auto == "numpy (no onnxruntime)"

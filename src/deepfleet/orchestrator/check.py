@@ -79,11 +79,11 @@ def describe_runtimes(device: Device, hello: dict[str, Any]) -> tuple[str, str]:
     installed = list(hello.get("backends") or ["numpy"])
     versions = hello.get("backend_versions") or {}
     order = [b for b in device.backends if b in installed] + [b for b in installed if b not in device.backends]
-    text = ", ".join(f"{b} {versions.get(b) or '(version unknown)'}" for b in order)
+    text = ", ".join(f"{b} {versions.get(b) or '?'}" for b in order)
     first = next((b for b in device.backends if b in installed), None)
     auto = first or f"none of {', '.join(device.backends)} (add numpy to backends)"
     if first is not None and first != device.backends[0]:
-        auto += f" ({device.backends[0]} not installed)"
+        auto += f" (no {device.backends[0]})"
     return text, auto
 
 

@@ -63,14 +63,16 @@ def margin_for(error: float) -> float:
 
 def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric: str) -> list[dict[str, float]]:
     """Per artifact measured on ``device_class``: its features and its class value of
-    ``metric`` (:func:`deepfleet.metrics.class_value`)."""
+    ``metric`` (:func:`deepfleet.metrics.class_value`). Only artifacts measured with the
+    class's most common runtime count (a model of numpy timings says nothing of onnxruntime's)."""
     by_artifact: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         if r.get("device_class") == device_class and all(r.get(f) is not None for f in FEATURES):
             by_artifact.setdefault(str(r["artifact_hash"]), []).append(r)
-    points = []
+    points: dict[str, list[dict[str, float]]] = {}
     for members in by_artifact.values():
         value = metrics.class_value(metric, members, device_class)
-        if value is not None:
-            points.append({**{f: float(members[0][f]) for f in FEATURES}, metric: value})
-    return points
+        backend = metrics.class_backend(members, device_class)
+        if value is not None and backend is not None:
+            points.setdefault(backend, []).append({**{f: float(members[0][f]) for f in FEATURES}, metric: value})
+    return max(points.values(), key=len) if points else []
