@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from deepfleet.errors import ConfigError
-from deepfleet.orchestrator.fleet import LOCAL_DEVICE, EnergySpec, PowerSpec, load_fleet, local_fleet
+from deepfleet.orchestrator.fleet import (
+    LOCAL_DEVICE,
+    EnergySpec,
+    PowerSpec,
+    load_fleet,
+    local_fleet,
+)
 
 FP = "SHA256:" + "A" * 43
 
