@@ -18,7 +18,8 @@ def test_the_report_reads_older_rows_through_the_results_upgrades(
     """The report reads rows through read_results, which applies orchestrator.results.UPGRADES:
     older rows are upgraded there, once, for every reader."""
     old = SCHEMA_VERSION - 1
-    rows = measurement_rows("s", 2) + measurement_rows("s", 3, schema_version=old, backend_version=None)
+    rows = measurement_rows("s", 2) + measurement_rows("s", 3, schema_version=old, backend="numpy",
+                                                                backend_version=None)
     write_results(tmp_path / "results", rows)
     run = _load.load_run(tmp_path)
     assert len(run.results) == 5 and sorted(set(run.results["schema_version"])) == [old, SCHEMA_VERSION]
