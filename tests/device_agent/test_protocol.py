@@ -98,6 +98,16 @@ def test_malformed_lines_and_unknown_ops_fail_and_the_agent_keeps_serving(agent:
     assert r["kind"] == "bad_request" and "warmpu" in r["error"]
     r = agent.request({"op": "measure", "artifact": "/x", "min_runs": 50, "max_runs": 10})
     assert r["kind"] == "bad_request" and "min_runs=50" in r["error"]
+    for bad, needle in (({"backend": "tflite"}, "auto, numpy, onnxruntime, torch"),
+                        ({"backends": ["numpy", "numpy"]}, "distinct runtimes"),
+                        ({"backends": []}, "non-empty list"),
+                        ({"backends": "numpy"}, "'backends' must be"),
+                        ({"fresh": 1}, "'fresh' must be true or false"),
+                        ({"power": {"idle_w": 1}}, "power.'active_w' is required"),
+                        ({"power": {"active_w": -1}}, "power.'active_w' must be watts > 0"),
+                        ({"power": {"active_w": 1, "peak_w": 2}}, "power: unknown field(s) 'peak_w'")):
+        r = agent.request({"op": "measure", "artifact": "/x", **bad})
+        assert r["kind"] == "bad_request" and needle in r["error"], (bad, r["error"])
     r = agent.request({"op": "measure", "artifact": "/x", "batch": True})
     assert r["kind"] == "bad_request" and "'batch'" in r["error"]
     r = agent.request({"op": "measure"})
