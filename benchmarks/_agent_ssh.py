@@ -84,7 +84,8 @@ def run_ssh(*, requests: int, repeats: int, cpu: int) -> dict[str, Any]:
                     pings.append((time.perf_counter() - t) * 1e3)
                 quick = {"warmup": 0, "min_runs": 5, "max_runs": 5, "min_seconds": 0,
                          "ci_target": None, "threads": 1, "cpus": [cpu],
-                         "thermal": {"settle_max_s": 0}}
+                         "thermal": {"settle_max_s": 0},
+                         "fresh": False, "backend": "numpy"}  # the session's own cost, as recorded
                 first = session.measure(small.path, quick)  # uploads the artifact
                 overheads, inside = [], []
                 for _ in range(requests):

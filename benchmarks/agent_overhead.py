@@ -115,9 +115,11 @@ def run(requests: int, repeats: int) -> dict[str, Any]:
         try:
             pings = [agent.request({"op": "ping"})[1] * 1e3 for _ in range(requests)]
 
+            # the protocol's own cost: a cached model (agent 0.4.0 loads afresh by default,
+            # which runtime_footprint.py measures) in the numpy runtime the figures were taken with
             quick = {"op": "measure", "artifact": str(small.path), "warmup": 0, "min_runs": 5,
                      "max_runs": 5, "min_seconds": 0, "ci_target": None, "threads": 1,
-                     "energy": {"source": "none"}}
+                     "energy": {"source": "none"}, "fresh": False, "backend": "numpy"}
 
             def overhead_ms() -> tuple[float, dict[str, Any]]:
                 r, wall = agent.request(quick)

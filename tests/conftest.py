@@ -236,9 +236,9 @@ class AgentProcess:
     one line and returns the parsed reply, failing the test after ``timeout`` seconds.
     """
 
-    def __init__(self, cwd: Path, agent_file: Path) -> None:
+    def __init__(self, cwd: Path, agent_file: Path, python: str = sys.executable) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(agent_file), "serve"], cwd=cwd, stdin=subprocess.PIPE,
+            [python, str(agent_file), "serve"], cwd=cwd, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.pid = self.proc.pid
@@ -289,12 +289,13 @@ class AgentProcess:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path, agent_file: Path) -> Iterator[Callable[[], AgentProcess]]:
-    """Factory of running agents (killed at teardown)."""
+def start_agent(tmp_path: Path, agent_file: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory of running agents (killed at teardown): ``start_agent(python=...)`` runs the
+    agent under another interpreter (default: this one)."""
     agents: list[AgentProcess] = []
 
-    def start() -> AgentProcess:
-        agents.append(AgentProcess(tmp_path, agent_file))
+    def start(python: str = sys.executable) -> AgentProcess:
+        agents.append(AgentProcess(tmp_path, agent_file, python))
         return agents[-1]
 
     yield start
@@ -374,6 +375,32 @@ def python_without_numpy(tmp_path_factory: pytest.TempPathFactory) -> str:
     probe = subprocess.run([python, "-c", "import numpy"], capture_output=True)
     assert probe.returncode != 0, "the fresh venv unexpectedly has numpy"
     return python
+
+
+@pytest.fixture(scope="session")
+def python_without_onnxruntime(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real Python interpreter with numpy but without onnxruntime (a device that has only
+    numpy, like an Edison): a fresh venv whose site-packages holds only this interpreter's numpy
+    (linked), so it stays without onnxruntime whatever this machine installs system-wide."""
+    import venv
+
+    import numpy
+
+    directory = tmp_path_factory.mktemp("venv-numpy-only")
+    venv.EnvBuilder(with_pip=False).create(directory)
+    python = str(directory / "bin" / "python")
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    package = Path(numpy.__file__).parent
+    for name in (package.name, package.name + ".libs"):  # numpy.libs: the wheel's OpenBLAS
+        if (package.parent / name).exists():
+            (site / name).symlink_to(package.parent / name)
+    probe = subprocess.run([python, "-c", "import numpy, importlib.util as u; "
+                            "assert u.find_spec('onnxruntime') is None"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make an interpreter with numpy and without onnxruntime: {probe.stderr[-300:]}")
+    return python
+
 
 # ---------------------------------------------------------------------------- compressors
 

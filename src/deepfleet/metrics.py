@@ -5,18 +5,25 @@ Two families:
 
 * **candidate metrics** (``accuracy``, ``accuracy_drop_pp``, ``bytes``, ``params``, ``macs``)
   are known once a model is compressed: a field of :class:`deepfleet.candidate.Candidate`;
-* **device metrics** (latency, energy) are measured on devices: a column of the results rows
-  (:mod:`deepfleet.orchestrator.results`).
+* **device metrics** (latency, CPU time, loading, memory, energy) are measured on devices: a
+  column of the results rows (:mod:`deepfleet.orchestrator.results`).
 
 For a device metric and one artifact:
 
 * a row's value is its column, from successful, non-reference rows only, and for energy only
   from rows of the metric's **kind** (``energy`` reads rows whose sensor is a real meter,
   ``energy_simulated`` rows whose sensor is a model, ``energy_estimated`` the operation-count
-  estimate every row carries). A value of one kind never stands in for another;
-* the **device value** is the median of the device's row values (a device measured twice
-  counts once);
-* the **class value** is the median over the class's devices of their device values.
+  estimate every row carries, ``energy_time_estimated`` the busy time x the device's stated
+  power, where the fleet file states one). A value of one kind never stands in for another;
+* a row's **backend** is the runtime that measured it (``backend``: numpy, onnxruntime, torch;
+  "unknown" when not recorded). Runtimes are never pooled: the **device value** is per
+  (device, backend), the median of that device's rows of that backend (a device measured twice
+  with one runtime counts once);
+* the **class value** is the median over the class's devices of their device values, and
+  exists only when those devices all ran ONE backend. When the class's devices measured the
+  artifact with different backends (a device without onnxruntime fell back to numpy, or one
+  device was measured with each) there is no class value: :func:`backend_conflict` says which
+  devices ran what, and the fix. The search's judge then fails the trial with that reason.
 
 Pure functions of plain data (dicts and dataclasses); no pandas, no I/O.
 """
@@ -33,6 +40,9 @@ __all__ = [
     "ENERGY_KINDS",
     "METRICS",
     "Metric",
+    "backend_conflict",
+    "backend_of",
+    "class_backend",
     "class_value",
     "class_values",
     "device_table",
@@ -41,7 +51,9 @@ __all__ = [
     "row_value",
 ]
 
-ENERGY_KINDS = ("measured", "simulated", "estimated")
+# Kinds of energy values: the three a row's ``energy_kind`` can name (its sensor's), and the
+# time-based estimate every row with a stated power carries in its own column.
+ENERGY_KINDS = ("measured", "simulated", "estimated", "time_estimated")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +97,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            description="90th percentile latency of one run"),
     Metric(name="latency_p99", direction="minimize", unit="ms", source="device", field="p99_ms",
            description="99th percentile latency of one run"),
+    Metric(name="cpu_p50", direction="minimize", unit="ms", source="device", field="cpu_p50_ms",
+           description="median CPU time of the measuring thread per run"),
+    Metric(name="init_ms", direction="minimize", unit="ms", source="device", field="init_ms",
+           description="model load: the runtime building the model from its files (a fresh load)"),
+    Metric(name="memory_peak_mb", direction="minimize", unit="MiB", source="device",
+           field="memory_peak_mb",
+           description="peak resident memory of loading and running the model, above the agent's own"),
     Metric(name="energy", direction="minimize", unit="mJ", source="device",
            field="energy_per_inference_mj", energy_kind="measured",
            description="energy per run from a real sensor (every device of the class needs one)"),
@@ -94,6 +113,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric(name="energy_estimated", direction="minimize", unit="mJ", source="device",
            field="estimated_energy_mj", energy_kind="estimated",
            description="energy per run estimated from operation counts (not a measurement)"),
+    Metric(name="energy_time_estimated", direction="minimize", unit="mJ", source="device",
+           field="time_estimated_energy_mj", energy_kind="time_estimated",
+           description="energy per run estimated from busy time x the device's stated power "
+                       "(fleet file power:; not a measurement)"),
 )}
 
 
@@ -134,22 +157,68 @@ def row_value(name: str, row: Mapping[str, Any]) -> float | None:
     return _number(row.get(m.field))
 
 
-def device_values(name: str, rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """{device: median of its row values} over ``rows`` (rows of ONE artifact and class)."""
-    per_device: dict[str, list[float]] = {}
+def backend_of(row: Mapping[str, Any]) -> str:
+    """The runtime that measured ``row`` ("unknown" when the row does not say)."""
+    return str(row.get("backend") or "unknown")
+
+
+def device_values(name: str, rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], float]:
+    """{(device, backend): median of its row values} over ``rows`` (rows of ONE artifact and
+    class): a device measured with two runtimes has two values, never one pooled."""
+    per_device: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         v = row_value(name, r)
         if v is not None:
-            per_device.setdefault(str(r["device"]), []).append(v)
-    return {d: statistics.median(vs) for d, vs in per_device.items()}
+            per_device.setdefault((str(r["device"]), backend_of(r)), []).append(v)
+    return {key: statistics.median(vs) for key, vs in per_device.items()}
+
+
+def _of_class(rows: Iterable[Mapping[str, Any]], device_class: str,
+              artifact_hash: str | None) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("device_class") == device_class
+            and (artifact_hash is None or r.get("artifact_hash") == artifact_hash)]
+
+
+def _runs_by_backend(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """{backend: its devices, sorted} over the successful non-reference rows."""
+    found: dict[str, set[str]] = {}
+    for r in rows:
+        if not r.get("error") and not r.get("reference"):
+            found.setdefault(backend_of(r), set()).add(str(r["device"]))
+    return {b: sorted(ds) for b, ds in sorted(found.items())}
+
+
+def class_backend(rows: Iterable[Mapping[str, Any]], device_class: str,
+                  artifact_hash: str | None = None) -> str | None:
+    """The one backend the class's successful rows (of ``artifact_hash`` when given) ran, or
+    None when they ran none or several."""
+    found = _runs_by_backend(_of_class(rows, device_class, artifact_hash))
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def backend_conflict(rows: Iterable[Mapping[str, Any]], device_class: str,
+                     artifact_hash: str | None = None) -> str | None:
+    """Why the class has no value: its devices measured (``artifact_hash``) with different
+    backends, naming the devices of each and the fix; None when they ran one backend (or none)."""
+    found = _runs_by_backend(_of_class(rows, device_class, artifact_hash))
+    if len(found) < 2:
+        return None
+    what = f"artifact {artifact_hash[:12]}" if artifact_hash else "the artifact"
+    runs = "; ".join(f"{b} on {', '.join(ds)}" for b, ds in found.items())
+    return (f"class {device_class!r} measured {what} with different runtimes ({runs}) and a class "
+            "value never pools runtimes: give the class's devices the same runtimes (install "
+            "onnxruntime where it is missing, or list one runtime in the devices' `backends:` in "
+            "the fleet file), or measure with one backend (measure.backend / --backend numpy)")
 
 
 def class_value(name: str, rows: Iterable[Mapping[str, Any]], device_class: str,
                 artifact_hash: str | None = None) -> float | None:
     """The class value of ``name`` on ``device_class`` (median over its devices' values) from
-    ``rows`` (restricted to ``artifact_hash`` when given); None when no row counts."""
-    mine = [r for r in rows if r.get("device_class") == device_class
-            and (artifact_hash is None or r.get("artifact_hash") == artifact_hash)]
+    ``rows`` (restricted to ``artifact_hash`` when given); None when no row counts, or when the
+    class's devices ran different backends (:func:`backend_conflict` says why)."""
+    mine = _of_class(rows, device_class, artifact_hash)
+    if len(_runs_by_backend(mine)) > 1:
+        return None
     values = device_values(name, mine)
     return statistics.median(values.values()) if values else None
 
@@ -167,20 +236,21 @@ def class_values(rows: Iterable[Mapping[str, Any]], artifact_hash: str
 
 
 def device_table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (artifact_hash, device_class, device): every device metric's device value
-    (None when no row counts) and ``rows``, the successful non-reference rows behind them.
-    The report's per-device and per-class tables are built from these records."""
-    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    """One record per (artifact_hash, device_class, device, backend): every device metric's
+    device value (None when no row counts) and ``rows``, the successful non-reference rows
+    behind them. The report's per-device and per-class tables are built from these records."""
+    groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
         if r.get("error") or r.get("reference"):
             continue
-        groups.setdefault((str(r["artifact_hash"]), str(r["device_class"]), str(r["device"])), []).append(r)
+        key = (str(r["artifact_hash"]), str(r["device_class"]), str(r["device"]), backend_of(r))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (artifact, cls, device), members in sorted(groups.items()):
+    for (artifact, cls, device, backend), members in sorted(groups.items()):
         rec: dict[str, Any] = {"artifact_hash": artifact, "device_class": cls, "device": device,
-                               "rows": len(members)}
+                               "backend": backend, "rows": len(members)}
         for name, m in METRICS.items():
             if m.per_device:
-                rec[name] = device_values(name, members).get(device)
+                rec[name] = device_values(name, members).get((device, backend))
         out.append(rec)
     return out

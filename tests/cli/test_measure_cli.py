@@ -47,7 +47,8 @@ def test_measure_json_prints_one_object_per_device_and_artifact(tiny_artifact: A
     (line,) = result.stdout.splitlines()  # the reference is a row, not a line
     got = json.loads(line)
     for key in ("device", "artifact", "p50_ms", "p90_ms", "p99_ms", "energy_mj", "energy_source",
-                "energy_kind", "rows_written", "error"):
+                "energy_kind", "estimated_energy_mj", "time_estimated_energy_mj", "backend",
+                "backend_note", "cpu_p50_ms", "init_ms", "memory_peak_mb", "rows_written", "error"):
         assert key in got
     assert got["device"] == "local" and got["artifact"] == str(tiny_artifact.path)
     assert got["rows_written"] == 1 and got["error"] is None and got["p50_ms"] > 0
@@ -62,7 +63,9 @@ def test_measure_text_says_what_was_written(tiny_artifact: Artifact, tmp_path: P
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
     first, last = result.stdout.splitlines()
-    assert first.startswith(f"local  {tiny_artifact.digest[:12]}  p50 ")
+    assert first.startswith(f"local  {tiny_artifact.digest[:12]}  onnxruntime  p50 ")  # auto's pick here
+    assert " ms (CPU " in first and "  init " in first and " MiB" in first
+    assert "mJ (estimated from operation counts)" in first and "no time-based estimate" in first
     assert last == f"1 of 1 measurement(s) succeeded; 1 row(s) in {out} (study 'measure')"
 
 
@@ -93,9 +96,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
 def test_fleet_check_local_is_one_reachable_row() -> None:
     result = CliRunner().invoke(main, ["fleet", "check"])
     assert result.exit_code == 0, result.output
-    header, rule, row = result.stdout.splitlines()
-    assert header.split()[:6] == ["device", "class", "reachable", "arch", "python", "numpy"]
+    header, rule, row, *folded = result.stdout.splitlines()  # long cells fold onto more lines
+    assert header.split()[:7] == ["device", "class", "ok", "arch", "python", "runtimes", "auto"]
+    assert "numpy " in row  # numpy and its version, always among the runtimes
     assert set(rule) == {"─"} and row.split()[0] == "local" and row.split()[2] == "yes"
+    assert folded[-1].startswith("(runtimes: installed on the device")
 
 
 def test_fleet_check_reports_every_device_and_names_each_failure(
@@ -121,3 +126,42 @@ def test_fleet_check_reports_every_device_and_names_each_failure(
     assert any("device 'stranger'" in e and "not in known_hosts" in e for e in errors)
     assert any("device 'nonumpy'" in e and "has no numpy" in e for e in errors)
     assert errors[-1] == "deepfleet: 2 of 3 device(s) unreachable: stranger, nonumpy"
+
+
+def test_measure_backend_choice_on_a_fleet_of_two_kinds_of_device(
+        sshd_server: LoopbackSshd, device_for: DeviceFor, tmp_path: Path, tiny_artifact: Artifact,
+        python_without_onnxruntime: str) -> None:
+    """Over SSH: a device with onnxruntime and one with numpy only. auto measures each in what it
+    has (and says why it fell back); an explicit onnxruntime fails only on the device without it,
+    with the fix; the time-based estimate is busy time x the stated power."""
+    import sys
+
+    fleet = _fleet_file(tmp_path, [
+        {**_entry(device_for, sshd_server, "full"), "python": sys.executable, "power": {"active_w": 2.5}},
+        {**_entry(device_for, sshd_server, "bare", workdir=str(tmp_path / "bare")),
+         "python": python_without_onnxruntime},
+    ])
+    out = tmp_path / "results"
+    base = ["measure", str(tiny_artifact.path), "--fleet", str(fleet), *QUICK, "--out", str(out), "--json"]
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 0, result.output
+    got = {r["device"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert got["full"]["backend"] == "onnxruntime" and got["full"]["backend_note"] is None
+    assert got["bare"]["backend"] == "numpy"
+    assert got["bare"]["backend_note"] == "auto: onnxruntime not installed on this device; numpy"
+    assert got["full"]["time_estimated_energy_mj"] == pytest.approx(2.5 * got["full"]["p50_ms"])
+    assert got["bare"]["time_estimated_energy_mj"] is None  # no power: stated for it
+    df = read_results(out)
+    full = df.loc[df["device"] == "full"].iloc[0]
+    assert full["provider"] == "CPUExecutionProvider" and full["backend_version"]
+    assert full["memory_peak_mb"] >= 0 and full["init_ms"] > 0 and full["stated_power_w"] == 2.5
+    result = CliRunner().invoke(main, [*base, "--backend", "onnxruntime", "--study", "explicit"])
+    assert result.exit_code == 1
+    got = {r["device"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert got["full"]["error"] is None and got["full"]["backend"] == "onnxruntime"
+    error = got["bare"]["error"]
+    assert "device 'bare'" in error and "backend_unavailable" in error
+    assert "install onnxruntime" in error and "'numpy'" in error
+    rows = read_results(out, "explicit")
+    assert rows.loc[rows["device"] == "bare", "error"].notna().all()
+    assert rows.loc[rows["device"] == "full", "error"].isna().all()  # the other device's row is kept

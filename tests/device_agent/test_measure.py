@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import threading
@@ -54,7 +55,10 @@ def test_measure_reports_an_ordered_distribution_with_provenance(agent: AgentPro
     # provenance
     assert r["artifact_hash"] == tiny_artifact.digest and r["agent_version"] == AGENT_VERSION
     assert r["model"] == "tiny" and r["params"] == tiny_artifact.manifest["params"]
-    assert r["input_shape"] == [3, 16] and r["batch"] == 1 and r["backend"] == "numpy"
+    assert r["input_shape"] == [3, 16] and r["batch"] == 1
+    # "auto" (the default) runs model.onnx where onnxruntime is installed, numpy elsewhere
+    expected = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "numpy"
+    assert r["backend"] == expected and r["backend_requested"] == "auto" and r["backend_version"]
     started, ended = (dt.datetime.fromisoformat(r[k]) for k in ("started_at", "ended_at"))
     assert started.tzinfo is not None and started < ended
     assert len(r["loadavg_before"]) == 3 and r["affinity"]
@@ -66,7 +70,8 @@ def test_measure_reports_an_ordered_distribution_with_provenance(agent: AgentPro
 def test_threads_in_effect_are_reported_not_assumed(agent: AgentProcess, tiny_artifact: Artifact,
                                                     threads: int) -> None:
     blas = agent.request({"op": "hello"})["blas"]
-    r = _measure(agent, tiny_artifact, threads=threads, min_runs=5, min_seconds=0, ci_target=None)
+    r = _measure(agent, tiny_artifact, backend="numpy", threads=threads, min_runs=5, min_seconds=0,
+                 ci_target=None)
     assert r["threads_requested"] == threads
     if blas["settable"]:
         assert r["threads"] == threads, r["threads_note"]
@@ -122,6 +127,7 @@ def test_affinity_pin_applies_to_every_thread_and_is_restored(agent: AgentProces
     if len(before) < 2:
         pytest.skip("needs two CPUs to see a pin")
     req = {"op": "measure", "artifact": str(tiny_artifact.path), "cpus": [before[0]], "threads": 2,
+           "backend": "numpy",
            "min_runs": 5, "min_seconds": 0.6, "max_runs": 10**9,  # still running at 0.3 s
            "ci_target": None, "energy": NO_ENERGY}
     agent.send_raw((json.dumps(req) + "\n").encode())

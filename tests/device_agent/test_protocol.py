@@ -98,6 +98,16 @@ def test_malformed_lines_and_unknown_ops_fail_and_the_agent_keeps_serving(agent:
     assert r["kind"] == "bad_request" and "warmpu" in r["error"]
     r = agent.request({"op": "measure", "artifact": "/x", "min_runs": 50, "max_runs": 10})
     assert r["kind"] == "bad_request" and "min_runs=50" in r["error"]
+    for bad, needle in (({"backend": "tflite"}, "auto, numpy, onnxruntime, torch"),
+                        ({"backends": ["numpy", "numpy"]}, "distinct runtimes"),
+                        ({"backends": []}, "non-empty list"),
+                        ({"backends": "numpy"}, "'backends' must be"),
+                        ({"fresh": 1}, "'fresh' must be true or false"),
+                        ({"power": {"idle_w": 1}}, "power.'active_w' is required"),
+                        ({"power": {"active_w": -1}}, "power.'active_w' must be watts > 0"),
+                        ({"power": {"active_w": 1, "peak_w": 2}}, "power: unknown field(s) 'peak_w'")):
+        r = agent.request({"op": "measure", "artifact": "/x", **bad})
+        assert r["kind"] == "bad_request" and needle in r["error"], (bad, r["error"])
     r = agent.request({"op": "measure", "artifact": "/x", "batch": True})
     assert r["kind"] == "bad_request" and "'batch'" in r["error"]
     r = agent.request({"op": "measure"})
@@ -126,10 +136,11 @@ def test_an_artifact_corrupted_after_loading_is_detected(agent: AgentProcess,
                                                         tmp_path: Path) -> None:
     art = _copy(tiny_artifact, tmp_path)
     quick = {"op": "measure", "artifact": str(art), "min_seconds": 0, "min_runs": 5,
-             "max_runs": 5, "warmup": 0, "energy": {"source": "none"}}
+             "max_runs": 5, "warmup": 0, "energy": {"source": "none"}, "fresh": False}
     first = agent.request(quick)
     assert first["ok"] and first["model_cached"] is False
     assert agent.request(quick)["model_cached"] is True  # loaded once, cached by hash
+    assert agent.request({**quick, "fresh": True})["model_cached"] is False  # timed afresh
     time.sleep(0.01)  # a distinct mtime even on coarse-clock file systems
     _flip_byte(art / "weights.npz")
     r = agent.request(quick)
@@ -141,14 +152,15 @@ def test_backend_without_its_file_is_refused(agent: AgentProcess, tiny_artifact:
     assert r["ok"] is False and r["kind"] == "artifact_missing" and "model.ts" in r["error"]
 
 
-def test_onnxruntime_missing_is_backend_unavailable(agent: AgentProcess, tiny_artifact: Artifact,
-                                                    tmp_path: Path) -> None:
-    if importlib.util.find_spec("onnxruntime") is not None:
-        pytest.skip("onnxruntime is installed here")
+def test_onnxruntime_missing_is_backend_unavailable(start_agent: Callable[..., AgentProcess],
+                                                    python_without_onnxruntime: str,
+                                                    tiny_artifact: Artifact, tmp_path: Path) -> None:
+    agent = start_agent(python=python_without_onnxruntime)
     art = _copy(tiny_artifact, tmp_path)
     (art / "model.onnx").write_bytes(b"not needed: the import fails first")
     r = agent.request({"op": "measure", "artifact": str(art), "backend": "onnxruntime"})
     assert r["ok"] is False and r["kind"] == "backend_unavailable" and "onnxruntime" in r["error"]
+    assert "install onnxruntime" in r["error"] and "'numpy'" in r["error"]  # the fix
 
 
 # TorchScript is deprecated in torch 2.13 but is what small devices' torch builds load.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from deepfleet.orchestrator.check import check_devices, describe_energy
+from deepfleet.orchestrator.check import check_devices, describe_energy, describe_runtimes
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device, EnergySpec
 
@@ -45,3 +45,23 @@ def test_every_device_gets_a_row_in_the_given_order(
     assert not bad.reachable and bad.error is not None and "has no numpy" in bad.error
     assert good.reachable and good.error is None and good.python and good.numpy
     assert good.agent_version and good.energy and good.seconds > 0
+
+
+def test_runtimes_line_lists_versions_and_what_auto_picks(local_device: Device) -> None:
+    hello = {"backends": ["numpy", "onnxruntime"], "backend_versions": {"numpy": "2.4.6", "onnxruntime": "1.32.0"}}
+    assert describe_runtimes(local_device, hello) == ("onnxruntime 1.32.0, numpy 2.4.6", "onnxruntime")
+    edison = {"backends": ["numpy"], "backend_versions": {"numpy": "1.24.2"}}
+    assert describe_runtimes(local_device, edison) == ("numpy 1.24.2", "numpy (no onnxruntime)")
+    picky = dataclasses.replace(local_device, backends=("onnxruntime",))
+    assert describe_runtimes(picky, edison)[1] == "none of onnxruntime (add numpy to backends)"
+
+
+def test_check_shows_the_runtimes_each_device_has(local_device: Device, python_without_onnxruntime: str,
+                                                  fast_session: Callable[[Device], DeviceSession]) -> None:
+    import onnxruntime
+
+    numpy_only = dataclasses.replace(local_device, name="numpy-only", python=python_without_onnxruntime)
+    full, bare = check_devices([local_device, numpy_only], session_factory=fast_session)
+    assert full.runtimes is not None and f"onnxruntime {onnxruntime.__version__}" in full.runtimes
+    assert full.auto == "onnxruntime"
+    assert bare.runtimes == f"numpy {bare.numpy}" and bare.auto == "numpy (no onnxruntime)"

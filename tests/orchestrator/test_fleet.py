@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from deepfleet.errors import ConfigError
-from deepfleet.orchestrator.fleet import LOCAL_DEVICE, EnergySpec, load_fleet, local_fleet
+from deepfleet.orchestrator.fleet import (
+    LOCAL_DEVICE,
+    EnergySpec,
+    PowerSpec,
+    load_fleet,
+    local_fleet,
+)
 
 FP = "SHA256:" + "A" * 43
 
@@ -83,6 +89,38 @@ def test_energy_simulated_note_loads_and_reaches_the_agent_request(files: Path) 
     assert fleet["d3"].energy.simulated is None and "simulated" not in energy_request(fleet["d3"])
 
 
+def test_backends_and_power_load_from_defaults_or_the_device_and_reach_the_request(files: Path) -> None:
+    from deepfleet.orchestrator.device import DeviceSession
+
+    text = ("defaults:\n  backends: [numpy]\n  power: {active_w: 2.5}\ndevices:\n"
+            f"  - {BASE}\n"
+            f"  - {BASE.replace('name: d1', 'name: d2')}\n    backends: [onnxruntime, numpy]\n"
+            "    power: {active_w: 4, idle_w: 1.5}\n")
+    fleet = load_fleet(write(files, text))
+    d1, d2 = fleet["d1"], fleet["d2"]
+    assert d1.backends == ("numpy",) and d1.power == PowerSpec(active_w=2.5)
+    assert d2.backends == ("onnxruntime", "numpy") and d2.power == PowerSpec(active_w=4.0, idle_w=1.5)
+    assert LOCAL_DEVICE.backends == ("onnxruntime", "numpy") and LOCAL_DEVICE.power is None
+    plain = load_fleet(write(files, f"devices:\n  - {BASE}\n"))["d1"]
+    assert plain.backends == ("onnxruntime", "numpy") and plain.power is None  # the defaults
+    # what a session adds to every measure request it sends
+    sent: list[dict] = []
+
+    class Recorder(DeviceSession):
+        def connect(self) -> dict:
+            return {}
+
+        def request(self, req: dict, timeout: float) -> dict:
+            sent.append(req)
+            return {"ok": True}
+
+    Recorder(d2).measure(files, {"warmup": 1})
+    assert sent[0]["backends"] == ["onnxruntime", "numpy"]
+    assert sent[0]["power"] == {"active_w": 4.0, "idle_w": 1.5}
+    Recorder(plain).measure(files, {"backends": ["numpy"]})  # a request's own value stays
+    assert sent[1]["backends"] == ["numpy"] and "power" not in sent[1]
+
+
 def test_local_fleet_is_this_machine_without_ssh() -> None:
     fleet = local_fleet()
     assert fleet.names == ("local",) and fleet.path is None
@@ -117,6 +155,15 @@ BASE = "name: d1\n    host: h\n    user: u\n    key: id\n    class: x86\n    kno
         (f"  - {BASE}\n    energy: {{source: none, simulated: true}}",
          r"'energy.simulated': got True.*source is 'none'"),
         (f"  - {BASE}\n    tags: lab", r"key 'tags': got 'lab'.*list"),
+        (f"  - {BASE}\n    backends: [tflite]",
+         r"key 'backends': got \['tflite'\].*numpy, onnxruntime, torch.*'tflite' is not one"),
+        (f"  - {BASE}\n    backends: []", r"key 'backends': got \[\].*non-empty list"),
+        (f"  - {BASE}\n    backends: [numpy, numpy]", r"key 'backends'.*distinct"),
+        (f"  - {BASE}\n    backends: numpy", r"key 'backends': got 'numpy' \(str\)"),
+        (f"  - {BASE}\n    power: 2.5", r"key 'power': got 2.5.*active_w"),
+        (f"  - {BASE}\n    power: {{idle_w: 1}}", r"key 'power.active_w': got nothing.*watts > 0"),
+        (f"  - {BASE}\n    power: {{active_w: 1, idle_w: 2}}", r"'power.idle_w': got 2.*below active_w"),
+        (f"  - {BASE}\n    power: {{active_w: 1, peak_w: 2}}", r"'power.peak_w'.*only the keys"),
         (f"  - {BASE.replace('name: d1', 'name: bad/name')}", r"devices\[0\].name': got 'bad/name'"),
         ("  - just-a-string", r"devices\[0\]': got 'just-a-string'"),
     ],

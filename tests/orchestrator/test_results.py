@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from deepfleet.orchestrator.results import (
     UPGRADES,
     failure_row,
     measurement_row,
+    plain_rows,
     read_results,
     readable,
     write_results,
@@ -28,6 +30,7 @@ from deepfleet.orchestrator.results import (
 from tests.conftest import AgentProcess
 
 T0 = dt.datetime(2026, 1, 31, 12, 0, tzinfo=dt.timezone.utc)
+DATA = Path(__file__).parent / "data"
 
 
 def _row(study: str = "s1", device: str = "dev-1", **extra: Any) -> dict[str, Any]:
@@ -44,7 +47,8 @@ def _files(root: Path) -> list[Path]:
 def test_a_real_measurement_round_trips(agent: AgentProcess, tiny_artifact: Artifact,
                                         tmp_path: Path) -> None:
     r = agent.request({"op": "measure", "artifact": str(tiny_artifact.path), "min_runs": 20,
-                       "min_seconds": 0, "warmup": 1, "energy": {"source": "none"}}, timeout=60)
+                       "min_seconds": 0, "warmup": 1, "energy": {"source": "none"}, "threads": 1,
+                       "power": {"active_w": 3.0}}, timeout=60)
     assert r["ok"], r
     row = measurement_row(r, study="study-a", device="local", device_class="x86_64", trial=4,
                           artifact_bytes=tiny_artifact.bytes)
@@ -64,7 +68,15 @@ def test_a_real_measurement_round_trips(agent: AgentProcess, tiny_artifact: Arti
     assert got["estimated_energy_mj"] > 0
     assert got["agent_version"] == r["agent_version"] and got["device_numpy"] == np.__version__
     assert got["started_at"] == pd.Timestamp(r["started_at"]) and str(got["started_at"].tz) == "UTC"
-    assert got["threads"] == r["threads"] and list(got["affinity"]) == r["affinity"]
+    assert got["threads"] == r["threads"] == 1 and list(got["affinity"]) == r["affinity"]
+    # which runtime ran, loading, memory, CPU time and the time-based energy estimate
+    for key in ("backend", "backend_version", "provider", "backend_file_sha256", "init_ms", "first_run_ms",
+                "memory_peak_mb", "memory_init_mb", "memory_baseline_mb", "memory_method", "cpu_p50_ms",
+                "process_cpu_ms"):
+        assert got[key] == r[key] and r[key] is not None, key
+    assert pd.isna(got["backend_note"])
+    assert got["time_estimated_energy_mj"] == r["energy"]["time_estimated_energy_per_inference_mj"] > 0
+    assert got["stated_power_w"] == 3.0
 
 
 def test_partitions_are_declared_strings_and_any_name_round_trips(tmp_path: Path) -> None:
@@ -176,11 +188,11 @@ def test_version_1_files_without_drift_read_back_with_null_drift(tmp_path: Path)
     pq.write_table(pa.Table.from_pylist([row], schema=old).drop_columns(["study", "device"]),
                    part)
     frame = read_results(root)
-    assert SCHEMA_VERSION == 2 and list(frame.columns) == RESULTS_SCHEMA.names
+    assert list(frame.columns) == RESULTS_SCHEMA.names
     df = frame.set_index("measurement_id")
     assert df.loc["old", "schema_version"] == 1 and pd.isna(df.loc["old", "drift"])
     new = df[df.index != "old"].iloc[0]
-    assert new["schema_version"] == 2 and new["drift"] == pytest.approx(0.04)
+    assert new["schema_version"] == SCHEMA_VERSION and new["drift"] == pytest.approx(0.04)
     # the upgrade that did it is the one in UPGRADES (the report reads through it too)
     assert readable(1) and 1 in UPGRADES and not readable(0)
 
@@ -194,3 +206,30 @@ def test_rows_of_a_version_without_an_upgrade_are_refused(tmp_path: Path, versio
     with pytest.raises(ResultsError, match=rf"holds rows of schema version {version}.*{fix}"):
         read_results(tmp_path)
     assert len(read_results(tmp_path, "other-study")) == 0  # other studies stay readable
+
+
+def test_a_version_2_dataset_written_by_that_code_reads_back_upgraded(tmp_path: Path) -> None:
+    """tests/orchestrator/data/results-v2: a real dataset written by deepfleet at schema version
+    2 (see the README there), read through UPGRADES next to rows of today."""
+    root = tmp_path / "results"
+    shutil.copytree(DATA / "results-v2", root)
+    write_results(root, [_row(study="v2", backend="onnxruntime", backend_version="1.32.0",
+                              memory_peak_mb=5.0, init_ms=3.0)])
+    assert SCHEMA_VERSION == 3 and set(UPGRADES) == {1, 2}
+    frame = read_results(root, "v2")
+    assert list(frame.columns) == RESULTS_SCHEMA.names and len(frame) == 2
+    old = frame.loc[frame["schema_version"] == 2].iloc[0]
+    assert old["agent_version"] == "0.3.1" and old["p50_ms"] > 0 and len(old["latencies_ms"]) == 8
+    # the upgrade: a numpy row of an agent before 0.4.0 ran in the device's numpy
+    assert old["backend"] == "numpy" and old["backend_version"] == old["device_numpy"]
+    for column in ("provider", "init_ms", "memory_peak_mb", "cpu_p50_ms", "time_estimated_energy_mj"):
+        assert pd.isna(old[column])  # not recorded then: null, never invented
+    new = frame.loc[frame["schema_version"] == SCHEMA_VERSION].iloc[0]
+    assert new["backend_version"] == "1.32.0" and new["memory_peak_mb"] == 5.0
+    assert pd.api.types.is_float_dtype(frame["memory_peak_mb"]) and pd.api.types.is_string_dtype(frame["backend"])
+    # the search's metrics read the upgraded rows like any other
+    from deepfleet import metrics
+
+    rows = plain_rows(frame.loc[frame["error"].isna()])
+    assert metrics.class_value("latency_p50", rows, "x86_64") is None  # the old row is class 'local'
+    assert metrics.class_value("latency_p50", rows, "local") == pytest.approx(old["p50_ms"])

@@ -48,12 +48,15 @@ class ClassSpec:
     energy: str  # measured | simulated | estimated
     arch: str = "x86_64"
     power_w: float = 1.0
+    backend: str = "numpy"  # the runtime its devices measure in
+    stated_power: bool = False  # the fleet file states its power: a time-based energy estimate
 
 
 DEFAULT_CLASSES = {
     "edison": ClassSpec(devices=3, base_ms=50.2, energy="simulated", arch="i686", power_w=0.95),
-    "pi4": ClassSpec(devices=4, base_ms=12.0, energy="estimated", arch="aarch64", power_w=3.2),
-    "x86": ClassSpec(devices=2, base_ms=1.5, energy="measured", power_w=15.0),
+    "pi4": ClassSpec(devices=4, base_ms=12.0, energy="estimated", arch="aarch64", power_w=3.2,
+                     backend="onnxruntime", stated_power=True),
+    "x86": ClassSpec(devices=2, base_ms=1.5, energy="measured", power_w=15.0, backend="onnxruntime"),
 }
 
 
@@ -96,7 +99,11 @@ def agent_response(rng: np.random.Generator, *, artifact_hash: str, p50_ms: floa
         "energy_per_inference_mj": None, "samples": 0, "sample_hz_achieved": None,
         "idle_power_w": None, "active_power_w": None,
         "estimated_energy_per_inference_mj": estimate, "estimate_basis": ESTIMATE_BASIS,
+        "time_estimated_energy_per_inference_mj": None, "stated_power_w": None,
     }
+    if spec.stated_power:
+        energy.update({"time_estimated_energy_per_inference_mj": spec.power_w * float(np.median(lat_ms)),
+                       "stated_power_w": spec.power_w})
     if spec.energy != "estimated":
         duration = float(lat_ms.sum()) / 1e3
         energy.update({
@@ -111,7 +118,11 @@ def agent_response(rng: np.random.Generator, *, artifact_hash: str, p50_ms: floa
     resp: dict[str, Any] = {
         "ok": True, "op": "measure", "agent_version": AGENT_VERSION, "protocol": 1,
         "machine": spec.arch, "python": "3.11.2", "numpy": "1.24.2",
-        "artifact_hash": artifact_hash, "backend": "numpy", "batch": 1, "model": model,
+        "artifact_hash": artifact_hash, "backend": spec.backend, "batch": 1, "model": model,
+        "backend_version": "1.24.2" if spec.backend == "numpy" else "1.32.0",
+        "provider": "cpu (BLAS: openblas)" if spec.backend == "numpy" else "CPUExecutionProvider",
+        "init_ms": 0.02 * params ** 0.5 * spec.base_ms, "first_run_ms": 1.5 * p50_ms,
+        "memory_peak_mb": 4 * params / 2**20 + 0.1, "cpu_p50_ms": 0.98 * float(np.median(lat_ms)),
         "compressor": compressor, "params": params, "macs": macs, "threads_requested": 1,
         "threads": 1, "affinity": [0], "warmup": 5, "stop_reason": "ci",
         "governor_before": "performance", "freq_before_mhz": 500.0, "freq_after_mhz": 500.0,

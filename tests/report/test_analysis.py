@@ -57,6 +57,24 @@ def test_energy_kinds_are_never_combined() -> None:
     assert row["energy_estimated_mj"] == pytest.approx(0.3)
 
 
+def test_a_class_whose_devices_ran_different_runtimes_has_no_class_value() -> None:
+    r = _results([
+        {"artifact_hash": "h", "device_class": "pi", "device": "a", "p50_ms": 1.0, "backend": "onnxruntime"},
+        {"artifact_hash": "h", "device_class": "pi", "device": "b", "p50_ms": 9.0, "backend": "numpy"},
+        {"artifact_hash": "g", "device_class": "pi", "device": "a", "p50_ms": 2.0, "backend": "onnxruntime"},
+        {"artifact_hash": "g", "device_class": "pi", "device": "b", "p50_ms": 3.0, "backend": "onnxruntime"},
+    ])
+    per_device = device_metrics(r)
+    assert set(zip(per_device["device"], per_device["backend"])) == {("a", "onnxruntime"), ("b", "numpy"),
+                                                                    ("b", "onnxruntime")}
+    per_class = class_metrics(per_device).set_index("artifact_hash")
+    assert math.isnan(per_class.loc["h", "p50_ms"])  # 1 and 9 of two runtimes: never a median of 5
+    assert per_class.loc["h", "backend"] == "mixed: numpy (b); onnxruntime (a)"
+    assert "numpy on b" in per_class.loc["h", "backend_note"] and "install onnxruntime" in per_class.loc["h", "backend_note"]
+    assert per_class.loc["g", "p50_ms"] == 2.5 and per_class.loc["g", "backend"] == "onnxruntime"
+    assert per_class.loc["g", "backend_note"] is None
+
+
 def _cands(rows: list[dict[str, Any]]) -> pd.DataFrame:
     base = {"kind": "candidate", "outcome": "measured", "model": "m", "accuracy_drop_pp": None,
             "constraints": None, "bytes": 100, "accuracy_test": None}
@@ -66,9 +84,10 @@ def _cands(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _per_class(p50: dict[str, float]) -> pd.DataFrame:
-    return pd.DataFrame({"artifact_hash": list(p50), "device_class": "pi",
+    return pd.DataFrame({"artifact_hash": list(p50), "device_class": "pi", "backend": "numpy",
                          "p50_ms": list(p50.values()), "energy_measured_mj": np.nan,
-                         "energy_simulated_mj": np.nan, "energy_estimated_mj": 1.0})
+                         "energy_simulated_mj": np.nan, "energy_estimated_mj": 1.0,
+                         "energy_time_estimated_mj": np.nan})
 
 
 def test_chosen_is_fastest_feasible_within_the_validation_drop() -> None:

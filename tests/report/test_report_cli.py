@@ -82,7 +82,8 @@ def test_energy_numbers_carry_their_kind_and_stay_apart(search_report: tuple[Rep
     files, _ = search_report
     t1 = pd.read_csv(files.tables / "table1.csv").set_index("device_class")
     energy_cols = [c for c in t1.columns if "energy" in c]
-    assert energy_cols and all(re.match(r"energy_(measured|simulated|estimated)_", c) for c in energy_cols)
+    assert energy_cols and all(re.match(r"energy_(measured|simulated|estimated|time_estimated)_", c)
+                               for c in energy_cols)
     # x86 has a real sensor, edison a simulated one, pi4 none: each number in its kind's column
     assert t1.loc["x86", "energy_measured_original_mj"] > 0
     assert pd.isna(t1.loc["x86", "energy_simulated_original_mj"])
@@ -90,9 +91,30 @@ def test_energy_numbers_carry_their_kind_and_stay_apart(search_report: tuple[Rep
     assert pd.isna(t1.loc["edison", "energy_measured_original_mj"])
     assert pd.isna(t1.loc["pi4", ["energy_measured_original_mj", "energy_simulated_original_mj"]]).all()
     assert (t1["energy_estimated_original_mj"] > 0).all()
+    # only pi4's fleet entry states a power: the time-based estimate is there alone, beside the
+    # operation-count one, never in its column
+    assert (t1.loc["pi4", "energy_time_estimated_original_mj"] > t1.loc["pi4", "energy_estimated_original_mj"])
+    assert pd.isna(t1.loc[["x86", "edison"], "energy_time_estimated_original_mj"]).all()
     sources = pd.read_csv(files.tables / "energy_sources.csv")
     assert set(sources["energy_kind"]) == {"measured", "simulated", "estimated"}
     assert sources.groupby(["device", "energy_kind"]).size().max() == 1
+    assert (sources.loc[sources["device"].str.startswith("pi4"), "stated_power_w"] == 3.2).all()
+
+
+def test_every_latency_table_names_the_runtime(search_report: tuple[ReportFiles, Any]) -> None:
+    files, _ = search_report
+    lat = pd.read_csv(files.tables / "latency_by_device.csv")
+    runtime = {"edison": "numpy", "pi4": "onnxruntime", "x86": "onnxruntime"}
+    assert (lat["backend"] == lat["device_class"].map(runtime)).all()
+    assert {"cpu_p50_ms", "init_ms", "memory_peak_mb"} <= set(lat.columns) and (lat["memory_peak_mb"] > 0).all()
+    per_class = pd.read_csv(files.tables / "per_class_metrics.csv")
+    assert (per_class["backend"] == per_class["device_class"].map(runtime)).all()
+    t1 = pd.read_csv(files.tables / "table1.csv").set_index("device_class")
+    assert (t1["backend_original"] == t1.index.map(runtime)).all()
+    agents = pd.read_csv(files.tables / "agents.csv")
+    assert set(zip(agents["backend"], agents["provider"])) == {
+        ("numpy", "cpu (BLAS: openblas)"), ("onnxruntime", "CPUExecutionProvider"),
+        ("(unknown)", "(unknown)")}  # the failed rows: no runtime ran
 
 
 def test_variation_ranking_layers_and_drift(search_report: tuple[ReportFiles, Any]) -> None:
@@ -262,7 +284,7 @@ def _not_a_run(root: Path) -> None:
     (_empty, [], r"results dataset at .*results is empty \(no Parquet files\)"),
     (_not_a_run, [], r"is neither a run directory \(with results/\) nor a results dataset"),
     (_old_schema, [], r"holds rows of schema version 0 \(e\.g\. .*part-.*\.parquet\);"
-                      rf" this deepfleet reads versions 1, {SCHEMA_VERSION} and knows no upgrade"),
+                      rf" this deepfleet reads versions 1, 2, {SCHEMA_VERSION} and knows no upgrade"),
     (_old_file_layout, [], r"schema version 0 \(e\.g\. .*part-old\.parquet\)"),
     (_newer_schema, [], rf"schema version {SCHEMA_VERSION + 1} .*newer .* upgrade deepfleet"),
     (_two_studies, [], r"hold 2 studies \(alpha, beta\); choose one with --study"),
@@ -319,3 +341,32 @@ def test_a_failure_while_writing_leaves_no_half_written_report(
         build_report(measure_run.root, out=out, max_drop_pp=3.0)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # the earlier report, byte for byte; no temporary files left
+
+
+def test_a_class_measured_in_two_runtimes_gets_no_class_value_and_says_why(tmp_path: Path) -> None:
+    """pi4-1 measured the original once more, in numpy (it lacked onnxruntime then): the
+    class's devices ran two runtimes, so the original has no pi4 value, and Table 1 says why
+    rather than dividing a numpy time by an onnxruntime one."""
+    import numpy as np
+
+    from deepfleet.orchestrator.results import measurement_row
+    from tests.report.runs import T0, agent_response, make_run
+
+    info = make_run(tmp_path / "run", trials=6, failures=0)
+    spec = DEFAULT_CLASSES["pi4"]
+    resp = agent_response(np.random.default_rng(1), artifact_hash=info.baseline_hash, p50_ms=40.0, runs=20,
+                          spec=spec, params=431_080, macs=2_293_000, started=T0)
+    resp.update(backend="numpy", backend_version="1.24.2", provider="cpu (BLAS: openblas)")
+    write_results(info.root / "results", [measurement_row(resp, study=info.study, device="pi4-1",
+                                                          device_class="pi4")])
+    files, _ = build_report(info.root)
+    per_class = pd.read_csv(files.tables / "per_class_metrics.csv")
+    base = per_class.loc[(per_class["artifact_hash"] == info.baseline_hash)].set_index("device_class")
+    assert pd.isna(base.loc["pi4", "p50_ms"]) and base.loc["pi4", "backend"].startswith("mixed: numpy (pi4-1)")
+    assert base.loc["x86", "p50_ms"] > 0  # other classes keep their values
+    t1 = pd.read_csv(files.tables / "table1.csv").set_index("device_class")
+    assert pd.isna(t1.loc["pi4", "latency_reduction_pct"])
+    assert "the original has no class value" in t1.loc["pi4", "note"] and "numpy on pi4-1" in t1.loc["pi4", "note"]
+    lat = pd.read_csv(files.tables / "latency_by_device.csv")
+    pi41 = lat.loc[(lat["device"] == "pi4-1") & (lat["artifact_hash"] == info.baseline_hash)]
+    assert sorted(pi41["backend"]) == ["numpy", "onnxruntime"]  # one row each, never pooled

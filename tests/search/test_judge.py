@@ -147,3 +147,47 @@ def test_a_new_class_borrows_from_the_measured_ones() -> None:
     assert f is not None and "borrowed from b" in f.source and f.points == 3
     assert f.predict(features(5e5, 5e4)) == pytest.approx(2.5 * 1.5, rel=0.02)
     assert fit_class("kernel", own[:1], others) is None  # one own point cannot fix scale and offset
+
+
+def test_a_class_measured_in_different_runtimes_fails_the_trial_with_devices_and_fix() -> None:
+    rows = [row("a1", "a", 1.0) | {"backend": "onnxruntime"}, row("a2", "a", 9.0) | {"backend": "numpy"},
+            row("b1", "b", 5.0) | {"backend": "onnxruntime"}]
+    v = judge(SPEC, CAND, rows)
+    assert isinstance(v, Failed)
+    assert "class 'a'" in v.reason and "numpy on a2" in v.reason and "onnxruntime on a1" in v.reason
+    assert "install onnxruntime" in v.reason and "measure.backend" in v.reason
+
+
+def test_a_candidate_in_another_runtime_than_the_study_so_far_is_not_ranked_against_it() -> None:
+    earlier = [row("a1", "a", 1.0, artifact="first") | {"backend": "onnxruntime", "started_at": "2026-01-01T00:00"},
+               row("b1", "b", 2.0, artifact="first") | {"backend": "onnxruntime", "started_at": "2026-01-01T00:01"}]
+    mine = [row("a2", "a", 3.0) | {"backend": "numpy"}, row("b1", "b", 4.0) | {"backend": "onnxruntime"}]
+    v = judge(SPEC, CAND, earlier + mine)
+    assert isinstance(v, Failed) and "this candidate ran numpy on a2" in v.reason
+    assert "values on 'a' are in onnxruntime (first measured on a1)" in v.reason
+    same = [r | {"backend": "onnxruntime"} for r in mine]
+    assert isinstance(judge(SPEC, CAND, earlier + same), Tell)
+
+
+def test_a_memory_constraint_is_judged_like_any_device_metric() -> None:
+    spec = parse_study({"name": "s", "model": "mlp", "data": "digits", "classes": ["pi"],
+                        "objectives": ["accuracy", {"metric": "latency_p50", "class": "pi"}],
+                        "constraints": [{"metric": "memory_peak_mb", "class": "pi", "max": 4}]})
+    assert spec.constraints[0].label == "memory_peak_mb@pi<=4"
+
+    def mem(device: str, mb: float, **kw: object) -> dict:
+        return row(device, "pi", 2.0, **kw) | {"memory_peak_mb": mb, "backend": "onnxruntime"}  # type: ignore[arg-type]
+
+    fits = judge(spec, CAND, [mem("p1", 3.0), mem("p2", 3.5)])
+    assert isinstance(fits, Tell) and fits.constraints == {"memory_peak_mb@pi<=4": pytest.approx(-0.75)}
+    big = judge(spec, CAND, [mem("p1", 6.0), mem("p2", 7.0)])
+    assert isinstance(big, Tell) and big.constraints["memory_peak_mb@pi<=4"] == pytest.approx(2.5)  # told: broken
+    # memory grows with the parameters: a much bigger candidate is rejected from the prediction
+    others = [mem("p1", 1.0 + p / 1e4, artifact=f"o{p}", params=p, macs=10 * p) for p in (1000, 5000, 10000, 20000, 40000)]
+    huge = dataclasses.replace(CAND, params=200_000, macs=2_000_000, features=features(2e6, 2e5))
+    v = judge(spec, huge, others, known(others))
+    assert isinstance(v, PredictedInfeasible) and v.prediction is not None
+    assert v.prediction.metric == "memory_peak_mb" and v.prediction.value == pytest.approx(21.0, rel=0.05)
+    # and a row without memory (a cached model) gives no value: the trial fails, saying so
+    v = judge(spec, CAND, [mem("p1", None)])  # type: ignore[arg-type]
+    assert isinstance(v, Failed) and "p1" in v.reason and "memory" in v.reason

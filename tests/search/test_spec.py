@@ -66,6 +66,7 @@ def test_defaults_without_space_or_objectives() -> None:
         ({"trials": 0}, "trials: must be >= 1"),
         ({"resources": {"tpu": 1}}, "resources.tpu: unknown; accepted: cpu, gpu"),
         ({"measure": {"repeats": 3}}, "measure.repeats: unknown"),
+        ({"measure": {"backend": "tflite"}}, "measure.backend: got 'tflite'; accepted: auto, numpy, onnxruntime, torch"),
         ({"space": {"method": ["deepiot", "prune"]}}, "space.method: 'prune': unknown compression method 'prune'; accepted: deepiot"),
         ({"space": {"method": "fixedpoint+deepiot"}}, "space.method: 'fixedpoint+deepiot'"),
         ({"space": {"fixedpoint.bits": [4, 8]}}, "space.fixedpoint.bits: a setting is METHOD.SETTING for a method in space.method (offered: deepiot)"),
@@ -96,6 +97,10 @@ def test_measure_section_reaches_the_agent_request() -> None:
                         "measure": {"min_runs": 7, "max_runs": 10**8, "min_seconds": 3.0, "max_seconds": 4.0}})
     request = _measure_settings(spec).request
     assert (request["min_runs"], request["max_runs"], request["min_seconds"], request["max_seconds"]) == (7, 10**8, 3.0, 4.0)
+    assert spec.measure.backend == "auto" and request["backend"] == "auto"  # the default
+    numpy = parse_study({"name": "x", "model": "mlp", "data": "digits", "measure": {"backend": "numpy"}})
+    settings = _measure_settings(numpy)
+    assert settings.request["backend"] == "numpy" and settings.reference()["backend"] == "numpy"
 
 
 def test_base_keys_are_checked_and_relative_to_the_study_file(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 DEFAULT_OUT = Path("runs/measure/results")
 
 
-def _request(runs: int | None, batch: int, threads: int | None) -> dict[str, Any]:
-    req: dict[str, Any] = {"batch": batch}
+def _request(runs: int | None, batch: int, threads: int | None, backend: str) -> dict[str, Any]:
+    req: dict[str, Any] = {"batch": batch, "backend": backend}
     if runs is not None:
         # Exactly `runs` timed runs: no time minimum, no confidence-interval rule.
         req.update(min_runs=runs, max_runs=runs, min_seconds=0, ci_target=None)
@@ -37,19 +37,31 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _energy(o: Outcome) -> str:
+    """Every energy figure the row has, each with its kind: never one number for two kinds."""
+    parts = []
+    if o.energy_mj is not None:
+        parts.append(f"{o.energy_mj:.4g} mJ ({o.energy_kind}, {o.energy_source})")
+    if o.estimated_energy_mj is not None:
+        parts.append(f"~{o.estimated_energy_mj:.3g} mJ (estimated from operation counts)")
+    stated = o.row.get("stated_power_w")
+    if o.time_estimated_energy_mj is not None and stated is not None:
+        parts.append(f"~{o.time_estimated_energy_mj:.3g} mJ (estimated: busy time x {stated:g} W stated)")
+    else:
+        parts.append("no time-based estimate (no power: in the fleet file)")
+    return "; ".join(parts)
+
+
 def _line(o: Outcome) -> str:
     what = "reference" if o.reference else Path(o.artifact).name[:12]
     if not o.ok and o.p50_ms is None:
         return f"{o.device}  {what}  FAILED: {o.error}"
-    if o.energy_mj is not None:
-        energy = f"{o.energy_mj:.4g} mJ ({o.energy_kind}, {o.energy_source})"
-    elif o.estimated_energy_mj is not None:
-        energy = f"~{o.estimated_energy_mj:.3g} mJ (estimated: no sensor reading)"
-    else:
-        energy = "-"
     drift = "-" if o.drift is None else f"{o.drift:+.1%}"
-    text = (f"{o.device}  {what}  p50 {_ms(o.p50_ms)} ms  p90 {_ms(o.p90_ms)} ms  "
-            f"p99 {_ms(o.p99_ms)} ms  energy {energy}  drift {drift}")
+    load = "" if o.init_ms is None else f"  init {_ms(o.init_ms)} ms"
+    memory = "" if o.memory_peak_mb is None else f"  memory {_ms(o.memory_peak_mb)} MiB"
+    text = (f"{o.device}  {what}  {o.backend}  p50 {_ms(o.p50_ms)} ms (CPU {_ms(o.cpu_p50_ms)})  "
+            f"p90 {_ms(o.p90_ms)} ms  p99 {_ms(o.p99_ms)} ms{load}{memory}  energy {_energy(o)}  "
+            f"drift {drift}" + (f"  [{o.backend_note}]" if o.backend_note else ""))
     return text if o.ok else f"{text}  ERROR: {o.error}"
 
 
@@ -64,7 +76,12 @@ def _line(o: Outcome) -> str:
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples per run.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="BLAS threads on the device (default: as found).")
+              help="Intra-op threads of the runtime on the device (default: as found).")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "onnxruntime", "torch"]), default="auto",
+              show_default=True,
+              help="The runtime: auto = the first of the device's `backends:` (fleet file; default "
+                   "onnxruntime, numpy) that is installed there and that the artifact has a file "
+                   "for. An explicit runtime a device lacks is that device's failure row.")
 @click.option("--reference-every", type=click.IntRange(min=0), default=10, show_default=True,
               help="Re-measure the reference model before each device's first measurement and "
                    "after every this many (0: never); rows record the device's drift.")
@@ -75,8 +92,8 @@ def _line(o: Outcome) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per (device, artifact) instead of a line of text.")
 def measure(artifacts: tuple[Path, ...], fleet_file: Path | None, devices: str | None,
-            runs: int | None, batch: int, threads: int | None, reference_every: int, out: Path,
-            study: str, as_json: bool) -> None:
+            runs: int | None, batch: int, threads: int | None, backend: str, reference_every: int,
+            out: Path, study: str, as_json: bool) -> None:
     """Measure every ARTIFACT (a directory from 'deepfleet compress') on every device.
 
     Devices work in parallel, artifacts in the order given. Each measurement is written to
@@ -86,7 +103,7 @@ def measure(artifacts: tuple[Path, ...], fleet_file: Path | None, devices: str |
     from deepfleet.orchestrator.measure import MeasureSettings, measure_many
 
     selected = select_devices(fleet_file, devices)
-    settings = MeasureSettings(request=_request(runs, batch, threads),
+    settings = MeasureSettings(request=_request(runs, batch, threads, backend),
                                reference_every=reference_every)
 
     def show(o: Outcome) -> None:

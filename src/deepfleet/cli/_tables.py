@@ -71,6 +71,9 @@ def front_table(summary: dict[str, Any]) -> str:
 
 def check_table(checks: Sequence[Any]) -> str:
     """``deepfleet fleet check``: one row per device."""
-    rows = [(c.device, c.device_class, "yes" if c.reachable else "NO", c.arch, c.python, c.numpy, c.energy,
-             c.simulated) for c in checks]
-    return render(["device", "class", "reachable", "arch", "python", "numpy", "energy", "simulated"], rows)
+    rows = [(c.device, c.device_class, "yes" if c.reachable else "NO", c.arch, c.python, c.runtimes, c.auto,
+             c.energy, c.simulated) for c in checks]
+    notes = ["(runtimes: installed on the device, with versions; auto: what `--backend auto` runs an artifact "
+             "with model.onnx in, the first of the device's `backends:` that it has)"]
+    return render(["device", "class", "ok", "arch", "python", "runtimes", "auto", "energy", "simulated"],
+                  rows, notes=notes)

@@ -11,9 +11,10 @@ Libraries host code imports (Python >= 3.8, standard library + numpy, nothing el
 The device program (never imported by host code; a test checks the import rules):
 
 - ``agent.py``: ``python3 agent.py serve``, the JSON-lines measurement protocol (latency
-  distribution, energy per inference, provenance), with its parts ``system.py`` (CPU, clocks,
-  thermal, BLAS threads), ``backends.py`` (the ``Backend`` runtimes, the model cache) and
-  ``energy.py`` (the ``EnergySource`` meters, sampling, the energy result).
+  distribution, model load, peak memory, CPU time, energy per inference, provenance), with its
+  parts ``system.py`` (CPU, clocks, thermal, BLAS threads, peak resident memory),
+  ``backends.py`` (the ``Backend`` runtimes, which one ``backend: auto`` picks, the model cache)
+  and ``energy.py`` (the ``EnergySource`` meters, sampling, the energy result and estimates).
 
 Devices get ONE file with one hash: ``bundle.py`` builds it from ``agent.py`` by inlining the
 libraries in place of their import lines (deterministic: same sources, same bytes), and caches it

@@ -29,7 +29,12 @@ import traceback
 
 import numpy as np
 
-from deepfleet.device_agent.backends import ModelCache, available_backends, make_input
+from deepfleet.device_agent.backends import (
+    ModelCache,
+    available_backends,
+    choose_backend,
+    make_input,
+)
 from deepfleet.device_agent.energy import (
     Sampler,
     energy_result,
@@ -37,6 +42,7 @@ from deepfleet.device_agent.energy import (
     list_energy_sources,
     open_energy_source,
     sample_idle,
+    time_estimate,
 )
 from deepfleet.device_agent.format import compressor_label, file_digest
 from deepfleet.device_agent.protocol import (
@@ -48,12 +54,14 @@ from deepfleet.device_agent.protocol import (
     parse_measure,
 )
 from deepfleet.device_agent.system import (
+    PeakMemory,
     blas_control,
     blas_threads,
     cpu_affinity,
     cpu_freq_state,
     cpu_model,
     max_temp,
+    release_free_memory,
     set_affinity,
     settle_temperature,
     thermal_zones,
@@ -68,7 +76,13 @@ from deepfleet.device_agent.system import (
 # 0.3.1: built by bundle.py from the program and its libraries (the artifact format, the
 #        request schema, ...): same protocol, measurements and outputs; hello adds agent_sha256
 #        (the running file's own sha256, which the host compares with the file it shipped).
-AGENT_VERSION = "0.3.1"
+# 0.4.0: "backend": "auto" (the default; the first of the request's "backends", the device's
+#        preference, that is installed and that the artifact has) and every response names
+#        backend, backend_version, provider and, for a fallback, backend_note; the model is loaded
+#        afresh per request by default ("fresh"), timed (init_ms, first_run_ms); peak resident
+#        memory of loading and running it (memory_peak_mb); CPU time of each run beside its
+#        wall time (cpu_p50_ms); a time-based energy estimate from the device's stated power.
+AGENT_VERSION = "0.4.0"
 EXACT_CI_LIMIT = 5000  # above this many runs the median CI uses the normal approximation
 
 
@@ -142,42 +156,50 @@ def _median(sorted_values):
 
 
 def timed_runs(run, x, spec):
-    """Run ``run(x)`` until the stopping rule holds; return (latencies in ns, stop reason).
+    """Run ``run(x)`` until the stopping rule holds; return (latencies in ns, CPU times in ns,
+    stop reason).
 
     Rule (DESIGN §6 plus a precision target): never stop before ``min_runs`` runs AND
     ``min_seconds`` of timed phase; always stop at ``max_runs`` or ``max_seconds``; in between,
     stop as soon as the distribution-free CI of the median is narrower than ``ci_target`` x p50
     ("ci"), or at once when ``ci_target`` is null ("minimum"). The CI is recomputed every 5 % more
     runs (a sort per check), so checking stays a small fraction of the work and a stop comes at
-    most 5 % late. Only ``run(x)`` is inside each timed interval.
+    most 5 % late. Only ``run(x)`` is inside each timed interval. The measuring thread's CPU
+    time is read just outside it (``time.thread_time_ns``), so a run's CPU time can exceed its
+    wall time by the two clock reads (well under a microsecond); it misses work done on other
+    threads (a runtime's worker threads), which the caller counts with the process's CPU time.
     """
     clock = time.perf_counter_ns
+    cpu_clock = time.thread_time_ns
     min_runs, max_runs = spec["min_runs"], spec["max_runs"]
     min_ns, max_ns = spec["min_seconds"] * 1e9, spec["max_seconds"] * 1e9
     target, level = spec["ci_target"], spec["ci_level"]
     lat = []
+    cpu = []
     next_check = 0
     start = clock()
     while True:
+        c = cpu_clock()
         a = clock()
         run(x)
         b = clock()
+        cpu.append(cpu_clock() - c)
         lat.append(b - a)
         n = len(lat)
         elapsed = b - start
         if n >= max_runs:
-            return lat, "max_runs"
+            return lat, cpu, "max_runs"
         if elapsed >= max_ns:
-            return lat, "max_seconds"
+            return lat, cpu, "max_seconds"
         if n < min_runs or elapsed < min_ns:
             continue
         if target is None:
-            return lat, "minimum"
+            return lat, cpu, "minimum"
         if n >= next_check:
             s = sorted(lat)
             ci = median_ci(s, level)
             if ci is not None and ci[1] - ci[0] <= target * _median(s):
-                return lat, "ci"
+                return lat, cpu, "ci"
             next_check = n + max(1, n // 20)
 
 
@@ -207,28 +229,86 @@ def latency_summary(lat_ns, level, target):
 # ---------------------------------------------------------------------------- requests
 
 
+_PRIMED = set()  # runtimes whose one-time set-up this process has paid (see _load)
+
+
+def _load(spec, cache, opened, name):
+    """(backend instance, memory tracker or None, load ms): a fresh instance (timed, its memory
+    tracked from just before it is loaded) unless the request allows a cached one and there is
+    one.
+
+    The first load of a runtime in a process pays one-time costs that are the runtime's, not
+    the model's (onnxruntime's global environment and thread pools, the pages of its library,
+    numpy's npz reader): measured, they would go to whichever artifact happened to come first.
+    So the first time, the model is loaded and run once unmeasured. An old instance is dropped
+    before the measured load (freed by reference counting: nothing else holds a model), and the
+    C allocator's free memory handed back, so the load cannot reuse it unseen."""
+    t0 = time.perf_counter()
+    if not spec["fresh"]:
+        backend = cache.cached(opened, name)
+        if backend is not None:
+            return backend, None, 0.0
+    cache.drop(opened, name)
+    if name not in _PRIMED:
+        primer = cache.load(opened, name, spec["threads"])
+        primer.run(primer.prepare(make_input(primer.input_shape, spec["batch"], spec["seed"])))
+        cache.drop(opened, name)
+        del primer
+        _PRIMED.add(name)
+    release_free_memory()
+    memory = PeakMemory()
+    backend = cache.load(opened, name, spec["threads"])
+    return backend, memory, (time.perf_counter() - t0) * 1e3
+
+
+def _cpu_fields(cpu_ns, process_cpu_s, runs):
+    """CPU time per run: the measuring thread's (p50, mean) and the whole process's (mean over
+    the timed phase: a runtime's worker threads count there)."""
+    ms = np.asarray(cpu_ns, dtype=np.float64) / 1e6
+    return {"cpu_p50_ms": finite(np.percentile(ms, 50)) if ms.size else None,
+            "cpu_mean_ms": finite(ms.mean()) if ms.size else None,
+            "process_cpu_ms": finite(process_cpu_s * 1e3 / runs) if runs else None}
+
+
 def measure(req, cache):
     """Measure one artifact's latency distribution (and energy) on this device.
 
-    Order: load (cached by hash) -> threads and affinity -> readings before -> thermal settle
-    -> idle power -> warm-up -> timed runs with the energy sampler running -> readings after.
+    Order: check the artifact (hash, when its files changed) -> choose the backend ("auto": the
+    first of the device's preference that is installed and that the artifact has) -> affinity ->
+    load the model afresh (timed: init_ms; memory tracked from here) -> threads -> first
+    inference (timed) -> readings before -> thermal settle -> idle power -> warm-up -> peak
+    memory -> timed runs (wall and CPU time each) with the energy sampler running -> readings
+    after. With "fresh": false a cached instance is used when there is one: then init_ms,
+    first_run_ms and memory are null (the model was loaded by an earlier request).
+
     Response fields, besides ok/op/id/agent_ms: agent_version, protocol, machine, python, numpy,
-    artifact, artifact_hash, model_cached, load_ms, backend, backend_file_sha256, batch,
-    input_shape, seed, model, compressor (its method), params, macs, weights_bytes (from
-    manifest.json), threads_requested, threads
-    (in effect, null if unknown), threads_note, blas_library, affinity, warmup, min_runs,
-    max_runs, min_seconds, max_seconds, stop_reason (ci | minimum | max_runs | max_seconds),
-    timed_s, gc_disabled, runs, latencies_ms (every timed run, in order), p50_ms, p90_ms,
-    p99_ms, mean_ms, std_ms, min_ms, max_ms, p50_ci_low_ms, p50_ci_high_ms, ci_level,
-    ci_coverage, ci_rel_width, ci_target, ci_met, governor_before/after, freq_before/after_mhz,
-    freq_source, temp_before/after_c, thermal (settle result), loadavg_before/after, energy
-    (see energy_result), timing_ms {load, settle, idle, warmup, timed, total}, started_at,
-    ended_at (ISO 8601 UTC).
+    artifact, artifact_hash, model_cached, load_ms (hash check + load), verify_ms, backend (the
+    runtime that ran), backend_requested, backend_version, provider, backend_note (why "auto"
+    passed over a preferred runtime; null otherwise), backend_file_sha256 (of model.onnx /
+    model.ts when one ran), init_ms (the runtime building its model from the files),
+    first_run_ms (the first inference of the fresh model), memory_peak_mb (peak resident memory
+    of loading and running the model, above the process's resident memory before: MiB),
+    memory_init_mb (the same up to the end of loading), memory_baseline_mb (the process before
+    loading), memory_method (clear_refs | vmhwm | null), memory_note, batch, input_shape, seed,
+    model, compressor (its method), params, macs, weights_bytes (from manifest.json),
+    threads_requested, threads (in effect, null if unknown), threads_note, blas_library,
+    affinity, warmup, min_runs, max_runs, min_seconds, max_seconds, stop_reason (ci | minimum |
+    max_runs | max_seconds), timed_s, gc_disabled, runs, latencies_ms (every timed run, in
+    order), p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms, p50_ci_low_ms,
+    p50_ci_high_ms, ci_level, ci_coverage, ci_rel_width, ci_target, ci_met, cpu_p50_ms and
+    cpu_mean_ms (the measuring thread's CPU time per run), process_cpu_ms (the process's CPU
+    time over the timed runs per run: all threads), governor_before/after,
+    freq_before/after_mhz, freq_source, temp_before/after_c, thermal (settle result),
+    loadavg_before/after, energy (see energy_result; plus the time-based estimate:
+    time_estimated_energy_per_inference_mj, time_estimate_basis, stated_power_w), timing_ms
+    {load, first_run, settle, idle, warmup, timed, total}, started_at, ended_at (ISO 8601 UTC).
     """
     spec = parse_measure(req)
     t_start = time.perf_counter()
     started_at = _utc_now()
-    backend, manifest, digest, cached, load_ms = cache.get(spec["artifact"], spec["backend"], spec["verify"])
+    opened = cache.open(spec["artifact"], spec["verify"])
+    manifest, digest = opened["manifest"], opened["digest"]
+    name, backend_note = choose_backend(spec["backend"], spec["backends"], opened["directory"], manifest)
     source, energy_note = open_energy_source(spec["energy"])
     old_affinity = None
     if spec["cpus"] is not None:
@@ -239,11 +319,19 @@ def measure(req, cache):
             raise AgentError("bad_request", "'cpus' %r cannot be used here (%s); this process may "
                              "run on %s" % (spec["cpus"], exc, old_affinity)) from None
     try:
+        backend, memory, load_ms = _load(spec, cache, opened, name)
+        memory_init = memory.peak_mb() if memory is not None else None
         if spec["threads"] is None:
             threads, threads_note = backend.threads()
             threads_note = "left as found: " + threads_note
         else:
             threads, threads_note = backend.set_threads(spec["threads"])
+        x = backend.prepare(make_input(backend.input_shape, spec["batch"], spec["seed"]))
+        first_run_ms = None
+        if memory is not None:  # a fresh model: its first inference (lazy set-up, cold caches)
+            t = time.perf_counter()
+            backend.run(x)
+            first_run_ms = (time.perf_counter() - t) * 1e3
         cpus = cpu_affinity()
         thermal_path = spec["thermal"]["path"]
         freq_before = cpu_freq_state(cpus)
@@ -257,11 +345,13 @@ def measure(req, cache):
         if source is not None and spec["energy"]["idle_s"] > 0:
             idle = sample_idle(source, spec["energy"]["sample_hz"], spec["energy"]["idle_s"])
         idle_ms = (time.perf_counter() - t) * 1e3
-        x = backend.prepare(make_input(backend.input_shape, spec["batch"], spec["seed"]))
         t = time.perf_counter()
         for _ in range(spec["warmup"]):
             backend.run(x)
         warmup_ms = (time.perf_counter() - t) * 1e3
+        # Read here, not after the timed runs: those repeat the same inference, and the agent's
+        # own per-run records (which grow with the run count) are not the model's memory.
+        memory_peak = memory.peak_mb() if memory is not None else None
         sampler = None
         if source is not None:
             sampler = Sampler(source, spec["energy"]["sample_hz"])
@@ -273,11 +363,13 @@ def measure(req, cache):
             # first: with collection off nothing can trigger one, and a full collection costs
             # ~10 ms, more than everything else this request adds to the model's runs.
             gc.disable()
+        process_cpu = time.process_time()
         t_timed = time.perf_counter()
         try:
-            lat, reason = timed_runs(backend.run, x, spec)
+            lat, cpu, reason = timed_runs(backend.run, x, spec)
         finally:
             t_end = time.perf_counter()
+            process_cpu = time.process_time() - process_cpu
             timed_ms = (t_end - t_timed) * 1e3
             if gc_was_enabled:
                 gc.enable()
@@ -294,6 +386,8 @@ def measure(req, cache):
     estimate = estimate_energy_mj(manifest, spec["batch"])
     energy = energy_result(spec["energy"], source, energy_note, idle, sampler, (t_timed, t_end), runs,
                            estimate)
+    summary = latency_summary(lat, spec["ci_level"], spec["ci_target"])
+    energy.update(time_estimate(spec["power"], summary["p50_ms"]))
     resp = {
         "ok": True,
         "agent_version": AGENT_VERSION,
@@ -301,12 +395,25 @@ def measure(req, cache):
         "machine": platform.machine(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "artifact": os.path.abspath(os.path.expanduser(spec["artifact"])),
+        "artifact": opened["directory"],
         "artifact_hash": digest,
-        "model_cached": cached,
-        "load_ms": finite(load_ms, 3),
-        "backend": spec["backend"],
+        "model_cached": memory is None,
+        "load_ms": finite(opened["verify_ms"] + load_ms, 3),
+        "verify_ms": finite(opened["verify_ms"], 3),
+        "backend": name,
+        "backend_requested": spec["backend"],
+        "backend_version": backend.version,
+        "provider": backend.provider,
+        "backend_note": backend_note,
         "backend_file_sha256": backend.file_sha256,
+        "init_ms": finite(backend.init_ms, 3) if memory is not None else None,
+        "first_run_ms": finite(first_run_ms, 3),
+        "memory_peak_mb": memory_peak,
+        "memory_init_mb": memory_init,
+        "memory_baseline_mb": memory.baseline_mb if memory is not None else None,
+        "memory_method": memory.method if memory is not None else None,
+        "memory_note": memory.note if memory is not None else
+        "cached model (\"fresh\": false): loaded by an earlier request, not measured",
         "batch": spec["batch"],
         "input_shape": list(backend.input_shape),
         "seed": spec["seed"],
@@ -318,7 +425,7 @@ def measure(req, cache):
         "threads_requested": spec["threads"],
         "threads": threads,
         "threads_note": threads_note,
-        "blas_library": blas_control()["library"] if spec["backend"] == "numpy" else None,
+        "blas_library": blas_control()["library"] if name == "numpy" else None,
         "affinity": cpus,
         "warmup": spec["warmup"],
         "min_runs": spec["min_runs"],
@@ -342,9 +449,12 @@ def measure(req, cache):
         "started_at": started_at,
         "ended_at": _utc_now(),
     }
-    resp.update(latency_summary(lat, spec["ci_level"], spec["ci_target"]))
+    resp.update(summary)
+    resp.update(_cpu_fields(cpu, process_cpu, runs))
     resp["timing_ms"] = {
-        "load": round(load_ms, 3), "settle": round(settle_ms, 3), "idle": round(idle_ms, 3),
+        "load": round(opened["verify_ms"] + load_ms, 3),
+        "first_run": round(first_run_ms, 3) if first_run_ms is not None else None,
+        "settle": round(settle_ms, 3), "idle": round(idle_ms, 3),
         "warmup": round(warmup_ms, 3), "timed": round(timed_ms, 3),
         "total": round((time.perf_counter() - t_start) * 1e3, 3),
     }

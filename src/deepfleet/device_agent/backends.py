@@ -1,10 +1,11 @@
-"""Part of the device program: the runtimes an artifact can be measured in, and the cache of
-loaded artifacts.
+"""Part of the device program: the runtimes an artifact can be measured in, which one a request
+gets (:func:`choose_backend`: ``auto`` walks the device's preference), and the cache of loaded
+artifacts.
 
 Python >= 3.8, standard library + numpy + the agent's libraries; inlined into the one file
 shipped to devices (see ``bundle.py``). Host code does not import it. onnxruntime and torch are
 optional: they are imported only through :func:`_import_backend`, and only when a request asks
-for them, so a device without them still serves numpy requests.
+for them (or ``auto`` picks them), so a device without them still serves numpy requests.
 """
 
 import abc
@@ -27,7 +28,7 @@ from deepfleet.device_agent.format import (
 )
 from deepfleet.device_agent.protocol import AgentError
 from deepfleet.device_agent.runtime import load_model
-from deepfleet.device_agent.system import blas_threads, set_blas_threads
+from deepfleet.device_agent.system import blas_control, blas_threads, set_blas_threads
 
 MODEL_CACHE_SIZE = 4  # models kept loaded: enough to alternate A/B, bounded for 512 MB boards
 
@@ -35,14 +36,19 @@ MODEL_CACHE_SIZE = 4  # models kept loaded: enough to alternate A/B, bounded for
 class Backend(abc.ABC):
     """One runtime for an artifact: the plug-in point for runtimes (numpy, onnxruntime, torch).
 
-    ``Backend(directory)`` loads the artifact in ``directory`` (whose hash the caller checked)
-    for this runtime. It raises AgentError ``artifact_missing`` when the runtime's own file is
-    not next to the artifact, ``backend_unavailable`` when the runtime cannot be imported, and
-    ArtifactCorrupt, OSError or ValueError when a file cannot be read. Then:
+    ``Backend(directory, threads=None)`` loads the artifact in ``directory`` (whose hash the
+    caller checked) for this runtime, with ``threads`` intra-op threads where the runtime fixes
+    them when it loads (None: its default). It raises AgentError ``artifact_missing`` when the
+    runtime's own file is not next to the artifact, ``backend_unavailable`` when the runtime
+    cannot be imported, and ArtifactCorrupt (a file that does not match the manifest), OSError or
+    ValueError when a file cannot be read. Then:
 
-    * ``name`` is the runtime (one of ``protocol.BACKENDS``), ``input_shape`` one sample's shape,
-      ``file_sha256`` the sha256 of the runtime's own file (None when the artifact hash covers
-      what it runs);
+    * ``name`` is the runtime (one of ``protocol.BACKENDS``), ``version`` its version,
+      ``provider`` what executes the graph inside it (onnxruntime's execution provider, e.g.
+      ``CPUExecutionProvider``; ``cpu`` and the BLAS for numpy), ``input_shape`` one sample's
+      shape, ``file_sha256`` the sha256 of the runtime's own file (None when the artifact hash
+      covers what it runs), ``init_ms`` the time the runtime took to build its model from the
+      files (reading, decoding, session creation; not deepfleet's hash checks);
     * ``prepare(x)`` converts a float32 batch (B, *input_shape) once, outside the timed runs;
     * ``run(prepared)`` is the timed call;
     * ``numpy_outputs(result)`` gives ``run``'s outputs as a list of float32 arrays, in the
@@ -52,8 +58,11 @@ class Backend(abc.ABC):
     """
 
     name = None
+    version = None
+    provider = None
     file_sha256 = None
     input_shape = None
+    init_ms = None
 
     def prepare(self, x):
         return x
@@ -77,10 +86,16 @@ class Backend(abc.ABC):
 
 class NumpyBackend(Backend):
     name = "numpy"
+    version = np.__version__
 
-    def __init__(self, directory):
+    def __init__(self, directory, threads=None):
+        t0 = time.perf_counter()
         self.model = load_model(directory, verify=False)  # the cache verified the hash already
+        self.init_ms = (time.perf_counter() - t0) * 1e3
         self.input_shape = self.model.input_shape
+        blas = blas_control()  # BLAS threads are process-wide: set by set_threads, not here
+        self.provider = "cpu (BLAS: %s)" % (blas["vendor"] or os.path.basename(blas["library"] or "")
+                                            or "unknown")
 
     def run(self, prepared):
         return self.model.run(prepared)
@@ -95,9 +110,10 @@ class NumpyBackend(Backend):
 def _backend_file(directory, backend):
     path = os.path.join(directory, BACKEND_FILES[backend])
     if not os.path.isfile(path):
-        raise AgentError("artifact_missing", "artifact %s has no %s for backend %r: export that "
-                         "backend next to it, or measure with backend 'numpy'"
-                         % (directory, BACKEND_FILES[backend], backend))
+        raise AgentError("artifact_missing", "artifact %s has no %s (%s) for backend %r: upload it "
+                         "again (an artifact exported before %s existed needs exporting again), or "
+                         "measure with backend 'numpy'"
+                         % (directory, BACKEND_FILES[backend], path, backend, BACKEND_FILES[backend]))
     return path
 
 
@@ -106,8 +122,23 @@ def _import_backend(module):
         return __import__(module)  # only here, only when a request asks for this backend
     except Exception as exc:  # ImportError, or a broken install failing on import
         raise AgentError("backend_unavailable", "backend %r cannot be imported on this device "
-                         "(%s: %s): install it, or measure with backend 'numpy'"
-                         % (module, type(exc).__name__, exc)) from None
+                         "(%s: %s): install %s on the device (e.g. pip install %s), or measure "
+                         "with backend 'numpy' (or 'auto')"
+                         % (module, type(exc).__name__, exc, module, module)) from None
+
+
+def import_runtime(name):
+    """The runtime module of backend ``name`` (imported now if it was not); AgentError
+    ``backend_unavailable`` when it cannot be imported."""
+    if name == "onnxruntime":
+        return _import_backend("onnxruntime")
+    if name == "torch":
+        return _import_backend("torch")
+    return np
+
+
+def _module_version(module):
+    return getattr(module, "__version__", None)
 
 
 def _graph_input_shape(directory):
@@ -119,12 +150,18 @@ class TorchBackend(Backend):
     """A TorchScript file ``model.ts`` next to the artifact, run under ``torch.inference_mode``."""
 
     name = "torch"
+    provider = "cpu"
 
-    def __init__(self, directory):
+    def __init__(self, directory, threads=None):
         path = _backend_file(directory, "torch")
         self.torch = _import_backend("torch")
+        self.version = _module_version(self.torch)
         self.file_sha256 = file_digest(path)
+        if threads is not None:
+            self.torch.set_num_threads(int(threads))
+        t0 = time.perf_counter()
         self.module = self.torch.jit.load(path, map_location="cpu").eval()
+        self.init_ms = (time.perf_counter() - t0) * 1e3
         self.input_shape = _graph_input_shape(directory)
 
     def prepare(self, x):
@@ -152,24 +189,30 @@ class OnnxBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, directory):
+    def __init__(self, directory, threads=None):
         self.path = _backend_file(directory, "onnxruntime")
         self.ort = _import_backend("onnxruntime")
+        self.version = _module_version(self.ort)
         self.file_sha256 = file_digest(self.path)
         with open(os.path.join(directory, "manifest.json")) as f:
             expected = (json.load(f).get("onnx") or {}).get("sha256")
         if expected is not None and expected != self.file_sha256:  # the artifact hash covers it
-            raise ArtifactCorrupt("artifact %s: its %s does not match the sha256 in its manifest; "
-                                  "upload it again" % (directory, BACKEND_FILES["onnxruntime"]))
+            raise ArtifactCorrupt("artifact %s is corrupt: its %s (%s) hashes to %s, not the sha256 "
+                                  "in its manifest; upload it again"
+                                  % (directory, BACKEND_FILES["onnxruntime"], self.path,
+                                     self.file_sha256[:12] + "..."))
         self.input_shape = _graph_input_shape(directory)
         self._threads = None
-        self._open(0)
+        t0 = time.perf_counter()
+        self._open(threads or 0)
+        self.init_ms = (time.perf_counter() - t0) * 1e3
 
     def _open(self, n):
         opts = self.ort.SessionOptions()
         opts.intra_op_num_threads = int(n)  # 0: onnxruntime's default
         self.session = self.ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.provider = self.session.get_providers()[0]
         self._threads = n or None
 
     def prepare(self, x):
@@ -192,6 +235,52 @@ class OnnxBackend(Backend):
 BACKEND_CLASSES = {"numpy": NumpyBackend, "torch": TorchBackend, "onnxruntime": OnnxBackend}
 
 
+def installed(name):
+    """True when backend ``name``'s runtime is installed (found, not imported)."""
+    return name == "numpy" or importlib.util.find_spec(name) is not None
+
+
+def artifact_has(directory, manifest, name):
+    """True when the artifact offers backend ``name``: numpy always (its three files); another
+    runtime when its file is there or the manifest declares it (``manifest["onnx"]`` for
+    model.onnx: then a missing file is a damaged upload, reported when it is loaded)."""
+    if name == "numpy":
+        return True
+    if name == "onnxruntime" and manifest.get("onnx"):
+        return True
+    return os.path.isfile(os.path.join(directory, BACKEND_FILES[name]))
+
+
+def choose_backend(requested, preference, directory, manifest):
+    """(backend name, note) for a request: ``requested`` itself (its runtime imported now:
+    AgentError ``backend_unavailable`` when it cannot be), or for ``"auto"`` the first of
+    ``preference`` that is installed on this device, whose file the artifact has, and that
+    imports; the note then says what was passed over and why (None when the first was taken).
+    The runtime is imported here, before the model is loaded, so that the library's own memory
+    is not counted as the model's. AgentError ``backend_unavailable`` when nothing fits."""
+    if requested != "auto":
+        import_runtime(requested)
+        return requested, None
+    passed = []
+    for name in preference:
+        if not installed(name):
+            passed.append("%s not installed on this device" % name)
+            continue
+        if not artifact_has(directory, manifest, name):
+            passed.append("the artifact has no %s for %s" % (BACKEND_FILES[name], name))
+            continue
+        try:
+            import_runtime(name)
+        except AgentError as exc:
+            passed.append("%s does not import (%s)" % (name, exc))
+            continue
+        return name, ("auto: %s; %s" % ("; ".join(passed), name)) if passed else None
+    raise AgentError("backend_unavailable", "backend 'auto': none of the device's backends (%s) "
+                     "can measure artifact %s here: %s; put numpy (always installed) in the "
+                     "device's backends, or install one of them"
+                     % (", ".join(preference), directory, "; ".join(passed)))
+
+
 def available_backends():
     """Backends whose runtime is installed (found, NOT imported: importing torch takes seconds)."""
     names = ["numpy"]
@@ -209,16 +298,19 @@ def available_backends():
 
 
 class ModelCache:
-    """Loaded artifacts by (hash, backend), LRU-bounded: a model is loaded and verified once.
+    """Loaded artifacts by (hash, backend), LRU-bounded, and which artifacts' hashes were checked.
 
-    A cache hit costs a few ``stat`` calls: if any artifact file changed (size, mtime, inode)
-    since it was verified, the artifact is hashed and loaded again, so a corrupted or replaced
-    file is never measured silently.
+    :meth:`open` checks an artifact directory: every file there and (``verify``) its content
+    against its name, hashed only when a file changed (size, mtime, inode) since the last check,
+    so a corrupted or replaced file is never measured silently and an unchanged one costs a few
+    ``stat`` calls. :meth:`cached` gives a loaded instance whose files are unchanged since it was
+    loaded, :meth:`load` loads a fresh one (kept in place of the old), :meth:`drop` forgets one.
     """
 
     def __init__(self, size=MODEL_CACHE_SIZE):
         self.size = size
-        self.entries = collections.OrderedDict()
+        self.entries = collections.OrderedDict()  # (digest, backend) -> (signature, instance, dir)
+        self.checked = collections.OrderedDict()  # directory -> signature when its hash was checked
 
     @staticmethod
     def _signature(directory, backend):
@@ -232,46 +324,89 @@ class ModelCache:
                 sig.append((name, None))
         return tuple(sig)
 
-    def get(self, directory, backend, verify=True):
-        """(backend instance, manifest, digest, was cached, load ms); raises AgentError."""
+    def open(self, directory, verify=True):
+        """{"directory" (absolute), "digest", "manifest", "verify_ms"} of the artifact in
+        ``directory``; AgentError ``artifact_missing`` (no directory, a file missing) or
+        ``artifact_corrupt`` (content not matching the name, unreadable manifest)."""
         directory = os.path.abspath(os.path.expanduser(directory))
         if not os.path.isdir(directory):
             raise AgentError("artifact_missing", "artifact directory %s does not exist on the "
                              "device: upload it first" % directory)
+        t0 = time.perf_counter()
         try:
             digest = check_artifact(directory, verify=False)  # all files there; the name
+            sig = self._signature(directory, None)
+            if verify and self.checked.get(directory) != sig:
+                check_artifact(directory)
+                self.checked[directory] = sig
+                self.checked.move_to_end(directory)
+                while len(self.checked) > 64 * self.size:
+                    self.checked.popitem(last=False)
+            with open(os.path.join(directory, "manifest.json")) as f:
+                manifest = json.load(f)
+            if not isinstance(manifest, dict):
+                raise ValueError("manifest.json holds %s, not an object" % type(manifest).__name__)
         except ArtifactIncomplete as exc:
             raise AgentError("artifact_missing", "artifact %s lacks %s: upload it again"
                              % (directory, ", ".join(exc.missing))) from None
-        key = (digest, backend)
-        sig = self._signature(directory, backend)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] == sig and hit[3] == directory:
-            self.entries.move_to_end(key)
-            return hit[1], hit[2], digest, True, 0.0
-        self.entries.pop(key, None)
-        t0 = time.perf_counter()
-        try:
-            if verify:
-                check_artifact(directory)
-            with open(os.path.join(directory, "manifest.json")) as f:
-                manifest = json.load(f)
-            instance = BACKEND_CLASSES[backend](directory)
         except DigestMismatch as exc:
             raise AgentError("artifact_corrupt", "artifact %s is corrupt: its content hashes to %s, "
                              "not its name; upload it again" % (directory, exc.actual)) from None
-        except ArtifactIncomplete as exc:  # a file went away since the check above
+        except (OSError, ValueError) as exc:
+            raise AgentError("artifact_corrupt", "artifact %s cannot be read (%s: %s); upload it "
+                             "again" % (directory, type(exc).__name__, exc)) from None
+        return {"directory": directory, "digest": digest, "manifest": manifest,
+                "verify_ms": (time.perf_counter() - t0) * 1e3}
+
+    def cached(self, opened, backend):
+        """The loaded instance of ``opened`` for ``backend`` if its files are unchanged since
+        it was loaded, else None."""
+        key = (opened["digest"], backend)
+        hit = self.entries.get(key)
+        if hit is None or hit[2] != opened["directory"] or hit[0] != self._signature(hit[2], backend):
+            return None
+        self.entries.move_to_end(key)
+        return hit[1]
+
+    def drop(self, opened, backend):
+        """Forget the loaded instance of ``opened`` for ``backend`` (if any)."""
+        self.entries.pop((opened["digest"], backend), None)
+
+    def load(self, opened, backend, threads=None):
+        """A freshly loaded instance of ``opened`` for ``backend`` (see :class:`Backend`), kept
+        in the cache in place of an older one; AgentError ``artifact_missing`` /
+        ``artifact_corrupt`` (naming the file) / ``backend_unavailable``."""
+        directory = opened["directory"]
+        sig = self._signature(directory, backend)
+        try:
+            instance = BACKEND_CLASSES[backend](directory, threads)
+        except ArtifactIncomplete as exc:  # a file went away since it was opened
             raise AgentError("artifact_missing", "artifact %s lacks %s: upload it again"
                              % (directory, ", ".join(exc.missing))) from None
         except ArtifactCorrupt as exc:
             raise AgentError("artifact_corrupt", str(exc)) from None
         except (OSError, ValueError, KeyError) as exc:
-            raise AgentError("artifact_corrupt", "artifact %s cannot be read (%s: %s); upload it "
-                             "again" % (directory, type(exc).__name__, exc)) from None
-        self.entries[key] = (sig, instance, manifest, directory)
+            raise AgentError("artifact_corrupt", "artifact %s cannot be loaded for %s (%s: %s); "
+                             "upload it again" % (directory, backend, type(exc).__name__, exc)) from None
+        key = (opened["digest"], backend)
+        self.entries.pop(key, None)
+        self.entries[key] = (sig, instance, directory)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
-        return instance, manifest, digest, False, (time.perf_counter() - t0) * 1e3
+        return instance
+
+    def get(self, directory, backend, verify=True):
+        """(instance, manifest, digest, was cached, load ms): a cached instance when its files
+        are unchanged, else a fresh one; raises AgentError as :meth:`open` and :meth:`load`."""
+        opened = self.open(directory, verify)
+        instance = self.cached(opened, backend)
+        if instance is not None:
+            return instance, opened["manifest"], opened["digest"], True, 0.0
+        t0 = time.perf_counter()
+        import_runtime(backend)
+        instance = self.load(opened, backend)
+        load_ms = opened["verify_ms"] + (time.perf_counter() - t0) * 1e3
+        return instance, opened["manifest"], opened["digest"], False, load_ms
 
 
 def make_input(input_shape, batch, seed):

@@ -442,6 +442,27 @@ def estimate_energy_mj(manifest, batch):
 
 
 
+TIME_ESTIMATE_BASIS = ("time-based estimate, not a measurement: busy time per run (the timed "
+                       "runs' median wall time) x the device's stated power (power.active_w - "
+                       "power.idle_w in the fleet file)")
+
+
+def time_estimate(power, busy_ms):
+    """The time-based energy estimate of a measure response: the device's stated power
+    (``power``: {"active_w", "idle_w"} or None) times the busy time of one run (``busy_ms``:
+    the median wall time of the timed runs; the device runs the model for the whole of a run.
+    Energy adds up over runs, which argues for the mean, but the mean also counts time in which
+    other work preempted the runs; on a dedicated device the two differ little). W x ms = mJ.
+    Without a stated power there is no estimate, and the basis says so."""
+    if power is None or busy_ms is None:
+        return {"time_estimated_energy_per_inference_mj": None, "stated_power_w": None,
+                "time_estimate_basis": "no time-based estimate: the fleet file states no power "
+                "for this device (power: {active_w: W})"}
+    watts = power["active_w"] - power["idle_w"]
+    return {"time_estimated_energy_per_inference_mj": finite(watts * busy_ms),
+            "stated_power_w": finite(watts), "time_estimate_basis": TIME_ESTIMATE_BASIS}
+
+
 # ---------------------------------------------------------------------------- the response
 
 

@@ -38,15 +38,21 @@ import shlex
 #   {"op": "measure", "artifact": DIR (required, already on the device),
 #       "warmup" [5], "min_runs" [10], "max_runs" [10000], "min_seconds" [1.0],
 #       "max_seconds" [30.0], "batch" [1], "threads" [null = leave as found], "backend"
-#       ["numpy" | "onnxruntime" | "torch"], "ci_target" [0.02, null = stop at the minimum],
-#       "ci_level" [0.95], "seed" [0], "cpus" [null = inherited affinity], "disable_gc" [true],
-#       "verify" [true], "thermal": {"path", "settle_max_s" [30], "window_s" [2], "tolerance_c"
-#       [0.5]}, "energy": ENERGY}
+#       ["auto" | "numpy" | "onnxruntime" | "torch"], "backends" [["onnxruntime", "numpy"]: the
+#       device's preference, which "auto" walks: the first one installed here whose file the
+#       artifact has], "fresh" [true: load the model afresh, timed, ignoring a cached instance;
+#       false: use a cached instance when there is one], "ci_target" [0.02, null = stop at the
+#       minimum], "ci_level" [0.95], "seed" [0], "cpus" [null = inherited affinity],
+#       "disable_gc" [true], "verify" [true], "thermal": {"path", "settle_max_s" [30],
+#       "window_s" [2], "tolerance_c" [0.5]}, "energy": ENERGY, "power": POWER [null]}
 #     ENERGY = {"source" ["auto" | "rapl" | "hwmon" | "power_supply" | "command" | "none"],
 #       "path" [null = /sys/class/<kind>; a class dir or one sensor dir], "channel" [null = first
 #       power channel, e.g. "power1" or "curr2"], "command" [null; argv list or string],
 #       "unit" ["W" | "J"] (what the command prints), "sample_hz" [10], "idle_s" [0.5],
 #       "simulated" [null; true or a note: the sensor is a model, not a meter]}
+#     POWER = {"active_w" (required: the device's stated power while it runs a model, W),
+#       "idle_w" [0: the estimate is gross]}: the basis of the time-based energy estimate
+#       (busy time per run x (active_w - idle_w)); null: no time-based estimate.
 #     -> see ``measure()`` for the response fields.
 #     Worst-case duration: settle_max_s + idle_s + warm-up + max_seconds + one run: clients
 #     should set their reply deadline from that.
@@ -72,6 +78,9 @@ ADD_PJ = 0.9
 DRAM_PJ_PER_32BIT = 640.0
 ESTIMATE_BASIS = ("operation-count estimate, not a measurement: batch x MACs x (3.7 + 0.9) pJ + "
                   "params x 640 pJ (32-bit float MULT, ADD, DRAM access; activations not counted)")
+# "auto" is not a runtime: it picks one from the request's "backends" (the device's preference).
+BACKEND_CHOICES = ("auto",) + BACKENDS
+DEFAULT_PREFERENCE = ("onnxruntime", "numpy")
 ENERGY_SOURCES = ("auto", "rapl", "hwmon", "power_supply", "command", "none")
 
 
@@ -132,7 +141,8 @@ ENERGY_KEYS = ("source", "path", "channel", "command", "unit", "sample_hz", "idl
 THERMAL_KEYS = ("path", "settle_max_s", "window_s", "tolerance_c")
 MEASURE_KEYS = ("op", "id", "artifact", "warmup", "min_runs", "max_runs", "min_seconds",
                 "max_seconds", "batch", "threads", "backend", "ci_target", "ci_level", "seed",
-                "cpus", "disable_gc", "verify", "thermal", "energy")
+                "cpus", "disable_gc", "verify", "thermal", "energy", "backends", "fresh", "power")
+POWER_KEYS = ("active_w", "idle_w")
 
 
 def parse_energy(raw):
@@ -193,6 +203,34 @@ def parse_thermal(raw):
     }
 
 
+def parse_backends(raw):
+    """The device's backend preference (what "auto" walks): a non-empty list of distinct
+    runtimes, in order; the default when null."""
+    if raw is None:
+        return list(DEFAULT_PREFERENCE)
+    if (not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw)
+            or not all(isinstance(v, str) and v in BACKENDS for v in raw)):
+        raise AgentError("bad_request", "'backends' must be a non-empty list of distinct runtimes "
+                         "from %s, in order of preference, but got %r" % (", ".join(BACKENDS), raw))
+    return list(raw)
+
+
+def parse_power(raw):
+    """The device's stated power (``power``), validated, or None when not given."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise AgentError("bad_request", "'power' must be an object with keys %s, but got %r"
+                         % (", ".join(POWER_KEYS), raw))
+    _no_unknown(raw, POWER_KEYS, "power: ")
+    w = "power."
+    active = _field(raw, "active_w", _NUMBER, _REQUIRED, "watts > 0 (the device's power while it "
+                    "runs a model)", lambda v: 0 < v < 1e6, where=w)
+    idle = _field(raw, "idle_w", _NUMBER, 0.0, "watts >= 0 and below active_w",
+                  lambda v: 0 <= v < active, where=w)
+    return {"active_w": float(active), "idle_w": float(idle)}
+
+
 def parse_measure(req):
     """A measure request, validated, with defaults filled in (see the protocol comment)."""
     _no_unknown(req, MEASURE_KEYS, "measure: ")
@@ -206,8 +244,11 @@ def parse_measure(req):
         "max_seconds": _field(req, "max_seconds", _NUMBER, 30.0, "seconds > 0", lambda v: v > 0),
         "batch": _field(req, "batch", (int,), 1, "an integer >= 1", positive),
         "threads": _field(req, "threads", (int,), None, "an integer >= 1 or null", positive, nullable=True),
-        "backend": _field(req, "backend", (str,), "numpy", "one of " + ", ".join(BACKENDS),
-                          lambda v: v in BACKENDS),
+        "backend": _field(req, "backend", (str,), "auto", "one of " + ", ".join(BACKEND_CHOICES),
+                          lambda v: v in BACKEND_CHOICES),
+        "backends": parse_backends(req.get("backends")),
+        "fresh": _field(req, "fresh", (bool,), True, "true or false"),
+        "power": parse_power(req.get("power")),
         "ci_target": _field(req, "ci_target", _NUMBER, 0.02,
                             "a relative width (high - low) / p50 in (0, 10], or null",
                             lambda v: 0 < v <= 10, nullable=True),

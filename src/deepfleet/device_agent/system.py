@@ -253,3 +253,79 @@ def set_blas_threads(n):
     return got, ("%s set to %d" % (b["vendor"], got)) if got == n else (
         "%s refused %d threads, runs with %d" % (b["vendor"], n, got))
 
+
+
+# ---------------------------------------------------------------------------- memory
+
+STATUS_FILE = "/proc/self/status"
+CLEAR_REFS_FILE = "/proc/self/clear_refs"
+
+
+def status_kb(field, path=STATUS_FILE):
+    """A ``Vm*`` line of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: peak resident)
+    in kB (KiB), or None where there is no such file or line."""
+    for line in (read_text(path, "") or "").splitlines():
+        if line.startswith(field + ":"):
+            parts = line.split()
+            return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    return None
+
+
+def release_free_memory():
+    """Give heap memory that is free but still held by the C allocator back to the system
+    (glibc's ``malloc_trim(0)``), so that pages freed by an earlier model are not reused, unseen,
+    by the next one. Best effort: False where the C library has no ``malloc_trim`` (musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
+class PeakMemory:
+    """How far this process's resident memory rises above what it is at creation.
+
+    Linux >= 4.0: writing "5" to /proc/self/clear_refs resets the peak resident set (``VmHWM``)
+    to the resident set now, so ``VmHWM`` read later minus the resident set at creation is the
+    exact peak rise in between (method ``clear_refs``). Where the file cannot be written the
+    peak cannot be reset (method ``vmhwm``): a rise is still exact when it sets a new lifetime
+    peak, and unknown (None, with a note) when the process was bigger once before. Without
+    /proc/self/status (not Linux) nothing is measured. Resident memory counts pages of shared
+    libraries this process touches; see docs/measurement.md for what that means.
+    """
+
+    def __init__(self):
+        self.method = None
+        self.note = None
+        self._old_peak = None
+        if status_kb("VmRSS") is None:
+            self.note = "not measured: no /proc/self/status (peak memory is measured on Linux)"
+            self.baseline_kb = None
+            return
+        try:
+            with open(CLEAR_REFS_FILE, "w") as f:
+                f.write("5")
+            self.method = "clear_refs"
+        except OSError as exc:
+            self.method = "vmhwm"
+            self._old_peak = status_kb("VmHWM")
+            self.note = ("%s cannot be written (%s): the peak cannot be reset, and counts only "
+                         "when it exceeds the process's earlier peak" % (CLEAR_REFS_FILE, exc))
+        self.baseline_kb = status_kb("VmRSS")
+
+    @property
+    def baseline_mb(self):
+        return None if self.baseline_kb is None else round(self.baseline_kb / 1024.0, 3)
+
+    def peak_mb(self):
+        """The peak rise so far in MiB (2^20 bytes), or None when it cannot be known."""
+        if self.baseline_kb is None:
+            return None
+        peak = status_kb("VmHWM")
+        if peak is None:
+            return None
+        if self.method == "vmhwm" and (self._old_peak is None or peak <= self._old_peak):
+            return None  # the process's earlier peak hides this one
+        return round(max(0, peak - self.baseline_kb) / 1024.0, 3)

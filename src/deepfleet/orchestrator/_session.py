@@ -67,7 +67,7 @@ def measure_settings(spec: StudySpec) -> MeasureSettings:
     m = spec.measure
     request = {"warmup": m.warmup, "min_runs": m.min_runs, "max_runs": m.max_runs, "min_seconds": m.min_seconds,
                "max_seconds": m.max_seconds, "batch": m.batch, "threads": m.threads, "ci_target": 0.03,
-               "thermal": {"settle_max_s": 5.0}}
+               "thermal": {"settle_max_s": 5.0}, "backend": m.backend}
     return MeasureSettings(request=request, reference_every=m.reference_every)
 
 

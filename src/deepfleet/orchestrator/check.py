@@ -17,7 +17,7 @@ from deepfleet.errors import DeepfleetError
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device
 
-__all__ = ["DeviceCheck", "check_devices", "describe_energy"]
+__all__ = ["DeviceCheck", "check_devices", "describe_energy", "describe_runtimes"]
 
 MAX_PARALLEL_DEVICES = 32
 
@@ -28,7 +28,10 @@ class DeviceCheck:
 
     ``energy`` says where energy readings would come from (or that there are none and only
     estimates will be given); ``simulated`` joins what is not real about the device and its
-    sensor. ``seconds`` is how long the check took (connect + deploy + hello).
+    sensor. ``runtimes`` lists the runtimes installed there with their versions (numpy always),
+    ``auto`` the one ``backend: auto`` runs an artifact with model.onnx in (the first of the
+    device's ``backends`` installed there). ``seconds`` is how long the check took (connect +
+    deploy + hello).
     """
 
     device: str
@@ -39,6 +42,8 @@ class DeviceCheck:
     numpy: str | None = None
     agent_version: str | None = None
     energy: str | None = None
+    runtimes: str | None = None
+    auto: str | None = None
     simulated: str | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -68,6 +73,20 @@ def describe_energy(device: Device, hello: dict[str, Any]) -> str:
     return text + (" [says simulated]" if best.get("simulated") else "")
 
 
+def describe_runtimes(device: Device, hello: dict[str, Any]) -> tuple[str, str]:
+    """(installed runtimes with versions, in the device's order of preference first; what
+    ``auto`` picks for an artifact that has every runtime's file) from ``hello``."""
+    installed = list(hello.get("backends") or ["numpy"])
+    versions = hello.get("backend_versions") or {}
+    order = [b for b in device.backends if b in installed] + [b for b in installed if b not in device.backends]
+    text = ", ".join(f"{b} {versions.get(b) or '?'}" for b in order)
+    first = next((b for b in device.backends if b in installed), None)
+    auto = first or f"none of {', '.join(device.backends)} (add numpy to backends)"
+    if first is not None and first != device.backends[0]:
+        auto += f" (no {device.backends[0]})"
+    return text, auto
+
+
 def _notes(device: Device, energy: str | None) -> str | None:
     notes = [device.simulated, device.energy.simulated]
     if energy and "[says simulated]" in energy and not device.energy.simulated:
@@ -90,10 +109,11 @@ def _check_one(device: Device, factory: Callable[[Device], DeviceSession]) -> De
                            f"the driver: {type(exc).__name__}: {exc}",
                            seconds=round(time.monotonic() - start, 3))
     energy = describe_energy(device, hello)
+    runtimes, auto = describe_runtimes(device, hello)
     return DeviceCheck(device=device.name, device_class=device.device_class, reachable=True,
                        arch=hello.get("machine"), python=hello.get("python"),
                        numpy=hello.get("numpy"), agent_version=hello.get("agent_version"),
-                       energy=energy, simulated=_notes(device, energy),
+                       energy=energy, runtimes=runtimes, auto=auto, simulated=_notes(device, energy),
                        seconds=round(time.monotonic() - start, 3))
 
 

@@ -177,14 +177,18 @@ class DeviceSession:
     def measure(self, artifact: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Measure the artifact directory ``artifact`` (on this machine) on the device.
 
-        ``settings`` are agent ``measure`` fields (warm-up, runs, seconds, batch, threads, ...);
-        the device's energy settings are added. Returns the agent's successful response with
+        ``settings`` are agent ``measure`` fields (warm-up, runs, seconds, batch, threads,
+        backend, ...); the device's energy settings, backend preference (what ``backend: auto``
+        walks) and stated power are added unless given. Returns the agent's successful response with
         ``device``, ``device_class`` and ``wall_ms`` added. Raises DeviceError naming the device
         and the cause.
         """
         artifact = Path(artifact)
         req: dict[str, Any] = {"op": "measure", **(settings or {})}
         req.setdefault("energy", energy_request(self.device))
+        req.setdefault("backends", list(self.device.backends))
+        if self.device.power is not None:
+            req.setdefault("power", self.device.power.request())
         t0 = time.perf_counter()
         self.connect()
         req["artifact"] = f"{self._workdir}/artifacts/{artifact.name}"

@@ -12,7 +12,17 @@ that every device inherits unless it sets them itself::
         host: 10.0.0.17
         class: edison
         energy: {source: hwmon, path: /sys/class/hwmon/hwmon0, sample_hz: 50}
+        backends: [numpy]              # only numpy on an Edison (i686)
+        power: {active_w: 1.0, idle_w: 0.35}
         tags: [lab-a]
+
+``backends`` is the device's runtime preference, in order: a measurement with ``backend: auto``
+(the default) runs in the first of them that is installed on the device and that the artifact
+has a file for (default ``[onnxruntime, numpy]``: ONNX Runtime where it is installed, as on ARM64
+and x86 boards, numpy elsewhere). ``power`` is the device's stated power while it runs a model
+(``active_w``; ``idle_w`` optional, subtracted when given), from a datasheet or a one-time meter
+reading: it turns measured busy time into the time-based energy estimate. Without it there is
+no such estimate.
 
 ``energy.simulated`` (true, or a note) marks a sensor that is a model rather than a meter, such
 as the sandbox's simulated hwmon device: every row measured with it has ``energy_kind``
@@ -39,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from deepfleet.device_agent.protocol import BACKENDS, DEFAULT_PREFERENCE
 from deepfleet.errors import ConfigError
 
 __all__ = [
@@ -47,6 +58,7 @@ __all__ = [
     "Device",
     "EnergySpec",
     "Fleet",
+    "PowerSpec",
     "load_fleet",
     "local_fleet",
 ]
@@ -78,13 +90,27 @@ class EnergySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PowerSpec:
+    """A device's stated power while it runs a model (``active_w``) and at rest (``idle_w``, 0:
+    not stated), in watts: the basis of the time-based energy estimate, never a measurement."""
+
+    active_w: float
+    idle_w: float = 0.0
+
+    def request(self) -> dict[str, float]:
+        """The agent's ``power`` request field."""
+        return {"active_w": self.active_w, "idle_w": self.idle_w}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Device:
     """One device of the fleet (plain data: safe to pickle to Ray workers).
 
     ``host is None`` marks the built-in local device (no SSH). For SSH devices exactly one of
     ``host_key`` (an OpenSSH ``SHA256:`` fingerprint) and ``known_hosts`` (a file) says which host
     key to trust. ``simulated`` is a human-readable note when some part of the device is not real
-    (an emulated CPU, a simulated power sensor); measurement rows copy it.
+    (an emulated CPU, a simulated power sensor); measurement rows copy it. ``backends`` is the
+    runtime preference that ``backend: auto`` walks; ``power`` the stated power (or None).
     """
 
     name: str
@@ -98,6 +124,8 @@ class Device:
     python: str = "python3"
     workdir: str = "~/.deepfleet"
     energy: EnergySpec = field(default_factory=EnergySpec)
+    backends: tuple[str, ...] = DEFAULT_PREFERENCE
+    power: PowerSpec | None = None
     tags: tuple[str, ...] = ()
     simulated: str | None = None
 
@@ -160,7 +188,7 @@ def local_fleet() -> Fleet:
 
 
 _DEVICE_KEYS = ("name", "host", "port", "user", "key", "host_key", "known_hosts", "class",
-                "python", "workdir", "energy", "tags", "simulated")
+                "python", "workdir", "energy", "backends", "power", "tags", "simulated")
 _ENERGY_KEYS = ("source", "path", "command", "sample_hz", "simulated")
 
 
@@ -242,6 +270,42 @@ def _energy(where: _Where, value: object) -> EnergySpec:
                       simulated=simulated)
 
 
+def _backends(where: _Where, value: object) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_PREFERENCE
+    accepted = (f"a non-empty list of distinct runtimes from {', '.join(BACKENDS)}, in order of "
+                f"preference (default [{', '.join(DEFAULT_PREFERENCE)}])")
+    if (not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value)
+            or len(set(value)) != len(value)):
+        raise where.error("backends", value, accepted)
+    unknown = [v for v in value if v not in BACKENDS]
+    if unknown:
+        raise where.error("backends", value, f"{accepted}; {', '.join(map(repr, unknown))} is not one")
+    return tuple(value)
+
+
+def _watts(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < 1e6
+
+
+def _power(where: _Where, value: object) -> PowerSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise where.error("power", value, "a mapping {active_w: W, idle_w: W (optional)}")
+    for key in value:
+        if key not in ("active_w", "idle_w"):
+            raise where.error(f"power.{key}", value[key], "only the keys active_w, idle_w")
+    active = value.get("active_w")
+    if not _watts(active) or active == 0:
+        raise where.error("power.active_w", active, "watts > 0: the device's power while it runs "
+                          "a model (a datasheet figure or a meter reading)")
+    idle = value.get("idle_w", 0.0)
+    if not _watts(idle) or idle >= active:
+        raise where.error("power.idle_w", idle, f"watts >= 0 and below active_w ({active})")
+    return PowerSpec(active_w=float(active), idle_w=float(idle))
+
+
 def _note(where: _Where, key: str, value: object, default: str) -> str | None:
     """A ``simulated`` value: true gives ``default``, false or nothing gives None."""
     if value is True:
@@ -292,6 +356,8 @@ def _device(where: _Where, raw: Mapping[str, Any], base: Path) -> Device:
         workdir=_str(where, "workdir", raw.get("workdir", "~/.deepfleet"),
                      accepted="a directory on the device"),
         energy=_energy(where, raw.get("energy")),
+        backends=_backends(where, raw.get("backends")),
+        power=_power(where, raw.get("power")),
         tags=tuple(tags),
         simulated=simulated,
     )

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Fields of the caller's request that the reference measurement copies, so that the reference
 # runs pinned and threaded like the candidates it stands next to.
-_SHARED_WITH_REFERENCE = ("threads", "cpus", "thermal", "disable_gc")
+_SHARED_WITH_REFERENCE = ("threads", "cpus", "thermal", "disable_gc", "backend")
 MAX_PARALLEL_DEVICES = 32  # threads mostly wait on sockets; this only bounds a huge fleet
 
 SessionFactory = Callable[[Device], DeviceSession]
@@ -92,8 +92,12 @@ class Outcome:
     ``ok`` is True when the device measured it and its row was written; otherwise ``error``
     names the device and the cause. ``energy_mj`` is measured or simulated energy per run of
     ``batch`` samples (``energy_kind`` says which; None with no sensor, when
-    ``estimated_energy_mj`` is the operation-count estimate). ``drift`` is the device's
-    reference drift (see the results schema). ``rows_written`` is 1 once the row is in Parquet.
+    ``estimated_energy_mj`` is the operation-count estimate); ``time_estimated_energy_mj`` is
+    the time-based estimate (busy time x the device's stated power; None without one). Each
+    is its own kind: never combined. ``backend`` is the runtime that ran (``backend_note`` says
+    why ``auto`` passed over a preferred one); ``init_ms``, ``memory_peak_mb`` and
+    ``cpu_p50_ms`` as in the results schema. ``drift`` is the device's reference drift (see the
+    results schema). ``rows_written`` is 1 once the row is in Parquet.
     """
 
     device: str
@@ -109,6 +113,12 @@ class Outcome:
     estimated_energy_mj: float | None
     energy_kind: str | None
     energy_source: str | None
+    time_estimated_energy_mj: float | None
+    backend: str | None
+    backend_note: str | None
+    init_ms: float | None
+    memory_peak_mb: float | None
+    cpu_p50_ms: float | None
     drift: float | None
     rows_written: int
     row: dict[str, Any] = field(repr=False, compare=False)
@@ -116,8 +126,9 @@ class Outcome:
     def summary(self) -> dict[str, Any]:
         """The outcome as plain JSON-ready data, without the row."""
         return {k: getattr(self, k) for k in (
-            "device", "artifact", "artifact_hash", "reference", "ok", "p50_ms", "p90_ms",
-            "p99_ms", "energy_mj", "estimated_energy_mj", "energy_kind", "energy_source",
+            "device", "artifact", "artifact_hash", "reference", "ok", "backend", "backend_note",
+            "p50_ms", "p90_ms", "p99_ms", "cpu_p50_ms", "init_ms", "memory_peak_mb", "energy_mj",
+            "estimated_energy_mj", "time_estimated_energy_mj", "energy_kind", "energy_source",
             "drift", "rows_written", "error")}
 
 
@@ -155,8 +166,11 @@ def _record(ctx: _Context, row: dict[str, Any], given: str) -> Outcome:
         p50_ms=row.get("p50_ms"), p90_ms=row.get("p90_ms"), p99_ms=row.get("p99_ms"),
         energy_mj=row.get("energy_per_inference_mj"),
         estimated_energy_mj=row.get("estimated_energy_mj"), energy_kind=row.get("energy_kind"),
-        energy_source=row.get("energy_source"), drift=row.get("drift"), rows_written=written,
-        row=row,
+        energy_source=row.get("energy_source"),
+        time_estimated_energy_mj=row.get("time_estimated_energy_mj"), backend=row.get("backend"),
+        backend_note=row.get("backend_note"), init_ms=row.get("init_ms"),
+        memory_peak_mb=row.get("memory_peak_mb"), cpu_p50_ms=row.get("cpu_p50_ms"),
+        drift=row.get("drift"), rows_written=written, row=row,
     )
 
 

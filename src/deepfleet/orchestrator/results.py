@@ -50,10 +50,16 @@ __all__ = [
     "write_results",
 ]
 
-# 2: the ``drift`` column. Files written at version 1 lack it; they read back with drift null
-# (see UPGRADES), and their rows keep schema_version 1, so a reader can tell "not recorded" from
-# "no drift".
-SCHEMA_VERSION = 2
+# 2: the ``drift`` column.
+# 3: which runtime ran and how (backend_version, provider, backend_file_sha256, backend_note),
+#    loading (init_ms, first_run_ms), peak memory (memory_*), CPU time (cpu_p50_ms,
+#    process_cpu_ms) and the time-based energy estimate (time_estimated_energy_mj,
+#    stated_power_w).
+# Files of an older version lack the newer columns: the dataset is read with RESULTS_SCHEMA,
+# which fills a column a file lacks with nulls, then UPGRADES bring old rows' values to the
+# current meaning. A row keeps the schema_version it was written at, so a reader can tell "not
+# recorded" (an older row) from "none" (e.g. no drift reference measured).
+SCHEMA_VERSION = 3
 ENERGY_KINDS = ("measured", "simulated", "estimated")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -80,13 +86,24 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("macs", pa.int64(), True),  # multiply-accumulates per sample
     ("artifact_bytes", pa.int64(), True),
     # how
-    ("backend", pa.string(), True),
+    ("backend", pa.string(), True),  # the runtime that ran: numpy | onnxruntime | torch
+    ("backend_version", pa.string(), True),
+    ("provider", pa.string(), True),  # e.g. CPUExecutionProvider; numpy: "cpu (BLAS: openblas)"
+    ("backend_file_sha256", pa.string(), True),  # model.onnx / model.ts when one ran
+    ("backend_note", pa.string(), True),  # why backend "auto" passed over a preferred runtime
     ("threads", pa.int32(), True),  # in effect, as the runtime reported it; null: unknown
     ("threads_requested", pa.int32(), True),
     ("batch", pa.int32(), True),
     ("affinity", pa.list_(pa.int32()), True),
     ("warmup", pa.int32(), True),
     ("stop_reason", pa.string(), True),  # ci | minimum | max_runs | max_seconds
+    # loading and memory (null: a cached model, not loaded for this row, or an older row)
+    ("init_ms", pa.float64(), True),  # the runtime building its model from the files
+    ("first_run_ms", pa.float64(), True),  # the fresh model's first inference
+    ("memory_peak_mb", pa.float64(), True),  # peak resident rise, loading + running (MiB)
+    ("memory_init_mb", pa.float64(), True),  # the same, up to the end of loading
+    ("memory_baseline_mb", pa.float64(), True),  # the agent's resident memory before loading
+    ("memory_method", pa.string(), True),  # clear_refs | vmhwm (see docs/measurement.md)
     # latency (ms, per run of `batch` samples)
     ("latencies_ms", pa.list_(pa.float64()), True),  # every timed run, in run order
     ("runs", pa.int32(), True),
@@ -98,6 +115,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("p50_ci_low_ms", pa.float64(), True),  # distribution-free CI of the median
     ("p50_ci_high_ms", pa.float64(), True),
     ("ci_level", pa.float64(), True),
+    ("cpu_p50_ms", pa.float64(), True),  # the measuring thread's CPU time per run, median
+    ("process_cpu_ms", pa.float64(), True),  # the process's CPU time per run (every thread)
     # energy (per run of `batch` samples)
     ("energy_per_inference_mj", pa.float64(), True),  # null: nothing measured
     ("energy_kind", pa.string(), True),  # measured | simulated | estimated
@@ -107,6 +126,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("idle_power_w", pa.float64(), True),
     ("active_power_w", pa.float64(), True),
     ("estimated_energy_mj", pa.float64(), True),  # operation-count estimate, always labelled so
+    ("time_estimated_energy_mj", pa.float64(), True),  # busy time x stated power; its own kind
+    ("stated_power_w", pa.float64(), True),  # the power it used (fleet file: active_w - idle_w)
     # device state
     ("temp_before_c", pa.float64(), True),
     ("temp_after_c", pa.float64(), True),
@@ -139,13 +160,21 @@ def _upgrade_1(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(drift=np.nan)
 
 
+def _v2_to_v3(frame: pd.DataFrame) -> pd.DataFrame:
+    """Version 2 rows: agents before 0.4.0 ran their numpy runtime in the device's numpy, so a
+    numpy row's ``backend_version`` is its ``device_numpy``. What they did not measure (loading,
+    memory, CPU time) and no time-based estimate stay null."""
+    numpy_rows = frame["backend"].eq("numpy").fillna(False).astype(bool) & frame["backend_version"].isna()
+    return frame.assign(backend_version=frame["backend_version"].where(~numpy_rows, frame["device_numpy"]))
+
+
 # The ONE place that knows how to read rows of an older schema version (read_results applies it,
 # so every reader, the report included, gets the same answer). UPGRADES[v] takes rows of version
 # v in RESULTS_SCHEMA columns (read with RESULTS_SCHEMA: a column the file lacks is null) and
 # returns them as version v + 1 means them; rows keep their ``schema_version``. A version with a
 # chain of upgrades up to SCHEMA_VERSION is readable; any other (older, newer, or a file without
 # the column: version 0) is refused with a ResultsError. A SCHEMA_VERSION bump adds its step here.
-UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _upgrade_1}
+UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _upgrade_1, 2: _v2_to_v3}
 
 
 def readable(version: int) -> bool:
@@ -262,6 +291,18 @@ def measurement_row(
         "macs": result.get("macs"),
         "artifact_bytes": artifact_bytes,
         "backend": result.get("backend"),
+        "backend_version": result.get("backend_version"),
+        "provider": result.get("provider"),
+        "backend_file_sha256": result.get("backend_file_sha256"),
+        "backend_note": result.get("backend_note"),
+        "init_ms": result.get("init_ms"),
+        "first_run_ms": result.get("first_run_ms"),
+        "memory_peak_mb": result.get("memory_peak_mb"),
+        "memory_init_mb": result.get("memory_init_mb"),
+        "memory_baseline_mb": result.get("memory_baseline_mb"),
+        "memory_method": result.get("memory_method"),
+        "cpu_p50_ms": result.get("cpu_p50_ms"),
+        "process_cpu_ms": result.get("process_cpu_ms"),
         "threads": result.get("threads"),
         "threads_requested": result.get("threads_requested"),
         "batch": result.get("batch"),
@@ -278,6 +319,8 @@ def measurement_row(
         "idle_power_w": energy.get("idle_power_w"),
         "active_power_w": energy.get("active_power_w"),
         "estimated_energy_mj": energy.get("estimated_energy_per_inference_mj"),
+        "time_estimated_energy_mj": energy.get("time_estimated_energy_per_inference_mj"),
+        "stated_power_w": energy.get("stated_power_w"),
         "temp_before_c": result.get("temp_before_c"),
         "temp_after_c": result.get("temp_after_c"),
         "freq_before_mhz": result.get("freq_before_mhz"),

@@ -4,11 +4,14 @@ Pure functions of frames (no I/O). The definitions a report rests on live here:
 
 * **device value** and **class value** of each metric: as :mod:`deepfleet.metrics` defines them
   (the one definition the search's objectives and the predictor use too, so report and search
-  agree): a device's median over its successful, non-reference rows, then the median over the
-  class's devices;
+  agree): a device's median over its successful, non-reference rows of one runtime (a device
+  value per (device, backend)), then the median over the class's devices, only when they all
+  ran one runtime: a class whose devices ran an artifact in different runtimes has no class
+  value (``backend`` says "mixed: ...", ``backend_note`` why and the fix);
 * **energy** is kept per kind: ``energy_measured_mj`` (a real sensor), ``energy_simulated_mj``
-  (a sensor that is a model) and ``energy_estimated_mj`` (the operation-count estimate every row
-  carries). They are separate columns, never combined;
+  (a sensor that is a model), ``energy_estimated_mj`` (the operation-count estimate every row
+  carries) and ``energy_time_estimated_mj`` (busy time x the device's stated power). They are
+  separate columns, never combined;
 * **chosen candidate** on a device class: see :data:`CHOSEN_RULE`.
 """
 
@@ -40,8 +43,10 @@ DEFAULT_MAX_DROP_PP = 0.5
 # The report's columns and the metric each shows (deepfleet.metrics defines how a metric is read
 # from rows and combined over devices and classes: the report applies that, never its own rule).
 COLUMNS = {"p50_ms": "latency_p50", "p90_ms": "latency_p90", "p99_ms": "latency_p99",
+           "cpu_p50_ms": "cpu_p50", "init_ms": "init_ms", "memory_peak_mb": "memory_peak_mb",
            "energy_measured_mj": "energy", "energy_simulated_mj": "energy_simulated",
-           "energy_estimated_mj": "energy_estimated"}
+           "energy_estimated_mj": "energy_estimated",
+           "energy_time_estimated_mj": "energy_time_estimated"}
 # energy kind -> class-metric column; the order is the order of columns and plot panels
 ENERGY_COLUMNS = {metrics.METRICS[m].energy_kind: c for c, m in COLUMNS.items() if c.startswith("energy")}
 CHOSEN_RULE = (
@@ -71,23 +76,39 @@ def ok_rows(results: pd.DataFrame, *, reference: bool = False) -> pd.DataFrame:
 
 
 def device_metrics(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (artifact_hash, device_class, device) over successful non-reference rows:
-    each metric's device value (:func:`deepfleet.metrics.device_table`) and ``rows`` (how many
-    measurements)."""
-    keys = ["artifact_hash", "device_class", "device"]
+    """One row per (artifact_hash, device_class, device, backend) over successful non-reference
+    rows: each metric's device value (:func:`deepfleet.metrics.device_table`) and ``rows`` (how
+    many measurements)."""
+    keys = ["artifact_hash", "device_class", "device", "backend"]
     table = metrics.device_table(plain_rows(ok_rows(results)))
     frame = pd.DataFrame(table, columns=[*keys, "rows", *COLUMNS.values()])
     frame = frame.rename(columns={m: c for c, m in COLUMNS.items()})
     return frame[[*keys, *_METRICS, "rows"]].astype({c: float for c in _METRICS})
 
 
+def _mixed(devices: pd.DataFrame) -> str:
+    """"mixed: numpy (d2); onnxruntime (d1)" for one (artifact, class) group of device rows."""
+    by = devices.groupby("backend", sort=True)["device"].agg(lambda d: ", ".join(sorted(set(d))))
+    return "mixed: " + "; ".join(f"{b} ({d})" for b, d in by.items())
+
+
 def class_metrics(per_device: pd.DataFrame) -> pd.DataFrame:
     """One row per (artifact_hash, device_class): medians over devices of :func:`device_metrics`,
-    and ``devices`` (how many devices measured it successfully)."""
+    ``devices`` (how many devices measured it successfully), ``backend`` (the runtime they all
+    ran) and ``backend_note``. When the devices ran different runtimes the metrics are missing
+    (NaN: never pooled), ``backend`` is "mixed: ..." and the note says why and how to fix it."""
     keys = ["artifact_hash", "device_class"]
     grouped = per_device.groupby(keys, sort=True, observed=True)
     out = grouped[_METRICS].median()
-    out["devices"] = grouped.size()
+    out["devices"] = grouped["device"].nunique()
+    backends = grouped["backend"].nunique()
+    out["backend"] = grouped["backend"].first()
+    out["backend_note"] = None
+    for key in backends.index[backends > 1]:
+        devices = per_device.loc[(per_device["artifact_hash"] == key[0]) & (per_device["device_class"] == key[1])]
+        out.loc[key, _METRICS] = math.nan
+        out.loc[key, "backend"] = _mixed(devices)
+        out.loc[key, "backend_note"] = metrics.backend_conflict(devices.to_dict("records"), key[1], key[0])
     return out.reset_index()
 
 

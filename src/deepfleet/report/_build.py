@@ -93,7 +93,6 @@ def _choices(run: RunData, per_class: pd.DataFrame, classes: list[str], max_drop
     for model in sorted(set(cands["model_key"])):
         base_rows = cands.loc[(cands["kind"] == "baseline") & (cands["model_key"] == model)]
         for cls in classes:
-            pts = pareto_points(cands, per_class, cls, model)
             baseline = None
             if not base_rows.empty:
                 b = base_rows.iloc[0].to_dict()
@@ -102,13 +101,38 @@ def _choices(run: RunData, per_class: pd.DataFrame, classes: list[str], max_drop
                 b.update(m.iloc[0].to_dict() if len(m) else
                          {c: math.nan for c in ["p50_ms", *ENERGY_COLUMNS.values()]})
                 baseline = b
+            mine, runtime_note = _one_runtime(per_class, cls, baseline)
+            pts = pareto_points(cands, mine, cls, model)
             chosen, reason = choose(pts, max_drop)
-            if baseline is None or math.isnan(float(baseline.get("p50_ms", math.nan))):
+            if runtime_note:
+                reason += runtime_note
+            if baseline is not None and isinstance(baseline.get("backend_note"), str):
+                reason += f"; the original has no class value: {baseline['backend_note']}"
+            elif baseline is None or math.isnan(float(baseline.get("p50_ms", math.nan))):
                 reason += "; the original model was not measured on this class"
             entries.append({"model": model or "(unnamed)", "model_key": model, "device_class": cls,
                             "baseline": baseline, "chosen": chosen, "reason": reason,
                             "points": pts})
     return entries, cands
+
+
+def _one_runtime(per_class: pd.DataFrame, cls: str, baseline: dict[str, Any] | None
+                 ) -> tuple[pd.DataFrame, str]:
+    """The class values of ``cls`` in ONE runtime (candidates are never ranked across
+    runtimes): the baseline's when it has one, else the most common; and a note on what was
+    left out (artifacts in another runtime, or whose devices ran several)."""
+    rows = per_class.loc[per_class["device_class"] == cls]
+    single = rows.loc[~rows["backend"].astype(str).str.startswith("mixed")]
+    counts = single["backend"].value_counts()
+    if counts.empty:
+        return rows.iloc[0:0], ""
+    base = (baseline or {}).get("backend")
+    runtime = base if isinstance(base, str) and base in counts.index else str(counts.index[0])
+    keep = single.loc[single["backend"] == runtime]
+    left = len(rows) - len(keep)
+    note = (f"; {left} artifact(s) measured on this class in another runtime than {runtime}, or in "
+            "several, left out (runtimes are never compared)") if left else ""
+    return keep, note
 
 
 def _labels(results: pd.DataFrame) -> dict[str, str]:
@@ -159,6 +183,9 @@ def _facts(run: RunData, classes: list[str]) -> dict[str, str]:
         "artifacts measured": f"{r['artifact_hash'].nunique():,}",
         "measured between": f"{r['started_at'].min():%Y-%m-%d %H:%M} and "
                             f"{r['started_at'].max():%Y-%m-%d %H:%M} UTC",
+        "runtimes": ", ".join(
+            f"{b} ({n:,} rows)" for b, n in r.loc[ok & ~ref, "backend"].fillna("unknown").value_counts().sort_index().items())
+        or "none",
         "energy kinds present": ", ".join(
             f"{k} ({n:,} rows)" for k, n in r.loc[ok, "energy_kind"].value_counts().sort_index().items())
         or "none",
@@ -234,7 +261,9 @@ def _table1_section(entries: list[dict[str, Any]], max_drop: float, absent: list
     notes = [CHOSEN_RULE.replace("MAX_DROP", f"{max_drop:g}"),
              "Original = the study's baseline candidate (the uncompressed model). Latency is the "
              "class p50 per run of batch samples (batch 1: one inference); energy is per run too, one column per kind "
-             "(measured, simulated, estimated): kinds are never combined."]
+             "(measured, simulated, estimated from operation counts, time-estimated from busy time x the device's "
+             "stated power): kinds are never combined. Each class's candidates are compared in one runtime (the "
+             "original's); a class value exists only when the class's devices all ran that runtime."]
     if not entries:
         return Section("table1", "Table 1: original vs compressed", notes=[
             "Not available: it needs the candidates table of a search (the baseline row is the "
@@ -279,7 +308,10 @@ def _latency_section(ok: pd.DataFrame, roles: dict[str, str], per_device: pd.Dat
                      note: str | None) -> Section:
     table = _tables.latency_table(ok, roles, per_device)
     notes = ["Percentiles of every timed run, pooled over each device's successful rows of the "
-             "artifact (drift checks excluded). Energy columns are medians per kind."]
+             "artifact in one runtime (backend; drift checks excluded): rows of two runtimes are "
+             "never pooled. cpu_p50_ms is the measuring thread's CPU time per run, init_ms the "
+             "model load, memory_peak_mb the peak resident memory of loading and running it (MiB "
+             "above the agent's own; docs/measurement.md). Energy columns are medians per kind."]
     if note:
         notes.append(note)
     figures = []
@@ -372,8 +404,10 @@ def _provenance_section(run: RunData, roles: dict[str, str], absent: list[str]) 
     figures = []
     notes = [
         "Energy kinds are kept apart: 'measured' comes from a real sensor, 'simulated' from a "
-        "sensor that is a model (e.g. the sandbox's power simulator), and 'estimated' is an "
-        f"{ESTIMATE_BASIS}. No number of one kind is ever averaged with another."]
+        "sensor that is a model (e.g. the sandbox's power simulator), 'estimated' is an "
+        f"{ESTIMATE_BASIS}, and 'time_estimated' is the measured busy time x the device's stated "
+        "power (fleet file power:). No number of one kind is ever averaged with another. The "
+        "agents table names each runtime, its version and execution provider."]
     drift = _tables.drift_table(r)
     if drift.empty:
         absent.append("no drift-check (reference) rows: drift of the devices is unchecked")

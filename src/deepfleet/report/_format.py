@@ -25,10 +25,12 @@ _KINDS = tuple(ENERGY_COLUMNS)
 
 
 def energy_kind_of(column: str) -> str | None:
-    """The energy kind a column holds ("measured", "simulated", "estimated"), or None."""
+    """The energy kind a column holds ("measured", "simulated", "estimated", "time_estimated"),
+    or None."""
     if "energy" not in column:
         return None
-    return next((k for k in _KINDS if k in column), None)
+    # longest first: "energy_time_estimated_mj" also contains "estimated"
+    return next((k for k in sorted(_KINDS, key=len, reverse=True) if k in column), None)
 
 
 def format_value(column: str, value: Any, *, short_hash: bool = False) -> str:
@@ -100,12 +102,15 @@ def paper_table1(table1: pd.DataFrame) -> pd.DataFrame:
         row = {"model": r["model"], "device class": r["device_class"],
                "size (MB)": _change(r["size_original_mb"], r["size_compressed_mb"],
                                     r["size_reduction_pct"], "size_mb"),
+               "runtime": (r["backend_original"] if r["backend_original"] == r["backend_compressed"]
+                           else f"{format_value('backend', r['backend_original'])} → "
+                                f"{format_value('backend', r['backend_compressed'])}"),
                "p50 latency (ms)": _change(r["latency_p50_original_ms"],
                                            r["latency_p50_compressed_ms"],
                                            r["latency_reduction_pct"], "latency_ms")}
         for kind in _KINDS:
             if f"energy_{kind}_original_mj" in r:
-                row[f"energy {kind.upper()} (mJ)"] = _change(
+                row[f"energy {kind.upper().replace('_', ' ')} (mJ)"] = _change(
                     r[f"energy_{kind}_original_mj"], r[f"energy_{kind}_compressed_mj"],
                     r[f"energy_{kind}_reduction_pct"], "energy_mj")
         drop = r["accuracy_drop_pp"]

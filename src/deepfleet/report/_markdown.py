@@ -51,15 +51,16 @@ def render_markdown(report: Report, *, html_name: str, tables_dir: str) -> str:
     if report.absent:
         out += ["## Not in this report, and why", ""] + [f"- {a}" for a in report.absent] + [""]
     out += ["## Chosen candidate", "", CHOSEN_RULE.replace("MAX_DROP", f"{report.max_drop_pp:g}"),
-            "", "Energy columns name their kind (measured, simulated, estimated); kinds are never "
-            "combined.", ""]
+            "", "Energy columns name their kind (measured, simulated, estimated from operation "
+            "counts, time-estimated from busy time x stated power); kinds are never combined. "
+            "Latency rows name the runtime (backend); rows of two runtimes are never pooled.", ""]
     by_name = {t.name: t for t in report.tables}
     for name, heading in _SUMMARY_TABLES.items():
         if name in by_name:
             frame = by_name[name].frame
             if name == "latency_by_device" and not frame.empty:  # the headline columns only
-                frame = frame[["device_class", "device", "role", "runs", "p50_ms", "p90_ms",
-                               "p99_ms", "energy_measured_mj", "energy_simulated_mj",
-                               "energy_estimated_mj"]]
+                frame = frame[["device_class", "device", "backend", "role", "runs", "p50_ms", "p90_ms",
+                               "p99_ms", "memory_peak_mb", "energy_measured_mj", "energy_simulated_mj",
+                               "energy_estimated_mj", "energy_time_estimated_mj"]]
             out += [f"## {heading}", "", markdown_table(frame)]
     return "\n".join(out)

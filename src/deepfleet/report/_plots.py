@@ -98,7 +98,7 @@ def pareto_png(pts: pd.DataFrame, *, title: str, baseline: Mapping[str, Any] | N
     panels = [("p50_ms", "front_latency", "p50 latency (ms)")]
     for kind, column in ENERGY_COLUMNS.items():
         if pts[column].notna().any():
-            panels.append((column, f"front_{column}", f"energy per run, {kind.upper()} (mJ)"))
+            panels.append((column, f"front_{column}", f"energy per run, {kind.upper().replace('_', ' ')} (mJ)"))
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (column, front, label) in zip(axes, panels):
@@ -116,15 +116,16 @@ def latency_box_png(stats: pd.DataFrame, *, title: str) -> bytes:
     roles = sorted(set(stats["role"]), key=lambda r: (r != "original", r))  # original first
     cols = min(3, len(roles))
     nrows = math.ceil(len(roles) / cols)
-    devices = stats.groupby("role")["device"].nunique().max()
+    devices = stats.groupby("role").size().max()  # boxes: one per (device, runtime)
     fig = Figure(figsize=(cols * max(3.2, 0.55 * devices + 1.4), 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, role in zip(axes, roles):
         g = stats.loc[stats["role"] == role].sort_values("device", kind="stable")
-        boxes = [{"label": d, "med": p50, "q1": q1, "q3": q3, "whislo": p1, "whishi": p99,
+        g = g.sort_values(["device", "backend"], kind="stable")
+        boxes = [{"label": f"{d} ({b})", "med": p50, "q1": q1, "q3": q3, "whislo": p1, "whishi": p99,
                   "fliers": []}
-                 for d, p50, q1, q3, p1, p99 in zip(g["device"], g["p50_ms"], g["q1_ms"],
-                                                    g["q3_ms"], g["p1_ms"], g["p99_ms"])]
+                 for d, b, p50, q1, q3, p1, p99 in zip(g["device"], g["backend"], g["p50_ms"], g["q1_ms"],
+                                                       g["q3_ms"], g["p1_ms"], g["p99_ms"])]
         ax.bxp(boxes, showfliers=False, patch_artist=True,
                boxprops={"facecolor": "#c6dbef", "edgecolor": "#2171b5"},
                medianprops={"color": "#d62728", "lw": 1.5})

@@ -1,8 +1,10 @@
 """The report's tables, as pure functions of frames (no I/O, no formatting).
 
 Every table is a DataFrame with machine-friendly column names that say their unit and, for
-energy, their kind (``energy_measured_mj``, ``energy_simulated_mj``, ``energy_estimated_mj``):
-the CSV files hold exactly these frames, and the HTML/Markdown only format them.
+energy, their kind (``energy_measured_mj``, ``energy_simulated_mj``, ``energy_estimated_mj``,
+``energy_time_estimated_mj``): the CSV files hold exactly these frames, and the HTML/Markdown
+only format them. Every latency table has a ``backend`` column (the runtime that measured) and
+never pools rows of different runtimes into one figure.
 """
 
 from __future__ import annotations
@@ -65,22 +67,31 @@ def table1(chosen: list[dict[str, Any]]) -> pd.DataFrame:
             "size_original_mb": _num(b.get("bytes")) / 1e6,
             "size_compressed_mb": _num(c.get("bytes")) / 1e6,
             "size_reduction_pct": reduction_pct(_num(b.get("bytes")), _num(c.get("bytes"))),
+            "backend_original": b.get("backend"), "backend_compressed": c.get("backend"),
             "latency_p50_original_ms": _num(b.get("p50_ms")),
             "latency_p50_compressed_ms": _num(c.get("p50_ms")),
             "latency_reduction_pct": reduction_pct(_num(b.get("p50_ms")), _num(c.get("p50_ms"))),
         }
+        note = entry["reason"]
+        # A time (or time-based energy) ratio across two runtimes is the runtimes' ratio, not
+        # compression's; the operation-count estimate does not depend on the runtime.
+        across = bool(b.get("backend") and c.get("backend") and b.get("backend") != c.get("backend"))
+        if across:
+            row["latency_reduction_pct"] = math.nan
+            note += (f"; the original ran {b.get('backend')}, the compressed {c.get('backend')}: no "
+                     "reduction of time or measured energy is given across runtimes")
         for kind, column in ENERGY_COLUMNS.items():
             o, n = _num(b.get(column)), _num(c.get(column))
             row[f"energy_{kind}_original_mj"] = o
             row[f"energy_{kind}_compressed_mj"] = n
-            row[f"energy_{kind}_reduction_pct"] = reduction_pct(o, n)
+            row[f"energy_{kind}_reduction_pct"] = math.nan if across and kind != "estimated" else reduction_pct(o, n)
         row.update({
             "accuracy_val_original": _num(b.get("accuracy_val")),
             "accuracy_val_compressed": _num(c.get("accuracy_val")),
             "accuracy_drop_pp": _num(c.get("drop_pp")),
             "accuracy_test_original": _num(b.get("accuracy_test")),
             "accuracy_test_compressed": _num(c.get("accuracy_test")),
-            "note": entry["reason"],
+            "note": note,
         })
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -96,38 +107,41 @@ def table1(chosen: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def latency_table(ok: pd.DataFrame, roles: Mapping[str, str], per_device: pd.DataFrame) -> pd.DataFrame:
-    """Per (device, artifact) for the artifacts in ``roles`` (hash -> role label): percentiles of
-    all timed runs pooled over the device's successful rows (``ok``, from :func:`ok_rows`), and
-    the energy medians per kind that ``per_device`` (:func:`device_metrics`) holds."""
-    keys = ["device_class", "device", "artifact_hash"]
-    r = ok.loc[ok["artifact_hash"].isin(list(roles))]
+    """Per (device, runtime, artifact) for the artifacts in ``roles`` (hash -> role label):
+    percentiles of all timed runs pooled over the device's successful rows of that runtime
+    (``ok``, from :func:`ok_rows`; rows of two runtimes are never pooled), and the device values
+    that ``per_device`` (:func:`device_metrics`) holds: CPU time, model load, peak memory and
+    energy per kind."""
+    keys = ["device_class", "device", "backend", "artifact_hash"]
+    r = ok.loc[ok["artifact_hash"].isin(list(roles))].assign(backend=ok["backend"].fillna("unknown"))
     out = []
-    for (cls, device, h), g in r.groupby(keys, sort=True):
+    for (cls, device, backend, h), g in r.groupby(keys, sort=True):
         lat = np.concatenate([np.asarray(v, dtype=float) for v in g["latencies_ms"]
                               if v is not None and len(v)])
         if lat.size == 0:
             continue
         s = box_stats(lat)
         out.append({
-            "device_class": cls, "device": device, "role": roles[h], "artifact_hash": h,
+            "device_class": cls, "device": device, "backend": backend, "role": roles[h], "artifact_hash": h,
             "rows": len(g), "runs": s["runs"], "p50_ms": s["p50"], "p90_ms": s["p90"],
             "p99_ms": s["p99"], "mean_ms": s["mean"], "q1_ms": s["q1"], "q3_ms": s["q3"],
             "p1_ms": s["p1"], "batch": ",".join(str(b) for b in sorted(set(g["batch"].dropna()))),
         })
-    columns = ["device_class", "device", "role", "artifact_hash", "rows", "runs", "p50_ms",
+    columns = ["device_class", "device", "backend", "role", "artifact_hash", "rows", "runs", "p50_ms",
                "p90_ms", "p99_ms", "mean_ms", "q1_ms", "q3_ms", "p1_ms", "batch"]
-    table = pd.DataFrame(out, columns=columns)
-    energy = per_device[[*keys, *ENERGY_COLUMNS.values()]]
+    table = pd.DataFrame(out, columns=columns)  # empty: still its columns
+    energy = per_device[[*keys, "cpu_p50_ms", "init_ms", "memory_peak_mb", *ENERGY_COLUMNS.values()]]
     table = table.merge(energy, on=keys, how="left")
     return table[[c for c in table.columns if c != "batch"] + ["batch"]]
 
 
 def devices_table(results: pd.DataFrame, per_device: pd.DataFrame) -> pd.DataFrame:
     """One row per device: class, arch, rows (ok / failed / reference), artifacts measured,
-    backends, threads, and ``relative_p50`` — the median over its artifacts of its p50 divided
-    by the class value of that artifact (1.0: a typical unit of its class; 1.2: 20 % slower)."""
+    backends (the runtimes with their versions), threads, and ``relative_p50`` — the median over
+    its artifacts of its p50 divided by the median p50 of that artifact on the class's devices
+    that ran the same runtime (1.0: a typical unit of its class; 1.2: 20 % slower)."""
     pd_ = per_device.copy()
-    cls_median = pd_.groupby(["artifact_hash", "device_class"])["p50_ms"].transform("median")
+    cls_median = pd_.groupby(["artifact_hash", "device_class", "backend"])["p50_ms"].transform("median")
     pd_["ratio"] = pd_["p50_ms"] / cls_median
     relative = pd_.groupby("device")["ratio"].median()
     rows = []
@@ -140,7 +154,8 @@ def devices_table(results: pd.DataFrame, per_device: pd.DataFrame) -> pd.DataFra
             "rows_ok": int((ok & ~ref).sum()), "rows_failed": int((~ok).sum()),
             "rows_reference": int((ok & ref).sum()),
             "artifacts": int(g.loc[ok & ~ref, "artifact_hash"].nunique()),
-            "backends": ", ".join(sorted(set(g["backend"].dropna()))),
+            "backends": ", ".join(sorted({f"{b} {v}" if isinstance(v, str) else str(b) for b, v in
+                                          zip(g["backend"], g["backend_version"]) if isinstance(b, str)})),
             "threads": ", ".join(str(t) for t in sorted(set(g["threads"].dropna()))),
             "relative_p50": float(relative.get(device, math.nan)),
         })
@@ -148,10 +163,11 @@ def devices_table(results: pd.DataFrame, per_device: pd.DataFrame) -> pd.DataFra
 
 
 def unit_variation_table(per_device: pd.DataFrame) -> pd.DataFrame:
-    """Per (device class, artifact) measured on >= 2 devices of the class: the devices' p50
-    median, min, max and the coefficient of variation (sample std / mean) of the device p50s
-    in %. Vectorised: a study has thousands of (class, artifact) pairs."""
-    g = per_device.dropna(subset=["p50_ms"]).groupby(["device_class", "artifact_hash"], sort=True)
+    """Per (device class, artifact, runtime) measured on >= 2 devices of the class with that
+    runtime: the devices' p50 median, min, max and the coefficient of variation (sample std /
+    mean) of the device p50s in %. Vectorised: a study has thousands of (class, artifact)
+    pairs."""
+    g = per_device.dropna(subset=["p50_ms"]).groupby(["device_class", "artifact_hash", "backend"], sort=True)
     out = g["p50_ms"].agg(devices="count", p50_median_ms="median", p50_min_ms="min",
                           p50_max_ms="max", _mean="mean", _std="std").reset_index()
     out = out.loc[out["devices"] >= 2]
@@ -224,8 +240,10 @@ def layers_table(chosen_rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def agents_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Software that measured: agent, device Python/numpy and driver versions, with counts."""
-    keys = ["agent_version", "device_python", "device_numpy", "code_version"]
+    """Software that measured: agent, device Python/numpy, the runtime (backend, its version and
+    execution provider) and driver versions, with counts."""
+    keys = ["agent_version", "device_python", "device_numpy", "backend", "backend_version", "provider",
+            "code_version"]
     g = results.fillna({k: "(unknown)" for k in keys}).groupby(keys, sort=True)
     return g.agg(devices=("device", "nunique"), rows=("device", "size")).reset_index()
 
@@ -270,6 +288,8 @@ def energy_sources_table(results: pd.DataFrame) -> pd.DataFrame:
     g = r.groupby(["energy_kind", "device_class", "device", "energy_source", "simulated"], sort=True)
     out = g.agg(rows=("device", "size"), energy_median_mj=("energy_per_inference_mj", "median"),
                 estimated_median_mj=("estimated_energy_mj", "median"),
+                time_estimated_median_mj=("time_estimated_energy_mj", "median"),
+                stated_power_w=("stated_power_w", "median"),
                 samples_median=("energy_samples", "median"),
                 sample_hz_median=("energy_sample_hz", "median"),
                 idle_power_w_median=("idle_power_w", "median")).reset_index()

@@ -11,7 +11,10 @@
   predictor once the measurement is in);
 * :class:`Tell`: every value is known (measured rows for every class the study needs);
 * :class:`Failed`: the rows are in but a value cannot be had from them (e.g. an energy objective
-  on a device that recorded no energy of that kind).
+  on a device that recorded no energy of that kind), or they cannot be compared with the
+  study's other values: a class whose devices ran this artifact in different runtimes, or in
+  another runtime than the class's first measured candidate (values of numpy and onnxruntime
+  are never pooled, nor ranked against each other).
 
 Values come from :mod:`deepfleet.metrics`, the one definition of every metric.
 """
@@ -204,6 +207,9 @@ def judge(spec: StudySpec, candidate: Candidate, rows: Rows, known: Known | None
                                            label=c.label, classes=missing,
                                            **_unmeasured(spec, candidate, rows, predictions, known_values))
         return Measure(classes=missing, predictions=tuple(predictions))
+    problem = _backend_problem(spec, candidate.artifact_hash, rows)
+    if problem is not None:
+        return Failed(reason=problem)
     values = []
     for o in spec.objectives:
         v = _value(o.metric, o.device_class, candidate, mine)
@@ -217,6 +223,29 @@ def judge(spec: StudySpec, candidate: Candidate, rows: Rows, known: Known | None
             return Failed(reason=_no_value(c, mine))
         constraints[c.label] = v - c.max
     return Tell(values=tuple(values), constraints=constraints, source="measured", outcome="measured")
+
+
+def _backend_problem(spec: StudySpec, artifact: str, rows: Rows) -> str | None:
+    """Why this artifact's device values cannot be used: on a class, its devices ran different
+    runtimes, or another runtime than the class's earliest measured artifact of the study (the
+    runtime the study's values of that class are in). None when they can."""
+    for cls in spec.device_classes:
+        conflict = metrics.backend_conflict(_mine(rows, artifact), cls)
+        if conflict is not None:
+            return conflict
+        this = metrics.class_backend(_mine(rows, artifact), cls)
+        earlier = sorted((r for r in rows if r.get("device_class") == cls and r.get("artifact_hash") != artifact
+                          and not r.get("error") and not r.get("reference")),
+                         key=lambda r: str(r.get("started_at") or ""))
+        if this is None or not earlier or metrics.backend_of(earlier[0]) == this:
+            continue
+        first = earlier[0]
+        devices = sorted({str(r["device"]) for r in _mine(rows, artifact) if r.get("device_class") == cls})
+        return (f"class {cls!r}: this candidate ran {this} on {', '.join(devices)}, but the study's values on "
+                f"{cls!r} are in {metrics.backend_of(first)} (first measured on {first['device']}); runtimes are "
+                "never compared: give the class's devices the same runtimes (install onnxruntime where it is "
+                "missing, or list one runtime in the devices' `backends:` in the fleet file) or set measure.backend")
+    return None
 
 
 def _no_value(x: Objective | Constraint, mine: Rows) -> str:

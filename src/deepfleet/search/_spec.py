@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from deepfleet.device_agent.protocol import BACKEND_CHOICES
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.metrics import METRICS
 from deepfleet.search._predictor import PREDICTORS
@@ -98,6 +99,9 @@ class StudyMeasure:
     threads: int = 1
     devices: int = 1  # distinct devices per class each candidate is measured on (class median)
     reference_every: int = 10  # re-measure the reference model every N measurements (drift)
+    # the runtime: auto = the first of each device's `backends:` (fleet file) that is installed
+    # there and that the artifact has; or numpy / onnxruntime / torch on every device
+    backend: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,6 +306,10 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
     if bad:
         raise _err(src, f"measure.{sorted(bad)[0]}", f"unknown; accepted: {', '.join(fields)}")
     judging = _judging(src, raw.get("search") or {})
+    backend = m_raw.get("backend", "auto")
+    if backend not in BACKEND_CHOICES:
+        raise _err(src, "measure.backend", f"got {backend!r}; accepted: {', '.join(BACKEND_CHOICES)} (auto: the "
+                   "first of each device's backends in the fleet file that it has installed)")
     _resolve_names(src, raw["model"], raw["data"])
     base = raw.get("base") or {}
     bad = set(base) - {"checkpoint", "epochs"}
