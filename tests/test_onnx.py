@@ -42,7 +42,7 @@ from tests.conftest import ZOO_SHAPES, quick_context, random_keep, randomize_bat
 
 # The zoo at its smallest inputs: every layer kind, a fraction of the work.
 SMALL_SHAPES = {"mlp": (1, 8, 8), "lenet5": (1, 16, 16), "vgg": (3, 8, 8), "bilstm": (6, 6),
-                "deepsense": (6, 6)}
+                "deepsense": (6, 6), "deepear": (8, 4)}
 PIPELINES = ["deepiot+fixedpoint", "l1+lowrank+magnitude+fixedpoint", "dns+kmeans"]
 
 
