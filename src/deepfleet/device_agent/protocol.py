@@ -145,13 +145,19 @@ MEASURE_KEYS = ("op", "id", "artifact", "warmup", "min_runs", "max_runs", "min_s
 POWER_KEYS = ("active_w", "idle_w")
 
 
-def parse_energy(raw):
-    """The ``energy`` settings of a request, validated, with defaults filled in."""
+def _section(raw, keys, name):
+    """A request's ``name`` object (None: empty), checked to be an object of known ``keys``."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise AgentError("bad_request", "'energy' must be an object with keys %s, but got %r"
-                         % (", ".join(ENERGY_KEYS), raw))
-    _no_unknown(raw, ENERGY_KEYS, "energy: ")
+        raise AgentError("bad_request", "'%s' must be an object with keys %s, but got %r"
+                         % (name, ", ".join(keys), raw))
+    _no_unknown(raw, keys, name + ": ")
+    return raw
+
+
+def parse_energy(raw):
+    """The ``energy`` settings of a request, validated, with defaults filled in."""
+    raw = _section(raw, ENERGY_KEYS, "energy")
     w = "energy."
     spec = {
         "source": _field(raw, "source", (str,), "auto", "one of " + ", ".join(ENERGY_SOURCES),
@@ -186,11 +192,7 @@ def parse_energy(raw):
 
 def parse_thermal(raw):
     """The ``thermal`` settings of a request, validated, with defaults filled in."""
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise AgentError("bad_request", "'thermal' must be an object with keys %s, but got %r"
-                         % (", ".join(THERMAL_KEYS), raw))
-    _no_unknown(raw, THERMAL_KEYS, "thermal: ")
+    raw = _section(raw, THERMAL_KEYS, "thermal")
     w = "thermal."
     return {
         "path": _field(raw, "path", (str,), None, "a directory on the device", nullable=True, where=w),
@@ -219,10 +221,7 @@ def parse_power(raw):
     """The device's stated power (``power``), validated, or None when not given."""
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise AgentError("bad_request", "'power' must be an object with keys %s, but got %r"
-                         % (", ".join(POWER_KEYS), raw))
-    _no_unknown(raw, POWER_KEYS, "power: ")
+    raw = _section(raw, POWER_KEYS, "power")
     w = "power."
     active = _field(raw, "active_w", _NUMBER, _REQUIRED, "watts > 0 (the device's power while it "
                     "runs a model)", lambda v: 0 < v < 1e6, where=w)
