@@ -33,7 +33,8 @@ def _table1_row(drop: float, reduction: float) -> dict[str, Any]:
             "latency_p50_original_ms": 10.0, "latency_p50_compressed_ms": 2.0,
             "latency_reduction_pct": 80.0, "accuracy_val_original": 0.98,
             "accuracy_val_compressed": 0.98 - drop / 100, "accuracy_drop_pp": drop,
-            "accuracy_test_original": 0.97, "accuracy_test_compressed": 0.97}
+            "accuracy_test_original": 0.97, "accuracy_test_compressed": 0.97,
+            "backend_original": "onnxruntime", "backend_compressed": "onnxruntime"}
 
 
 def test_paper_table1_signs_gains_and_losses_once() -> None:

@@ -61,7 +61,7 @@ def _cell(table: Table, col: str, value: Any, text_column: bool) -> _Cell:
 
 
 def _view(table: Table) -> _View:
-    frame = table.frame
+    frame = table.page_frame()
     classes = {col: _header_class(frame, col) for col in frame.columns}
     shown = frame.head(table.html_rows)
     hidden = max(0, len(frame) - len(shown))

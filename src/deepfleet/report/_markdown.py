@@ -57,10 +57,5 @@ def render_markdown(report: Report, *, html_name: str, tables_dir: str) -> str:
     by_name = {t.name: t for t in report.tables}
     for name, heading in _SUMMARY_TABLES.items():
         if name in by_name:
-            frame = by_name[name].frame
-            if name == "latency_by_device" and not frame.empty:  # the headline columns only
-                frame = frame[["device_class", "device", "backend", "role", "runs", "p50_ms", "p90_ms",
-                               "p99_ms", "memory_peak_mb", "energy_measured_mj", "energy_simulated_mj",
-                               "energy_estimated_mj", "energy_time_estimated_mj"]]
-            out += [f"## {heading}", "", markdown_table(frame)]
+            out += [f"## {heading}", "", markdown_table(by_name[name].page_frame())]
     return "\n".join(out)
