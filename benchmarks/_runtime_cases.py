@@ -83,19 +83,41 @@ def cached(spec: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _compress_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """One compression in a fresh process, one torch thread, on the CPU."""
+    """One compression in a fresh process, one torch thread, on the CPU. Both artifacts get a
+    TorchScript ``model.ts`` of the torch module they were exported from (the agent's torch
+    backend runs that file), traced from the modules ``compress`` hands to ``export_artifact``."""
     import dataclasses
 
     import torch
 
     torch.set_num_threads(1)
-    from deepfleet.api import FINETUNE, compress
+    import deepfleet.api as api
+
+    nets: dict[str, Any] = {}
+    export = api.export_artifact
+
+    def capture(net: Any, **kwargs: Any) -> Any:
+        exported, files = export(net, **kwargs)
+        nets[files.digest] = (net, kwargs["data"].X_val[:2])
+        return exported, files
 
     options = {k: v for k, v in spec.items() if k not in ("model", "finetune_epochs")}
     if "finetune_epochs" in spec:
-        options["finetune"] = dataclasses.replace(FINETUNE, epochs=spec["finetune_epochs"])
+        options["finetune"] = dataclasses.replace(api.FINETUNE, epochs=spec["finetune_epochs"])
     folder = _folder(spec)
-    summary = compress(spec["model"], out=folder, seed=0, device="cpu", progress=False, **options)
+    api.export_artifact = capture  # type: ignore[assignment]
+    try:
+        summary = api.compress(spec["model"], out=folder, seed=0, device="cpu", progress=False, **options)
+    finally:
+        api.export_artifact = export  # type: ignore[assignment]
+    for key in ("artifact", "artifact_original"):
+        net, x = nets[Path(summary[key]).name]
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(net.cpu().eval(), torch.as_tensor(x), check_trace=False)
+            traced.save(str(Path(summary[key]) / "model.ts"))
+        except Exception as exc:  # fake-quantised modules may not trace: torch is then not timed
+            summary.setdefault("torchscript_errors", {})[key] = f"{type(exc).__name__}: {exc}"[:300]
     summary["spec"] = spec
     write_json(folder / "summary.json", summary)
     return summary

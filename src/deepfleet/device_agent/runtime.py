@@ -71,12 +71,16 @@ def _windows(x, kernel, stride, dilation):
 
 
 class _Conv:
-    """Convolution as one matmul over im2col columns ordered (C, *k) x (B, *out).
+    """Convolution as a matmul of the weights (O, C*k [+ bias]) by im2col columns per sample.
 
-    Per input shape, a zero-padded input buffer, the window view on it and the column buffer
-    are made once; a call is then one copy into the padded buffer, one copy of the windows into
-    the columns, one matmul (the bias rides along as a row of ones), and at batch > 1 one copy
-    from (O, B, *out) to (B, O, *out). ``relu``: the ReLU that follows is applied in place.
+    Per input shape, a zero-padded input buffer, a view of the columns on it and the column
+    buffer are made once; a call is then one copy into the padded buffer, one copy of the
+    columns, and one (batched) matmul that writes (B, O, positions) directly, the bias riding
+    along as a row of ones. With stride 1 the positions run over whole padded rows (the input
+    flattened): every column is then a contiguous run of the input, not a run of one output
+    row (LeNet's second conv: runs of 8), which makes the copy several times faster at batch 64
+    for k - 1 wasted positions per row; the output is a view that skips them. ``relu``: the ReLU
+    that follows is applied in place.
     """
 
     def __init__(self, a, w, relu=False):
@@ -95,24 +99,36 @@ class _Conv:
     def _setup(self, shape):
         b, c, spatial = shape[0], shape[1], shape[2:]
         nd = len(spatial)
-        padded = np.zeros((b, c) + tuple(n + 2 * p for n, p in zip(spatial, self.pads)), _F32)
-        self.inner = padded[(Ellipsis,) + tuple(slice(p, p + n) for p, n in zip(self.pads, spatial))]
-        win = _windows(padded, self.kernel, self.stride, self.dilation)  # (B, C, *out, *k)
-        out = win.shape[2:2 + nd]
-        perm = [1] + list(range(2 + nd, 2 + 2 * nd)) + [0] + list(range(2, 2 + nd))
-        self.src = win.transpose(perm)  # (C, *k, B, *out), a view of the padded buffer
-        ck, n = self.Wm.shape[1] - self.has_bias, b * int(np.prod(out))
-        self.cols = np.empty((ck + self.has_bias, n), _F32)
-        if self.has_bias:
-            self.cols[ck] = 1.0
-        self.dst = self.cols[:ck].reshape(self.src.shape)
-        o = self.Wm.shape[0]
-        self.res = np.empty((o, n), _F32)
-        if b == 1:  # (O, 1 * out) is already (1, O, *out)
-            self.out, self.moved = self.res.reshape((1, o) + out), None
+        full = tuple(n + 2 * p for n, p in zip(spatial, self.pads))
+        out = tuple(n - d * (k - 1) for n, k, d in zip(full, self.kernel, self.dilation))
+        if all(s == 1 for s in self.stride) and min(out) >= 1:
+            plane = int(np.prod(full))
+            rows = [int(np.prod(full[i + 1:])) for i in range(nd)]  # element steps of the axes
+            span = out[0] * rows[0]  # positions: out[0] whole padded rows
+            reach = span + sum(d * (k - 1) * r for k, d, r in zip(self.kernel, self.dilation, rows))
+            flat = np.zeros(b * c * plane + max(0, reach - plane), _F32)  # the last rows overrun
+            padded = flat[:b * c * plane].reshape((b, c) + full)
+            item = flat.itemsize
+            self.src = np.lib.stride_tricks.as_strided(
+                flat, (b, c) + self.kernel + (span,),
+                (c * plane * item, plane * item) + tuple(d * r * item for d, r in zip(self.dilation, rows))
+                + (item,), writeable=False)
+            view = (Ellipsis,) + tuple(slice(0, n) for n in out[1:])
+            positions, shaped = span, lambda res: res.reshape((b, -1, out[0]) + full[1:])[view]
         else:
-            self.out = np.empty((b, o) + out, _F32)
-            self.moved = self.res.reshape((o, b) + out).swapaxes(0, 1)
+            padded = np.zeros((b, c) + full, _F32)
+            win = _windows(padded, self.kernel, self.stride, self.dilation)  # (B, C, *out, *k)
+            out = win.shape[2:2 + nd]
+            self.src = win.transpose([0, 1] + list(range(2 + nd, 2 + 2 * nd)) + list(range(2, 2 + nd)))
+            positions, shaped = int(np.prod(out)), lambda res: res.reshape(res.shape[:2] + out)
+        self.inner = padded[(Ellipsis,) + tuple(slice(p, p + n) for p, n in zip(self.pads, spatial))]
+        ck = self.Wm.shape[1] - self.has_bias
+        self.cols = np.empty((b, ck + self.has_bias, positions), _F32)
+        if self.has_bias:
+            self.cols[:, ck] = 1.0
+        self.dst = self.cols[:, :ck].reshape(self.src.shape)
+        self.res = np.empty((b, self.Wm.shape[0], positions), _F32)
+        self.out = shaped(self.res)  # (B, O, *out), a view of res
         self.shape = shape
 
     def __call__(self, x):
@@ -123,8 +139,6 @@ class _Conv:
         np.matmul(self.Wm, self.cols, out=self.res)
         if self.relu:
             np.maximum(self.res, 0.0, out=self.res)
-        if self.moved is not None:
-            np.copyto(self.out, self.moved)
         return self.out
 
 
@@ -171,7 +185,8 @@ class _Pool:
     output are made once per input shape.
     """
 
-    def __init__(self, a, combine, pad_value):
+    def __init__(self, a, combine, pad_value, relu=False):
+        self.relu = relu  # a ReLU before a max pool, applied after it (they commute): 1/k the work
         self.k, self.s, self.p = a["kernel"], a["stride"], a["padding"]
         self.d = a.get("dilation") or [1] * len(self.k)
         self.ceil = bool(a.get("ceil_mode"))
@@ -226,11 +241,13 @@ class _Pool:
                 for part in parts[2:]:
                     combine(out, src[part], out=out)
             src = out
+        if self.relu:
+            src = np.maximum(src, 0.0, out=self.stages[-1][1] if self.stages else None)
         return src
 
 
-def _max_pool(a, w):
-    return _Pool(a, np.maximum, -np.inf)
+def _max_pool(a, w, relu=False):
+    return _Pool(a, np.maximum, -np.inf, relu)
 
 
 def _avg_pool(a, w):
@@ -375,7 +392,9 @@ def _reduce(a, w):
         out = ufunc(x, axis=dims, keepdims=keep)
         if not mean:
             return out
-        n = int(np.prod([x.shape[d] for d in dims]))  # as np.mean: the float32 sum / the count
+        n = 1
+        for d in dims:
+            n *= x.shape[d]  # as np.mean: the float32 sum divided by the count
         return np.true_divide(out, n, out=out) if isinstance(out, np.ndarray) else _F32(out / n)
     return run
 
@@ -432,23 +451,28 @@ def _const(a, w):
 # first, so that one slice holds them); GRU: [r, z, n_x, n_h] (n's input and recurrent parts
 # stay apart because r multiplies only the recurrent one).
 _LSTM_BLOCK = (0, 1, 3, 2)  # torch i, f, g, o
+# Input weights are folded into the per-step matmul (the inputs written beside the state before
+# the loop) when that adds at most this many multiply-accumulates per sample and step: less than
+# the ~0.5 us numpy call it saves (adding a precomputed projection); wider inputs are projected
+# for all time steps in one matmul instead, which runs at GEMM rather than GEMV speed.
+_FOLD_MACS = 4096
 
 
 class _RnnGroup:
     """Units (layer, direction) of one ``rnn`` op stepped through time together.
 
     ``units``: (layer, direction, hidden size, source) where source is None when the unit reads
-    the group's input (its projection for ALL time steps is one matmul before the loop) or the
-    index of the unit whose h it reads (a layer above the first in a wavefront: inside the
-    loop). Unidirectional stacks run as a wavefront (layer l at time t - l in step t: T + L - 1
-    steps for L layers instead of L * T); a bidirectional layer runs its two directions in one
-    loop (step s: forward time s, backward time T - 1 - s).
+    the group's input, or the index of the unit whose h it reads (a layer above the first in a
+    wavefront). Unidirectional stacks run as a wavefront (layer l at time t - l in step t:
+    T + L - 1 steps for L layers instead of L * T); a bidirectional layer runs its two
+    directions in one loop (step s: forward time s, backward time T - 1 - s).
 
-    Each step is one matmul of the state [h of every unit, 1] by a block matrix that holds every
-    unit's recurrent weights, the input weights of wavefront units and all biases (the trailing
-    1), then ~10 ufunc calls on preallocated views for the gates of all units at once. Sigmoid
-    gates use sigmoid(v) = 0.5 * tanh(v / 2) + 0.5 with the 1/2 folded into their weights (exact:
-    a power of two), so that one tanh call covers every gate of an LSTM.
+    Each step is one matmul of the row [h of every unit, 1, inputs if folded] by a block matrix
+    holding every unit's recurrent weights, the input weights of units fed by another unit (or
+    folded in), and all biases (against the 1), then 8 ufunc calls on preallocated views for the
+    gates of every unit at once. The sigmoid gates' weights are negated, so that exp gives
+    exp(-v) and sigmoid(v) = 1 / (1 + exp(-v)) (as torch computes it): products with a gate
+    become divisions by 1 + exp(-v), which saves a call per step.
     """
 
     def __init__(self, kind, units, w, wavefront):
@@ -457,15 +481,17 @@ class _RnnGroup:
         self.offs = [sum(self.sizes[:i]) for i in range(len(units))]
         hs = self.hs = sum(self.sizes)
         n_gates, self.n_sig = (4, 3) if self.lstm else (3, 2)
-        self.n_x = 4 if self.lstm else 3  # blocks with an input part: XP holds n_x * hs columns
-        self.pre = [i for i, u in enumerate(units) if u[3] is None]
-        h_pre = self.sizes[self.pre[0]]
+        self.n_x = 4 if self.lstm else 3  # blocks with an input part
+        self.pre = [i for i, u in enumerate(units) if u[3] is None]  # units reading the input
+        h_pre = self.h_pre = self.sizes[self.pre[0]]
         if any(self.sizes[i] != h_pre for i in self.pre):
             raise ArtifactCorrupt("rnn: directions of one layer have different hidden sizes %s"
                                   % [self.sizes[i] for i in self.pre])
-        n_in = w["l%d_d%d_w_ih" % units[self.pre[0]][:2]].shape[1]
-        R = np.zeros((hs + 1, 4 * hs), _F32)  # (state [h..., 1], gate columns)
-        WX = np.zeros((n_in, len(self.pre) * self.n_x * h_pre), _F32)
+        n_in = self.n_in = w["l%d_d%d_w_ih" % units[self.pre[0]][:2]].shape[1]
+        self.fold = len(self.pre) * n_in * 4 * hs <= _FOLD_MACS
+        width = hs + 1 + (len(self.pre) * n_in if self.fold else 0)
+        R = np.zeros((width, 4 * hs), _F32)  # (row [h..., 1, x...], gate columns)
+        WX = np.zeros((n_in, len(self.pre) * self.n_x * h_pre), _F32)  # compact, when not folded
 
         def cols(block, u):
             start = block * hs + self.offs[u]
@@ -479,42 +505,51 @@ class _RnnGroup:
                 rows = slice(j * h, (j + 1) * h)
                 bx = _LSTM_BLOCK[j] if self.lstm else j
                 bh = _LSTM_BLOCK[j] if self.lstm else (j if j < 2 else 3)
-                sx = 0.5 if bx < self.n_sig else 1.0
-                sh = 0.5 if bh < self.n_sig else 1.0
+                sx = -1.0 if bx < self.n_sig else 1.0
+                sh = -1.0 if bh < self.n_sig else 1.0
                 R[rows_h, cols(bh, u)] = w_hh[rows].T * sh
                 if b_hh is not None:
                     R[hs, cols(bh, u)] += b_hh[rows] * sh
                 if b_ih is not None:
                     R[hs, cols(bx, u)] += b_ih[rows] * sx
-                if src is None:
+                if src is not None:
+                    R[self.offs[src]:self.offs[src] + self.sizes[src], cols(bx, u)] = w_ih[rows].T * sx
+                elif self.fold:
+                    start = hs + 1 + self.pre.index(u) * n_in
+                    R[start:start + n_in, cols(bx, u)] = w_ih[rows].T * sx
+                else:
                     k = self.pre.index(u) * self.n_x + bx
                     WX[:, k * h:(k + 1) * h] = w_ih[rows].T * sx
-                else:
-                    R[self.offs[src]:self.offs[src] + self.sizes[src], cols(bx, u)] = w_ih[rows].T * sx
-        self.R, self.WX, self.h_pre = R, WX, h_pre
+        self.R, self.WX = R, WX
         self.key = None
 
     def _setup(self, b, t, batch_first):
-        hs, n_units = self.hs, len(self.units)
+        hs, n_units, n_pre = self.hs, len(self.units), len(self.pre)
         steps = t + n_units - 1 if self.wavefront else t
-        hist = self.hist = np.zeros((steps + 1, b, hs + 1), _F32)  # row s + 1: the state after step s
+        hist = self.hist = np.zeros((steps + 1, b, self.R.shape[0]), _F32)  # row s: step s's input
         hist[:, :, hs] = 1.0
-        xp = np.zeros((steps, b, self.n_x * hs), _F32)
-        xpv = xp.reshape(steps, b, self.n_x, hs)
-        self.P = np.empty((b * t, self.WX.shape[1]), _F32)
-        pv = self.P.reshape(((b, t) if batch_first else (t, b)) + (len(self.pre), self.n_x, self.h_pre))
-        if batch_first:
-            pv = pv.transpose(1, 0, 2, 3, 4)
-        self.copies = []  # (destination in xp, source in P)
-        for k, u in enumerate(self.pre):
-            dst = xpv[:t, :, :, self.offs[u]:self.offs[u] + self.sizes[u]]
-            if not self.wavefront and self.units[u][1] == 1:
-                dst = dst[::-1]  # backward: step s reads time T - 1 - s
-            self.copies.append((dst, pv[:, :, k]))
+        backward = [not self.wavefront and self.units[u][1] == 1 for u in self.pre]
+        self.copies = []  # (destination, source or None for the input in time-major order)
+        if self.fold:
+            for k in range(n_pre):
+                dst = hist[:t, :, hs + 1 + k * self.n_in:hs + 1 + (k + 1) * self.n_in]
+                self.copies.append((dst[::-1] if backward[k] else dst, None))
+            xp = [None] * steps
+        else:
+            xp = np.zeros((steps, b, self.n_x * hs), _F32)
+            xpv = xp.reshape(steps, b, self.n_x, hs)
+            self.P = np.empty((b * t, self.WX.shape[1]), _F32)
+            pv = self.P.reshape(((b, t) if batch_first else (t, b)) + (n_pre, self.n_x, self.h_pre))
+            if batch_first:
+                pv = pv.transpose(1, 0, 2, 3, 4)
+            for k, u in enumerate(self.pre):
+                dst = xpv[:t, :, :, self.offs[u]:self.offs[u] + self.sizes[u]]
+                self.copies.append((dst[::-1] if backward[k] else dst, pv[:, :, k]))  # backward: time T-1-s
         self.G = np.empty((b, 4 * hs), _F32)
         self.C = np.zeros((b, hs), _F32)
         self.T1 = np.empty((b, hs), _F32)
         self.N = np.empty((b, hs), _F32)
+        self.ones = np.ones((b, self.n_sig * hs), _F32)
         hooks = [[] for _ in range(steps)]
         self.c_final = []
         if self.wavefront:
@@ -522,20 +557,16 @@ class _RnnGroup:
                 hooks[s].append(_filler(hist[s + 1, :, self.offs[s + 1]:hs]))
                 if self.lstm:
                     hooks[s].append(_filler(self.C[:, self.offs[s + 1]:]))
-            for u in range(n_units):
-                sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
-                if not self.lstm:
-                    self.c_final.append(np.zeros((b, self.sizes[u]), _F32))
-                elif u == n_units - 1:
-                    self.c_final.append(self.C[:, sl])
-                else:  # the unit's last step comes before the loop ends: keep its c then
-                    keep = np.empty((b, self.sizes[u]), _F32)
-                    hooks[t - 1 + u].append(_copier(keep, self.C[:, sl]))
-                    self.c_final.append(keep)
-        else:
-            for u in range(n_units):
-                sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
-                self.c_final.append(self.C[:, sl] if self.lstm else np.zeros((b, self.sizes[u]), _F32))
+        for u in range(n_units):
+            sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
+            if not self.lstm:
+                self.c_final.append(np.zeros((b, self.sizes[u]), _F32))
+            elif not self.wavefront or u == n_units - 1:
+                self.c_final.append(self.C[:, sl])
+            else:  # the unit's last step comes before the loop ends: keep its c then
+                keep = np.empty((b, self.sizes[u]), _F32)
+                hooks[t - 1 + u].append(_copier(keep, self.C[:, sl]))
+                self.c_final.append(keep)
         self.steps = [(hist[s], hist[s + 1, :, :hs], hist[s, :, :hs], xp[s], hooks[s] or None)
                       for s in range(steps)]
         self.key = (b, t, batch_first)
@@ -546,11 +577,14 @@ class _RnnGroup:
         b, t = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
         if self.key != (b, t, batch_first):
             self._setup(b, t, batch_first)
-        np.matmul(x.reshape(b * t, x.shape[2]), self.WX, out=self.P)  # every step's input part
+        if not self.fold:
+            np.matmul(x.reshape(b * t, x.shape[2]), self.WX, out=self.P)  # every step's input part
+        x_tm = x.transpose(1, 0, 2) if batch_first else x
         for dst, src in self.copies:
-            np.copyto(dst, src)
+            np.copyto(dst, x_tm if src is None else src)
         self.C.fill(0.0)
-        (self._loop_lstm if self.lstm else self._loop_gru)()
+        with np.errstate(over="ignore"):  # exp(-v) = inf is right: the gate is then 0
+            (self._loop_lstm if self.lstm else self._loop_gru)()
         hist, hs, n_units = self.hist, self.hs, len(self.units)
         finals = []
         for u in range(n_units):
@@ -564,42 +598,44 @@ class _RnnGroup:
         np.copyto(seq[:, :, h:], hist[t:0:-1, :, h:2 * h])  # backward time t: after step T-1-t
         return seq, finals
 
+    # The loops pass outputs positionally and add arrays, not Python scalars: both cost time.
     def _loop_lstm(self):
-        matmul, add, mul, tanh = np.matmul, np.add, np.multiply, np.tanh
-        R, G, C, T1, hs = self.R, self.G, self.C, self.T1, self.hs
+        dot, add, div, exp, tanh = np.dot, np.add, np.true_divide, np.exp, np.tanh
+        R, G, C, T1, ones, hs = self.R, self.G, self.C, self.T1, self.ones, self.hs
         sig, i, f, o, g = G[:, :3 * hs], G[:, :hs], G[:, hs:2 * hs], G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
-        for state, h_next, _, x, hooks in self.steps:
-            matmul(state, R, out=G)
-            add(G, x, out=G)
-            tanh(G, out=G)  # tanh(v / 2) for i, f, o (weights halved); tanh(v) for g
-            mul(sig, 0.5, out=sig)
-            add(sig, 0.5, out=sig)  # sigmoid(v)
-            mul(f, C, out=C)
-            mul(i, g, out=T1)
-            add(C, T1, out=C)  # c = f * c + i * g
-            tanh(C, out=T1)
-            mul(o, T1, out=h_next)  # h = o * tanh(c)
+        for row, h_next, _, x, hooks in self.steps:
+            dot(row, R, G)
+            if x is not None:
+                add(G, x, G)
+            exp(sig, sig)
+            add(sig, ones, sig)  # 1 / sigmoid(v) for i, f, o
+            tanh(g, g)
+            div(C, f, C)
+            div(g, i, T1)
+            add(C, T1, C)  # c = f * c + i * g
+            tanh(C, T1)
+            div(T1, o, h_next)  # h = o * tanh(c)
             if hooks:
                 for hook in hooks:
                     hook()
 
     def _loop_gru(self):
-        matmul, add, sub, mul, tanh = np.matmul, np.add, np.subtract, np.multiply, np.tanh
-        R, G, N, T1, hs = self.R, self.G, self.N, self.T1, self.hs
+        dot, add, sub, div, exp, tanh = np.dot, np.add, np.subtract, np.true_divide, np.exp, np.tanh
+        R, G, N, T1, ones, hs = self.R, self.G, self.N, self.T1, self.ones, self.hs
         gx, rz, r, z = G[:, :3 * hs], G[:, :2 * hs], G[:, :hs], G[:, hs:2 * hs]
         n_x, n_h = G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
-        for state, h_next, h, x, hooks in self.steps:
-            matmul(state, R, out=G)
-            add(gx, x, out=gx)
-            tanh(rz, out=rz)
-            mul(rz, 0.5, out=rz)
-            add(rz, 0.5, out=rz)  # r, z = sigmoid(...)
-            mul(r, n_h, out=N)
-            add(N, n_x, out=N)
-            tanh(N, out=N)  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-            sub(h, N, out=T1)
-            mul(z, T1, out=T1)
-            add(N, T1, out=h_next)  # h = (1 - z) * n + z * h
+        for row, h_next, h, x, hooks in self.steps:
+            dot(row, R, G)
+            if x is not None:
+                add(gx, x, gx)
+            exp(rz, rz)
+            add(rz, ones, rz)  # 1 / sigmoid(v) for r, z
+            div(n_h, r, N)
+            add(N, n_x, N)
+            tanh(N, N)  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+            sub(h, N, T1)
+            div(T1, z, T1)
+            add(N, T1, h_next)  # h = (1 - z) * n + z * h
             if hooks:
                 for hook in hooks:
                     hook()
@@ -673,7 +709,7 @@ COMPILERS = {
     "rnn": _rnn,
     "fake_quant": _fake_quant,
 }
-_FUSE_RELU = {"conv": _Conv, "linear": _Linear}  # ops that can apply a following ReLU in place
+_FUSE_RELU = {"conv": _Conv, "linear": _Linear, "max_pool": _max_pool}  # ops that can apply a ReLU
 
 
 def _reference(name, compiler):
@@ -699,7 +735,7 @@ class Model:
     ``steps`` lists (op function, input names, attrs, weights, output names) in graph order, for
     callers that want every intermediate value (:data:`OPS` functions). ``run`` executes the ops
     compiled once at construction, with values in a list of slots rather than a dict, and a
-    ReLU folded into the conv or linear before it when nothing else reads that layer's output.
+    ReLU folded into the max pool after it or the conv or linear before it (see _relu_folds).
     A Model keeps scratch arrays between calls: one ``run`` at a time per Model.
     """
 
@@ -728,27 +764,42 @@ class Model:
             self.steps.append((fn, op["inputs"], op.get("attrs", {}), weights, names))
         self._compile()
 
-    def _compile(self):
-        readers = {}
-        for _, ins, _, _, _ in self.steps:
+    def _relu_folds(self):
+        """{relu step: step that applies it}: a ReLU read only by a max pool is applied after
+        the pool (max and ReLU commute; the pool's output is smaller), else a ReLU that alone
+        reads a conv's or linear's output is applied in place by that layer."""
+        ops = self.graph["ops"]
+        readers, producer = {}, {}
+        for k, (_, ins, _, _, names) in enumerate(self.steps):
             for name in ins:
-                readers[name] = readers.get(name, 0) + 1
+                readers.setdefault(name, []).append(k)
+            for name in names:
+                producer[name] = k
+        folds = {}
+        for k, (_, ins, attrs, _, names) in enumerate(self.steps):
+            if ops[k]["op"] != "act" or attrs.get("fn") != "relu" or len(ins) != 1:
+                continue
+            used, source = readers.get(names[0], []), ins[0]
+            if names[0] in self.outputs:
+                continue
+            if len(used) == 1 and ops[used[0]]["op"] == "max_pool":
+                folds[k] = used[0]
+            elif (source in producer and ops[producer[source]]["op"] in ("conv", "linear")
+                  and len(readers[source]) == 1 and source not in self.outputs):
+                folds[k] = producer[source]
+        return folds
+
+    def _compile(self):
+        folds = self._relu_folds()
+        with_relu = set(folds.values())
         slot = {self.input_name: 0}
-        fused = set()  # relu steps done by the layer before them
         program = []
         for k, (_, ins, attrs, weights, names) in enumerate(self.steps):
-            if k in fused:
+            if k in folds:  # the ReLU's value is its input's (relu applied there or later)
                 slot[names[0]] = slot[ins[0]]
                 continue
             op = self.graph["ops"][k]["op"]
-            nxt = self.steps[k + 1] if k + 1 < len(self.steps) else None
-            if (op in _FUSE_RELU and nxt is not None and nxt[1] == names and readers.get(names[0]) == 1
-                    and self.graph["ops"][k + 1]["op"] == "act" and nxt[2].get("fn") == "relu"
-                    and names[0] not in self.outputs):
-                run = _FUSE_RELU[op](attrs, weights, relu=True)
-                fused.add(k + 1)
-            else:
-                run = COMPILERS[op](attrs, weights)
+            run = _FUSE_RELU[op](attrs, weights, relu=True) if k in with_relu else COMPILERS[op](attrs, weights)
             for name in names:
                 slot[name] = len(slot)
             ins_slots = tuple(slot[i] for i in ins)
