@@ -153,3 +153,38 @@ def nice() -> None:
         os.nice(10)
     except OSError:
         pass
+
+
+def float_twin(artifact: str) -> str:
+    """The fp32 twin of a fixed-point artifact: the same graph with every weight decoded to
+    float32 and the activation quantisers (``fake_quant``) removed, so that onnxruntime runs it
+    in float; written (once) next to the artifact's folder. Returns its directory."""
+    import numpy as np
+
+    from deepfleet.artifact import build_artifact, save_artifact
+    from deepfleet.device_agent.format import decode_tensor
+
+    src = Path(artifact)
+    graph = json.loads((src / "graph.json").read_text())
+    manifest = json.loads((src / "manifest.json").read_text())
+    with np.load(src / "weights.npz") as npz:
+        stored = {k: npz[k] for k in npz.files}
+    arrays = {}
+    for name, spec in graph["tensors"].items():
+        arrays[name] = decode_tensor(name, spec, stored)
+        graph["tensors"][name] = {"encoding": "float32", "shape": list(arrays[name].shape)}
+    alias = {op["name"]: op["inputs"][0] for op in graph["ops"] if op["op"] == "fake_quant"}
+
+    def resolve(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    graph["ops"] = [{**op, "inputs": [resolve(i) for i in op["inputs"]]}
+                    for op in graph["ops"] if op["op"] != "fake_quant"]
+    graph["outputs"] = [resolve(o) for o in graph["outputs"]]
+    manifest.pop("onnx", None)
+    manifest.pop("weights_bytes", None)
+    manifest["twin_of"] = src.name
+    files = build_artifact(graph, arrays, manifest)
+    return str(save_artifact(src.parent.parent / "twins", files).path)
