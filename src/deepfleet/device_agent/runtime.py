@@ -39,6 +39,7 @@ from deepfleet.device_agent.format import (
 # loop's ~10 ufunc calls per step on preallocated views, im2col into a preallocated buffer).
 
 _F32 = np.float32
+_ZERO = np.zeros((), _F32)  # a 0-d array operand costs less per ufunc call than a Python float
 
 
 class _Buf:
@@ -129,6 +130,7 @@ class _Conv:
         self.dst = self.cols[:, :ck].reshape(self.src.shape)
         self.res = np.empty((b, self.Wm.shape[0], positions), _F32)
         self.out = shaped(self.res)  # (B, O, *out), a view of res
+        self.single = b == 1
         self.shape = shape
 
     def __call__(self, x):
@@ -136,9 +138,12 @@ class _Conv:
             self._setup(x.shape)
         np.copyto(self.inner, x)
         np.copyto(self.dst, self.src)
-        np.matmul(self.Wm, self.cols, out=self.res)
+        if self.single:  # batch 1: np.dot costs ~1 us less per call than a batched matmul
+            np.dot(self.Wm, self.cols[0], self.res[0])
+        else:
+            np.matmul(self.Wm, self.cols, out=self.res)
         if self.relu:
-            np.maximum(self.res, 0.0, out=self.res)
+            np.maximum(self.res, _ZERO, out=self.res)
         return self.out
 
 
@@ -154,11 +159,14 @@ class _Linear:
 
     def __call__(self, x):
         out = self.buf.get(x.shape[:-1] + (self.n,))
-        np.matmul(x, self.WT, out=out)
+        if x.ndim == 2:
+            np.dot(x, self.WT, out)
+        else:
+            np.matmul(x, self.WT, out=out)
         if self.bias is not None:
-            np.add(out, self.bias, out=out)
+            np.add(out, self.bias, out)
         if self.relu:
-            np.maximum(out, 0.0, out=out)
+            np.maximum(out, _ZERO, out=out)
         return out
 
 
@@ -242,7 +250,7 @@ class _Pool:
                     combine(out, src[part], out=out)
             src = out
         if self.relu:
-            src = np.maximum(src, 0.0, out=self.stages[-1][1] if self.stages else None)
+            src = np.maximum(src, _ZERO, out=self.stages[-1][1] if self.stages else None)
         return src
 
 
@@ -307,7 +315,7 @@ def _sigmoid_into(x, out):
 def _act(a, w):
     k, buf = a["fn"], _Buf()
     if k == "relu":
-        return lambda x: np.maximum(x, 0.0, out=buf.get(x.shape))
+        return lambda x: np.maximum(x, _ZERO, out=buf.get(x.shape))
     if k == "tanh":
         return lambda x: np.tanh(x, out=buf.get(x.shape))
     if k == "sigmoid":
