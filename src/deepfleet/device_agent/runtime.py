@@ -8,6 +8,13 @@ documented in ``docs/artifact-format.md``.
 
 Contract: ``load_model(dir).run(x)`` maps a float32 batch (B, *input_shape) to the outputs the
 exported PyTorch model gives (tested per op against torch, and per model end to end).
+
+Its cost should be the model's, not Python's: on those devices it is what a candidate is timed
+with. So every op is compiled once when the model is loaded (weights transposed, concatenated
+and fused into the layouts its matmuls want, scratch arrays kept per input shape), recurrent
+layers project the inputs of all time steps in one matmul and step every layer of a stack (or
+both directions of a layer) together, and small ops make as few numpy calls as they can: at
+batch 1 each call costs more than a compressed layer's arithmetic.
 """
 
 import json
