@@ -118,9 +118,13 @@ def _check_rnn(kind: str, hidden: list[int], *, bidirectional: bool, batch_first
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("fold", [True, False], ids=["inputs-folded", "inputs-projected"])
-def test_rnn_matches_torch(kind: str, bidirectional: bool, fold: bool, monkeypatch) -> None:
-    # Narrow inputs are folded into the per-step matmul, wide ones projected before the loop.
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "apart"])
+def test_rnn_matches_torch(kind: str, bidirectional: bool, fold: bool, apart: bool, monkeypatch) -> None:
+    # Narrow inputs are folded into the per-step matmul, wide ones projected before the loop;
+    # the layers of a stack (directions of a layer) step together, or apart for large
+    # batch x hidden^2.
     monkeypatch.setattr(runtime, "_FOLD_MACS", 10**9 if fold else 0)
+    monkeypatch.setattr(runtime, "_APART", 0 if apart else 10**9)
     cases = [  # hidden per layer (ragged, as DeepIoT extracts them), batch, time steps
         ([5], 1, 6), ([5, 5], 3, 7), ([3, 6, 2], 2, 5), ([4, 2], 1, 1), ([6, 3], 4, 2), ([2, 2, 2, 2], 2, 3)]
     for i, (hidden, batch, steps) in enumerate(cases):

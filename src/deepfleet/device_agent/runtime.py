@@ -471,6 +471,10 @@ _LSTM_BLOCK = (0, 1, 3, 2)  # torch i, f, g, o
 # the ~0.5 us numpy call it saves (adding a precomputed projection); wider inputs are projected
 # for all time steps in one matmul instead, which runs at GEMM rather than GEMV speed.
 _FOLD_MACS = 4096
+# batch x hidden^2 from which layers and directions run apart rather than in one joint loop
+# (measured for bidirectional layers: at batch 64 two loops win from hidden 23 on, at batch 1
+# stepping together wins up to 64 and beyond).
+_APART = 32768
 
 
 class _RnnGroup:
@@ -600,18 +604,17 @@ class _RnnGroup:
         self.C.fill(0.0)
         with np.errstate(over="ignore"):  # exp(-v) = inf is right: the gate is then 0
             (self._loop_lstm if self.lstm else self._loop_gru)()
-        hist, hs, n_units = self.hist, self.hs, len(self.units)
-        finals = []
+        hist, n_units = self.hist, len(self.units)
+        finals, outs = [], []
         for u in range(n_units):
+            sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
             row = t + u if self.wavefront else t  # the state after the unit's last step
-            finals += [hist[row, :, self.offs[u]:self.offs[u] + self.sizes[u]], self.c_final[u]]
-        if self.wavefront:
-            return hist[n_units:n_units + t, :, self.offs[-1]:hs], finals
-        h = self.sizes[0]
-        seq = np.empty((t, b, 2 * h), _F32)
-        np.copyto(seq[:, :, :h], hist[1:t + 1, :, :h])
-        np.copyto(seq[:, :, h:], hist[t:0:-1, :, h:2 * h])  # backward time t: after step T-1-t
-        return seq, finals
+            finals += [hist[row, :, sl], self.c_final[u]]
+            if self.wavefront and u == n_units - 1:  # layer u at time t: after step t + u
+                outs.append(hist[u + 1:u + 1 + t, :, sl])
+            elif not self.wavefront:  # backward at time t: after step T - 1 - t
+                outs.append(hist[t:0:-1, :, sl] if self.units[u][1] == 1 else hist[1:t + 1, :, sl])
+        return outs, finals
 
     # The loops pass outputs positionally and add arrays, not Python scalars: both cost time.
     def _loop_lstm(self):
@@ -666,25 +669,52 @@ def _copier(dst, src):
 
 class _Rnn:
     """Stacked (bi)LSTM/GRU, zero initial state, per-layer hidden sizes: (sequence, h_0, c_0,
-    h_1, c_1, ...) per layer and direction (c is zeros for a GRU)."""
+    h_1, c_1, ...) per layer and direction (c is zeros for a GRU).
+
+    The layers of a unidirectional stack step together (a wavefront), the two directions of a
+    bidirectional layer too, unless batch x hidden^2 reaches _APART: the zero blocks of the
+    joint matrix then cost more than more loops of numpy calls, and each layer (direction)
+    runs alone. Groups are built on first use.
+    """
 
     def __init__(self, a, w):
-        self.batch_first = a["batch_first"]
-        hidden = [int(h) for h in a["hidden"]]
-        if a["bidirectional"]:
-            self.groups = [_RnnGroup(a["kind"], [(i, 0, h, None), (i, 1, h, None)], w, False)
-                           for i, h in enumerate(hidden)]
-        else:
-            units = [(i, 0, h, None if i == 0 else i - 1) for i, h in enumerate(hidden)]
-            self.groups = [_RnnGroup(a["kind"], units, w, True)]
+        self.kind, self.w, self.batch_first = a["kind"], w, a["batch_first"]
+        self.hidden = [int(h) for h in a["hidden"]]
+        self.bidirectional = a["bidirectional"]
+        self.groups = {}
+
+    def _group(self, key):
+        """key: "stack" (every layer, one direction), (layer, "both") or (layer, direction)."""
+        g = self.groups.get(key)
+        if g is None:
+            if key == "stack":
+                units = [(i, 0, h, None if i == 0 else i - 1) for i, h in enumerate(self.hidden)]
+            else:
+                dirs = (0, 1) if key[1] == "both" else (key[1],)
+                units = [(key[0], d, self.hidden[key[0]], None) for d in dirs]
+            g = self.groups[key] = _RnnGroup(self.kind, units, self.w, key == "stack")
+        return g
 
     def __call__(self, x):
-        finals = []
-        seq, batch_first = x, self.batch_first
-        for group in self.groups:
-            seq, fin = group(seq, batch_first)
-            finals += fin
-            batch_first = False  # groups hand on time-major sequences
+        batch_first = self.batch_first
+        b = x.shape[0] if batch_first else x.shape[1]
+        if not self.bidirectional and b * max(self.hidden) ** 2 < _APART:
+            outs, finals = self._group("stack")(x, batch_first)
+            seq = outs[0]
+        else:
+            seq, finals = x, []
+            for i, h in enumerate(self.hidden):
+                if not self.bidirectional:
+                    keys = [(i, 0)]
+                else:
+                    keys = [(i, "both")] if b * h * h < _APART else [(i, 0), (i, 1)]
+                outs = []
+                for key in keys:
+                    o, f = self._group(key)(seq, batch_first)
+                    outs += o
+                    finals += f
+                seq = np.concatenate(outs, axis=2)  # (T, B, 2H): forward, backward
+                batch_first = False  # time-major from the first layer's output on
         if self.batch_first:
             seq = seq.transpose(1, 0, 2)
         return (seq,) + tuple(finals)
