@@ -173,3 +173,32 @@ def test_relu_is_folded_only_into_a_layer_nothing_else_reads() -> None:
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(runtime.Model(ex.graph, ex.arrays).run(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_ops_follow_each_new_input_array() -> None:
+    """Compiled ops plan their numpy calls per input array and shape: a new array of the same
+    shape, or the same array with new contents, must give that input's result."""
+    rng = np.random.default_rng(0)
+    pool = runtime.COMPILERS["max_pool"]({"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0]}, {})
+    conv_w = {"weight": rng.standard_normal((3, 2, 3, 3)).astype(np.float32)}
+    conv = runtime.COMPILERS["conv"]({"padding": [1, 1], "stride": [1, 1], "dilation": [1, 1]}, conv_w)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    for value in (x, x.copy() + 1, x[:1], x):
+        want_pool = F.max_pool2d(torch.from_numpy(value), 2).numpy()
+        want_conv = F.conv2d(torch.from_numpy(value), torch.from_numpy(conv_w["weight"]), padding=1).numpy()
+        np.testing.assert_array_equal(pool(value), want_pool)
+        np.testing.assert_allclose(conv(value), want_conv, rtol=1e-5, atol=1e-5)
+    x *= -1  # the same array as before, new contents
+    np.testing.assert_array_equal(pool(x), F.max_pool2d(torch.from_numpy(x), 2).numpy())
+
+
+def test_names_in_the_graph_never_become_code() -> None:
+    """Model.run is generated Python: value and op names from the artifact must not reach it."""
+    graph = {"format": "deepfleet-graph", "version": 1,
+             "input": {"name": "x); import os; os._exit(3", "shape": [2], "dtype": "float32"},
+             "outputs": ["a, b = 1, 2 #"],
+             "ops": [{"name": "a, b = 1, 2 #", "op": "act", "inputs": ["x); import os; os._exit(3"],
+                      "attrs": {"fn": "relu"}}],
+             "tensors": {}}
+    out = runtime.Model(graph, {}).run(np.array([[-1.0, 2.0]], np.float32))
+    np.testing.assert_array_equal(out, [[0.0, 2.0]])
