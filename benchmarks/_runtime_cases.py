@@ -27,6 +27,15 @@ ZOO: dict[str, dict[str, Any]] = {
                "settings": {"deepiot": {"iterations": 1500}}},
 }
 INT8_ACT = {"fixedpoint": {"bits": 8, "act_bits": 8}}
+SMOKE = False  # set by ``runtimes.py --smoke``: every compression in its quick form
+
+
+def _smoke(spec: dict[str, Any]) -> dict[str, Any]:
+    """The quick form of a compression (3-epoch base, 40 search iterations, 1 fine-tuning
+    epoch): checks that the benchmark runs, measures nothing worth keeping."""
+    settings = {m: {k: v for k, v in s.items() if k not in ("iterations", "eval_every")}
+                for m, s in spec.get("settings", {}).items()}
+    return {**spec, "settings": settings, "quick": True, "finetune_epochs": 1}
 
 
 def zoo_spec(model: str) -> dict[str, Any]:
@@ -126,6 +135,8 @@ def _compress_job(spec: dict[str, Any]) -> dict[str, Any]:
 def ensure(specs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     """The summaries of ``specs`` in order, compressing (in ``workers`` processes) those not
     cached. Base models come from deepfleet's own cache (trained once per model and data)."""
+    if SMOKE:
+        specs = [_smoke(s) for s in specs]
     todo = [s for s in specs if cached(s) is None]
     todo = list({_key(s): s for s in todo}.values())
     if todo:

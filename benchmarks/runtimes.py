@@ -19,12 +19,12 @@ Parts (``--parts``, comma list):
 * ``ranking``   Kendall tau between numpy's and onnxruntime's p50 over candidates drawn as the
                 demo search draws them (lenet5 and mlp), and their Pareto fronts (validation
                 accuracy vs p50) per runtime;
-* ``memory``    peak RSS added by loading and running each model (batch 1 and 64), one fresh
-                subprocess per (model, runtime): ru_maxrss after the runs minus before the load
-                (the agent does not report peak memory yet).
+* ``memory``    peak resident memory added by loading and running each model (batch 1 and 64)
+                through the shipped agent's code, one fresh process per (model, runtime) (the
+                agent does not report peak memory yet).
 
     PYTHONPATH=src python benchmarks/runtimes.py [--parts compress,latency,int8,ranking,memory]
-        [--cpu N] [--rounds 3] [--workers 2] [--candidates 40]
+        [--cpu N] [--rounds 3] [--workers 2] [--candidates 40] [--smoke]
 """
 
 from __future__ import annotations
@@ -248,25 +248,38 @@ def part_ranking(meter: Meter, rounds: int, count: int, workers: int) -> dict[st
 
 
 _MEMORY_SCRIPT = r"""
-import json, resource, sys
-backend, artifact = sys.argv[1], sys.argv[2]
-import numpy
+import importlib.util, json, sys
+agent_path, backend, artifact = sys.argv[1:4]
+
+
+def status(key):  # kB, from /proc: this process's own memory since its exec
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+
+spec = importlib.util.spec_from_file_location("agent", agent_path)  # the shipped file
+agent = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(agent)
 if backend != "numpy":
     __import__(backend)
-from deepfleet.device_agent.backends import ModelCache, make_input
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-inst = ModelCache().get(artifact, backend)[0]
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from here
+inst = agent.ModelCache().get(artifact, backend)[0]
 out = {"baseline_mb": base / 1024}
 for batch in (1, 64):
-    x = inst.prepare(make_input(inst.input_shape, batch, 0))
+    x = inst.prepare(agent.make_input(inst.input_shape, batch, 0))
     for _ in range(5):
         inst.run(x)
-    out["batch%d_mb" % batch] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    out["batch%d_mb" % batch] = (status("VmHWM") - base) / 1024
 print(json.dumps(out))
 """
 
 
 def part_memory() -> dict[str, Any]:
+    from deepfleet.device_agent import bundle
+
+    agent_path = str(bundle.agent_file())
     summaries = cases.ensure([cases.zoo_spec(m) for m in cases.ZOO], 1)
     rows = []
     for model, s in zip(cases.ZOO, summaries):
@@ -274,8 +287,8 @@ def part_memory() -> dict[str, Any]:
             for rt in RUNTIMES:
                 if rt == "torch" and not (Path(s[key]) / "model.ts").exists():
                     continue
-                r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, rt, s[key]], capture_output=True,
-                                   text=True, check=True, env=os.environ)
+                r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, agent_path, rt, s[key]],
+                                   capture_output=True, text=True, check=True, env=os.environ)
                 m = json.loads(r.stdout.strip().splitlines()[-1])
                 rows.append({"model": model, "variant": variant, "runtime": rt,
                              **{k: round(v, 2) for k, v in m.items()}})
@@ -285,9 +298,12 @@ def part_memory() -> dict[str, Any]:
                        for b in BATCHES}
                   for rt in RUNTIMES if (m, "original", rt) in by and (m, "compressed", rt) in by}
               for m in cases.ZOO}
-    return {"method": "peak RSS (ru_maxrss) after loading and 5 runs at batch 1, then at batch 64, minus "
-                      "ru_maxrss after importing the runtime; one fresh process per (model, runtime); "
-                      "measured here because the agent does not report peak memory yet",
+    return {"method": "peak resident memory added by loading the artifact through the shipped "
+                      "agent's ModelCache and 5 runs at batch 1, then at batch 64: VmHWM (reset "
+                      "through /proc/self/clear_refs after the imports) minus VmRSS after importing "
+                      "the runtime; one fresh process per (model, runtime). Not ru_maxrss: Linux "
+                      "keeps it across fork and exec, so a child reports the benchmark's own peak. "
+                      "Measured here because the agent does not report peak memory yet",
             "rows": rows, "ratios_compressed_over_original": ratios, "load": _load()}
 
 
@@ -299,8 +315,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="min_seconds of each measurement")
     parser.add_argument("--workers", type=int, default=2, help="processes for compressions not cached")
     parser.add_argument("--candidates", type=int, default=40, help="search-like candidates to rank")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--smoke", action="store_true",
+                        help="quick compressions, short timings, results in a temporary file: "
+                             "checks that the benchmark runs")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.smoke:
+        cases.SMOKE = True
+        args.rounds, args.seconds, args.candidates = 1, 0.05, min(args.candidates, 4)
+    out = args.out or (Path(tempfile.gettempdir()) / "runtimes-smoke.json" if args.smoke else DEFAULT_OUT)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -331,7 +354,7 @@ def main() -> None:
         result = {**result, "seconds": round(time.perf_counter() - t0, 1), "load_at_end": _load(),
                   "run_machine": machine}
         print(json.dumps({part: {k: v for k, v in result.items() if k not in ("rows", "candidates")}}, indent=1))
-        save_case(args.out, part, result)
+        save_case(out, part, result)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The artifact format's numpy runtime: one function per op, :class:`Model`, :func:`load_model`.
+"""The artifact format's numpy runtime: one compiler per op, :class:`Model`, :func:`load_model`.
 
 A library (Python >= 3.8, standard library + numpy and ``format.py``; this module may import
 nothing else) and the format's reference: exporters are tested against it, and it is the only
@@ -44,7 +44,7 @@ from deepfleet.device_agent.format import (
 # Reasons for the shapes of the code below: at batch 1 every numpy call costs ~0.5-1 us of
 # fixed overhead, far more than the arithmetic of a compressed layer, so ops are written to
 # make few calls (one matmul for the input projections of all time steps, the recurrent
-# loop's ~10 ufunc calls per step on preallocated views, im2col into a preallocated buffer).
+# loop's 8 ufunc calls a step on preallocated views, im2col into a preallocated buffer).
 
 _F32 = np.float32
 _ZERO = np.zeros((), _F32)  # a 0-d array operand costs less per ufunc call than a Python float
@@ -254,10 +254,11 @@ class _Pool:
                 calls.append(functools.partial(self.combine, src[parts[0]], src[parts[1]], out=out))
                 calls += [functools.partial(self.combine, out, src[p], out=out) for p in parts[2:]]
             src = out
+        if not self.stages:  # a 1x1 window, stride 1: a copy, so that callers may write to it
+            out = np.empty(src.shape, _F32)
+            calls.append(functools.partial(np.copyto, out, src))
+            src = out
         if self.relu:
-            if not self.stages:  # nothing of our own to apply it in
-                src = np.empty(src.shape, _F32)
-                calls.append(functools.partial(np.copyto, src, x))
             calls.append(functools.partial(np.maximum, src, _ZERO, out=src))
         self.calls, self.result, self.src = calls, src, x
 
