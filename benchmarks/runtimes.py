@@ -155,10 +155,42 @@ def part_latency(meter: Meter, rounds: int, peak: dict[str, Any]) -> dict[str, A
         checks["numpy_over_onnxruntime_compressed_batch1"][m] <= 3 for m in ("deepsense", "bilstm"))
     checks["ratios_within_0.1"] = all(abs(g) <= 0.1 for v in checks["ratio_gap_numpy_vs_onnxruntime"].values()
                                       for g in v.values())
+    profiles = {m: _numpy_profile(info[(m, "compressed")][0], 1, meter.cpu) for m in ("deepsense", "bilstm")}
     return {"peak": peak, "rounds": rounds, "rows": rows, "ratios": ratios, "checks": checks,
+            "numpy_profile_compressed_batch1": profiles,
             "compressions": {m: {k: s.get(k) for k in ("kept_params", "accuracy_before", "accuracy_after",
                                                         "artifact", "artifact_original")}
                              for m, s in zip(cases.ZOO, summaries)}}
+
+
+def _numpy_profile(artifact: str, batch: int, cpu: int, runs: int = 200) -> dict[str, Any]:
+    """Where the numpy runtime's time goes (cProfile over ``runs`` runs, thread CPU time): the
+    functions by their own time per run, and what one numpy call costs on this core (tanh on
+    48 floats, the size of a compressed recurrent layer's gates)."""
+    import cProfile
+    import pstats
+    import timeit
+
+    from deepfleet.device_agent.runtime import load_model
+
+    os.sched_setaffinity(0, {cpu})
+    model = load_model(artifact)
+    x = np.random.default_rng(0).standard_normal((batch, *model.input_shape), dtype=np.float32)
+    for _ in range(10):
+        model.run(x)
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    for _ in range(runs):
+        model.run(x)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.values())
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:8]
+    a, b = np.ones((1, 48), np.float32), np.empty((1, 48), np.float32)
+    call_us = min(timeit.repeat(lambda: np.tanh(a, b), number=20000, repeat=5)) / 20000 * 1e6
+    return {"batch": batch, "run_us": round(total / runs * 1e6, 1), "numpy_call_us": round(call_us, 3),
+            "functions": [{"function": f"{k[2]} ({Path(k[0]).name}:{k[1]})", "calls_per_run": v[1] / runs,
+                           "own_us_per_run": round(v[2] / runs * 1e6, 1)} for k, v in top]}
 
 
 def _ort_profile(model_onnx: str, batch: int, runs: int = 50) -> list[dict[str, Any]]:
