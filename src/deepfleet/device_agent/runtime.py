@@ -601,13 +601,25 @@ class _RnnGroup:
                 keep = np.empty((b, self.sizes[u]), _F32)
                 hooks[t - 1 + u].append(_copier(keep, self.C[:, sl]))
                 self.c_final.append(keep)
-        self.steps = [(hist[s], hist[s + 1, :, :hs], hist[s, :, :hs], xp[s], hooks[s] or None)
+        # Per step: the bound row.dot (an ndarray method skips np.dot's dispatch: ~0.1 us a
+        # step), where h goes, h before, the input part (None when folded), hooks.
+        self.steps = [(hist[s].dot, hist[s + 1, :, :hs], hist[s, :, :hs], xp[s], hooks[s] or None)
                       for s in range(steps)]
+        self.finals, self.outs = [], []  # views of hist: what a call returns
+        for u in range(n_units):
+            sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
+            row = t + u if self.wavefront else t  # the state after the unit's last step
+            self.finals += [hist[row, :, sl], self.c_final[u]]
+            if self.wavefront and u == n_units - 1:  # layer u at time t: after step t + u
+                self.outs.append(hist[u + 1:u + 1 + t, :, sl])
+            elif not self.wavefront:  # backward at time t: after step T - 1 - t
+                self.outs.append(hist[t:0:-1, :, sl] if self.units[u][1] == 1 else hist[1:t + 1, :, sl])
         self.key = (b, t, batch_first)
 
     def __call__(self, x, batch_first):
-        """x: (B, T, in) when ``batch_first`` else (T, B, in) -> (time-major outputs (T, B, H)
-        of the last layer, [h, c] of every unit in unit order)."""
+        """x: (B, T, in) when ``batch_first`` else (T, B, in) -> ([time-major outputs (T, B, H)
+        of the last layer's units], [h, c] of every unit in unit order): views of this group's
+        arrays (lists the caller must not change)."""
         b, t = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
         if self.key != (b, t, batch_first):
             self._setup(b, t, batch_first)
@@ -619,25 +631,15 @@ class _RnnGroup:
         self.C.fill(0.0)
         with np.errstate(over="ignore"):  # exp(-v) = inf is right: the gate is then 0
             (self._loop_lstm if self.lstm else self._loop_gru)()
-        hist, n_units = self.hist, len(self.units)
-        finals, outs = [], []
-        for u in range(n_units):
-            sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
-            row = t + u if self.wavefront else t  # the state after the unit's last step
-            finals += [hist[row, :, sl], self.c_final[u]]
-            if self.wavefront and u == n_units - 1:  # layer u at time t: after step t + u
-                outs.append(hist[u + 1:u + 1 + t, :, sl])
-            elif not self.wavefront:  # backward at time t: after step T - 1 - t
-                outs.append(hist[t:0:-1, :, sl] if self.units[u][1] == 1 else hist[1:t + 1, :, sl])
-        return outs, finals
+        return self.outs, self.finals
 
     # The loops pass outputs positionally and add arrays, not Python scalars: both cost time.
     def _loop_lstm(self):
-        dot, add, div, exp, tanh = np.dot, np.add, np.true_divide, np.exp, np.tanh
+        add, div, exp, tanh = np.add, np.true_divide, np.exp, np.tanh
         R, G, C, T1, ones, hs = self.R, self.G, self.C, self.T1, self.ones, self.hs
         sig, i, f, o, g = G[:, :3 * hs], G[:, :hs], G[:, hs:2 * hs], G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
-        for row, h_next, _, x, hooks in self.steps:
-            dot(row, R, G)
+        for row_dot, h_next, _, x, hooks in self.steps:
+            row_dot(R, G)
             if x is not None:
                 add(G, x, G)
             exp(sig, sig)
@@ -653,12 +655,12 @@ class _RnnGroup:
                     hook()
 
     def _loop_gru(self):
-        dot, add, sub, div, exp, tanh = np.dot, np.add, np.subtract, np.true_divide, np.exp, np.tanh
+        add, sub, div, exp, tanh = np.add, np.subtract, np.true_divide, np.exp, np.tanh
         R, G, N, T1, ones, hs = self.R, self.G, self.N, self.T1, self.ones, self.hs
         gx, rz, r, z = G[:, :3 * hs], G[:, :2 * hs], G[:, :hs], G[:, hs:2 * hs]
         n_x, n_h = G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
-        for row, h_next, h, x, hooks in self.steps:
-            dot(row, R, G)
+        for row_dot, h_next, h, x, hooks in self.steps:
+            row_dot(R, G)
             if x is not None:
                 add(gx, x, gx)
             exp(rz, rz)
