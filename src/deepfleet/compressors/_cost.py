@@ -4,6 +4,13 @@
 extracted model; per-sample Bernoulli draws ``(B, size)`` give one count per sample (the
 size-aware reward); keep probabilities with ``expected=True`` give the expected count under
 independent Bernoulli masks, differentiable with respect to the probabilities.
+
+With the input as a group (``deepiot.inputs``), a layer can lose every input (DeepSense's
+gyroscope branch once the gyroscope is dropped): such a layer is **dead** and dropped whole,
+with everything that reads only it (:func:`effective_keep`), so its weights leave the cost and
+the extracted model has no branch for it. For probabilities the layer's survival is
+1 - prod(1 - q) over its inputs' effective keeps q, treated as independent (exact for one
+input unit, an approximation of the expectation otherwise; exact for 0/1 masks).
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ class LayerCost:
     gates: int
     bias: bool
     norms: int  # BatchNorm layers on this layer's output (2 parameters per channel each)
+    feeds: dict[int, torch.Tensor]  # group -> indices of its units that feed this layer
 
 
 @dataclass(frozen=True)
 class CostModel:
     layers: tuple[LayerCost, ...]
     group_sizes: tuple[int, ...]
+    dead_layers: bool = False  # layers may lose every input (the input is a group)
 
     @cached_property
     def full(self) -> tuple[float, float]:
@@ -62,9 +71,40 @@ def cost_model(structure: Structure) -> CostModel:
                 in_mult=mult, groups=tuple(lay.groups), out_size=lay.out_size,
                 kernel=lay.kernel, positions=lay.positions, directions=lay.directions,
                 gates=lay.gates, bias=lay.bias, norms=len(lay.norms),
+                feeds={g: torch.nonzero(m > 0)[:, 0] for g, m in mult.items()},
             )
         )
-    return CostModel(tuple(layers), tuple(g.size for g in structure.groups))
+    return CostModel(tuple(layers), tuple(g.size for g in structure.groups),
+                     dead_layers=structure.inputs is not None)
+
+
+def _alive(keep: list[torch.Tensor], feeds: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Probability (or 0/1 indicator) that at least one of the fed units is kept."""
+    none_kept: torch.Tensor | float = 1.0
+    for g, idx in feeds.items():
+        k = keep[g]
+        none_kept = none_kept * (1 - k[..., idx.to(k.device)]).prod(-1)
+    return 1 - none_kept  # type: ignore[return-value]
+
+
+def effective_keep(cm: CostModel, keep: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``keep`` with the units of dead layers dropped: a layer all of whose inputs are dropped
+    is dropped itself (and so on downstream), in topological order. Works on 0/1 masks, per-
+    sample masks ``(B, size)`` and probabilities alike; the identity unless ``cm.dead_layers``."""
+    if not cm.dead_layers:
+        return keep
+    eff = list(keep)
+    for lay in cm.layers:
+        alive = _alive(eff, lay.feeds) if lay.in_const == 0 and lay.feeds else None
+        for i, g in enumerate(lay.groups):
+            if g is None:
+                continue
+            if i > 0:  # a stacked recurrent layer reads the layer below
+                prev = lay.groups[i - 1]
+                alive = _alive(eff, {prev: torch.arange(cm.group_sizes[prev])}) if prev is not None else None
+            if alive is not None:
+                eff[g] = eff[g] * alive[..., None]
+    return eff
 
 
 def full_keep(cm: CostModel) -> list[torch.Tensor]:
@@ -90,6 +130,7 @@ def cost(cm: CostModel, keep: list[torch.Tensor], *, expected: bool = False) -> 
     """Return (params, MACs per sample) of the model with ``keep`` units, as float64 tensors on
     the device of ``keep`` (the counts follow the masks, so a search on CUDA stays there)."""
     dev = keep[0].device
+    keep = effective_keep(cm, keep)
     params = torch.zeros((), dtype=torch.float64, device=dev)
     macs = torch.zeros((), dtype=torch.float64, device=dev)
     for lay in cm.layers:

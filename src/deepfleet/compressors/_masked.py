@@ -4,29 +4,43 @@
 Linear/Conv group's mask point and every recurrent layer wrapped in :class:`MaskedRNN`, all
 reading one :class:`MaskState`. A mask is either per sample, ``(B, size)`` (training: each sample
 its own Bernoulli draw), or one vector ``(size,)`` shared by the batch (the deterministic mask).
+
+When the input is a group (``deepiot.inputs``), an :class:`InputMask` right after the input
+multiplies every input element by its unit's mask, and the state applies the masks through
+:func:`~deepfleet.compressors._cost.effective_keep`: a layer that has lost every input is
+dropped too (its output is 0, as in the extracted model that no longer has it).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from deepfleet.compressors._cost import cost_model, effective_keep
 from deepfleet.compressors._graph import Structure
 from deepfleet.compressors._ops import LEAF_MODULES, OpInfo
 
 
 class MaskState:
-    """The masks currently applied, one entry per group (None = unmasked)."""
+    """The masks currently applied, one entry per group (None = unmasked). ``resolve`` maps the
+    masks given to the masks applied (dead layers dropped when the input is a group)."""
 
-    def __init__(self, n_groups: int):
+    def __init__(self, n_groups: int, resolve: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None):
         self.masks: list[torch.Tensor | None] = [None] * n_groups
+        self.resolve = resolve
 
     def set(self, masks: list[torch.Tensor] | None) -> None:
-        self.masks = list(masks) if masks is not None else [None] * len(self.masks)
+        if masks is None:
+            self.masks = [None] * len(self.masks)
+            return
+        masks = list(masks)
+        self.masks = list(self.resolve(masks)) if self.resolve is not None else masks  # type: ignore[arg-type]
 
 
 def _broadcast(z: torch.Tensor, ndim: int, axis: int, batch: int) -> torch.Tensor:
@@ -51,6 +65,25 @@ class Mask(nn.Module):
         if z is None:
             return x
         return x * _broadcast(z.to(x.dtype), self.ndim, self.axis, x.shape[0])
+
+
+class InputMask(nn.Module):
+    """Multiplies each input element by the mask of its unit (``unit_of``: the sample shape,
+    -1 for elements no layer reads, which pass unchanged)."""
+
+    def __init__(self, state: MaskState, unit_of: torch.Tensor):
+        super().__init__()
+        self.state = state
+        self.register_buffer("index", torch.where(unit_of >= 0, unit_of, int(unit_of.max()) + 1).long(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.state.masks[0]
+        if z is None:
+            return x
+        z = z.to(x.dtype)
+        z = torch.cat([z, torch.ones_like(z[..., :1])], -1)  # the column of unread elements
+        return x * z[..., self.index]  # (B, *sample) or (*sample): per sample or shared
 
 
 def rnn_weights(rnn: nn.RNNBase, layer: int, direction: int) -> tuple[torch.Tensor, ...]:
@@ -131,15 +164,30 @@ class MaskedRNN(nn.Module):
 
 
 LEAF_MODULES[Mask] = OpInfo("identity", "zero")
+LEAF_MODULES[InputMask] = OpInfo("identity", "zero")
 LEAF_MODULES[MaskedRNN] = OpInfo("rnn", "param")
 
 
 def masked_model(structure: Structure) -> tuple[fx.GraphModule, MaskState]:
     """A deep copy of the traced model with masks inserted; weights are copied, not shared."""
     gm = copy.deepcopy(structure.graph_module)
-    state = MaskState(len(structure.groups))
+    resolve = None
+    if structure.inputs is not None:
+        cm = cost_model(structure)
+        resolve = functools.partial(effective_keep, cm)
+    state = MaskState(len(structure.groups), resolve)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
+    if structure.inputs is not None:
+        (x,) = [n for n in graph.nodes if n.op == "placeholder"]
+        dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        unit_of = torch.as_tensor(structure.inputs.unit_of, device=dev)
+        gm.add_submodule("deepiot_input_mask", InputMask(state, unit_of))
+        users = list(x.users)
+        with graph.inserting_after(x):
+            mask_node = graph.call_module("deepiot_input_mask", (x,))
+        for u in users:
+            u.replace_input_with(x, mask_node)
     for point, g in structure.mask_points.items():
         node = nodes[point]
         name = f"deepiot_mask_{g}"

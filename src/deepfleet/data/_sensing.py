@@ -22,6 +22,7 @@ import numpy as np
 from deepfleet.data._dataset import Dataset, fingerprint, stratified_split
 
 CLASSES = ("sit", "stand", "walk", "stairs_up", "stairs_down", "bike")
+SENSORS = ("accelerometer",) * 3 + ("gyroscope",) * 3  # the sensor behind each channel
 RATE_HZ = 50.0
 T = 64  # 1.28 s windows
 N_USERS, N_DEVICES = 9, 9
@@ -152,4 +153,6 @@ def load_sensing() -> Dataset:
             f"{len(CLASSES)} classes, {N_USERS} users, {N_DEVICES} devices)"
         ),
         fingerprint=fingerprint(X, y),
+        sensors=SENSORS,
+        sample_hz=RATE_HZ,
     )

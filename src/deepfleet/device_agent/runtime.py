@@ -324,6 +324,11 @@ def op_const(inputs, a, w):
     return w["value"]
 
 
+def op_gather(inputs, a, w):
+    """The entries ``indices`` of axis ``axis`` (the inputs a compressed model still reads)."""
+    return np.take(inputs[0], np.asarray(a["indices"], dtype=np.int64), axis=a["axis"])
+
+
 OPS = {
     "const": op_const,
     "conv": op_conv,
@@ -344,6 +349,7 @@ OPS = {
     "binary": op_binary,
     "rnn": op_rnn,
     "fake_quant": op_fake_quant,
+    "gather": op_gather,
 }
 
 
