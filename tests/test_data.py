@@ -61,7 +61,7 @@ def test_npz_without_validation_gets_a_fixed_split(tmp_path: Path) -> None:
     [
         (lambda a: a.pop("y_test"), "missing array(s) y_test"),
         (lambda a: a.update(X_test=a["X_test"][:, :, :8]), "all splits must share one sample shape"),
-        (lambda a: a.update(X_train=a["X_train"][:, 0]), "expected (N, C, T)"),
+        (lambda a: a.update(X_train=a["X_train"][:, 0, 0]), "expected (N, F) feature vectors, (N, C, T)"),
         (lambda a: a["X_train"].__setitem__((3, 0, 0), np.nan), "NaN or infinite values in 1 samples"),
         (lambda a: a.update(y_test=a["y_test"] + 4), "labels in [4, 7]"),
         (lambda a: a.update(y_train=a["y_train"][:5]), "y_train has shape (5,)"),

@@ -44,11 +44,11 @@ from deepfleet.compressors import (
 from deepfleet.compressors._deepiot import DeepIoTConfig
 from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors._export import Exported, export_graph
-from deepfleet.compressors._graph import analyse
-from deepfleet.compressors._pipeline import layer_table
+from deepfleet.compressors._extract import input_masking_problem
+from deepfleet.compressors._pipeline import analyse_inputs, layer_table
 from deepfleet.compressors.training import TrainConfig, accuracy, seed_everything, train
 from deepfleet.data import Dataset, load_data
-from deepfleet.errors import ConfigError, ModelError
+from deepfleet.errors import ConfigError, ModelError, UnsupportedLayerError
 from deepfleet.models import build_model
 
 BASE_TRAINING = TrainConfig(epochs=60, patience=15)
@@ -206,12 +206,28 @@ def _provenance(model: str, data: Dataset, seed: int) -> dict[str, Any]:
             "num_classes": data.num_classes}
 
 
+def sensing_fields(data: Dataset, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's sensing keys: ``inputs_kept`` (indices the model still reads, on the
+    sample's first axis or into the flattened sample as ``inputs_unit`` says; null: all),
+    ``sensors_kept`` (the sensors behind them; null when the data names none) and ``window_s``
+    (seconds of signal one inference needs; null when the data does not say). ``inputs`` is
+    DeepIoT's ``inputs`` info when it masked inputs."""
+    all_sensors = None if data.sensors is None else list(dict.fromkeys(data.sensors))
+    return {
+        "inputs_kept": None if inputs is None else list(inputs["inputs_kept"]),
+        "inputs_unit": None if inputs is None else inputs["unit"],
+        "sensors_kept": all_sensors if inputs is None else inputs["sensors_kept"],
+        "window_s": data.sensing_window_s,
+    }
+
+
 def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, compressor: dict[str, Any],
-                    val_accuracy: float, encodings: dict[str, Encoding] | None = None
-                    ) -> tuple[Exported, ArtifactFiles]:
+                    val_accuracy: float, encodings: dict[str, Encoding] | None = None,
+                    inputs: dict[str, Any] | None = None) -> tuple[Exported, ArtifactFiles]:
     """Export ``net`` (with its quantised weight ``encodings``) as an artifact in memory, its
-    manifest holding the provenance, the ``compressor`` settings, params, MACs and validation
-    accuracy, with ``model.onnx`` checked against ``net`` itself on validation samples. Raises
+    manifest holding the provenance, the ``compressor`` settings, params, MACs, validation
+    accuracy and the sensing keys (:func:`sensing_fields`, from DeepIoT's ``inputs`` info),
+    with ``model.onnx`` checked against ``net`` itself on validation samples. Raises
     ExportError when onnxruntime differs from torch beyond tolerance."""
     net = net.cpu().eval()
     exported = export_graph(net, data.input_shape, encodings or {})
@@ -222,7 +238,7 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
     onnx = export_onnx(exported.graph, exported.arrays, x=x, expected=expected, against="torch")
     files = build_artifact(exported.graph, exported.arrays, {
         **_provenance(model, data, seed), "compressor": compressor, "params": exported.params,
-        "macs": exported.macs, "val_accuracy": val_accuracy,
+        "macs": exported.macs, "val_accuracy": val_accuracy, **sensing_fields(data, inputs),
     }, onnx=onnx)
     return exported, files
 
@@ -231,9 +247,11 @@ def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val:
               accuracy_test: float) -> tuple[Exported, Candidate, ArtifactFiles]:
     exported, files = export_artifact(base, model=model, data=ds, seed=seed, compressor={"methods": []},
                                       val_accuracy=accuracy_val)
+    sensors = sensing_fields(ds)["sensors_kept"]
     cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
                      accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
-                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0)
+                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0,
+                     sensors_kept=None if sensors is None else tuple(sensors))
     return exported, cand, files
 
 
@@ -291,7 +309,12 @@ def compress_model(
     dev = resolve_device(device)
     ds = load_data(data)
     probe = build_model(model, input_shape=ds.input_shape, num_classes=ds.num_classes)
-    structure = analyse(probe, torch.as_tensor(ds.X_train[:2]))  # unsupported layers fail here
+    deepiot_cfg = next((c.config for c in compressors if c.name == "deepiot"), None)
+    inputs_mode = deepiot_cfg.inputs if isinstance(deepiot_cfg, DeepIoTConfig) else "none"
+    # unsupported layers, and inputs that cannot be masked, fail here (before any training)
+    structure = analyse_inputs(probe, ds, inputs_mode, torch.as_tensor(ds.X_train[:2]))
+    if (problem := input_masking_problem(structure)) is not None:
+        raise UnsupportedLayerError(problem)
     base = base or BaseSpec()
     base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3 if quick else base.epochs)
     ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
@@ -310,8 +333,12 @@ def compress_model(
     compressor = {"methods": methods, "target": target, "metric": metric,
                   "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
                   "finetune": dataclasses.asdict(ft_cfg)}
+    deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
+    inputs = deepiot.get("inputs")
     exp_small, files = export_artifact(small, model=model, data=ds, seed=seed, compressor=compressor,
-                                       val_accuracy=acc["val_accuracy_after"], encodings=result.encodings)
+                                       val_accuracy=acc["val_accuracy_after"], encodings=result.encodings,
+                                       inputs=inputs)
+    sensing = sensing_fields(ds, inputs)
     layers = layer_table(structure, original, small, encodings=result.encodings)
     candidate = Candidate(
         model=model, data=ds.name, method="+".join(methods), artifact_hash=files.digest,
@@ -319,15 +346,17 @@ def compress_model(
         accuracy_drop_pp=100.0 * (acc["val_accuracy_before"] - acc["val_accuracy_after"]),
         params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
         kept_params=result.kept_params(params_before), layers=tuple(Layer(**row) for row in layers),  # type: ignore[arg-type]
-        node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2))
-    deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
+        node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2),
+        sensors_kept=None if sensing["sensors_kept"] is None else tuple(sensing["sensors_kept"]),
+        inputs_kept=None if sensing["inputs_kept"] is None else tuple(sensing["inputs_kept"]))
     details: dict[str, Any] = {
         "seed": seed, "device": str(dev), "methods": methods, "target": target, "metric": metric, **acc,
         "params_before": params_before, "params_after": sum(p.numel() for p in small.parameters()),
         "val_accuracy_search": deepiot.get("val_accuracy_search"),
         "extraction_error": deepiot.get("extraction_error"),
         "search_iterations": deepiot.get("search_iterations"),
-        "layers": layers, "steps": result.steps, "base_cached": cached,
+        "layers": layers, "steps": result.steps, "base_cached": cached, **sensing,
+        "inputs": inputs,
     }
     if not with_original:
         return Compression(candidate, files, None, None, details)

@@ -40,7 +40,9 @@ class Candidate:
     validation drop against the original in percentage points. ``params``/``macs`` count the
     dense model, ``bytes`` the artifact on disk, ``kept_params`` parameters left by pruning as a
     fraction of the original's. ``node`` and ``train_seconds`` say where and how long it was
-    compressed (None for the original).
+    compressed (None for the original). ``sensors_kept`` names the sensors the model still reads
+    (None when the data names none); ``inputs_kept`` the input channels (or elements, see the
+    artifact manifest's ``inputs_unit``) it still reads when DeepIoT masked inputs (None: all).
     """
 
     model: str
@@ -57,6 +59,8 @@ class Candidate:
     layers: tuple[Layer, ...] = ()
     node: str | None = None
     train_seconds: float | None = None
+    sensors_kept: tuple[str, ...] | None = None
+    inputs_kept: tuple[int, ...] | None = None
 
     @property
     def is_original(self) -> bool:
@@ -71,4 +75,7 @@ class Candidate:
         """The inverse of :meth:`to_dict` (unknown keys are an error: the record is versioned
         by its fields)."""
         fields = {**data, "layers": tuple(Layer(**lay) for lay in data.get("layers") or ())}
+        for key in ("sensors_kept", "inputs_kept"):
+            if fields.get(key) is not None:
+                fields[key] = tuple(fields[key])
         return cls(**fields)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from deepfleet.compressors._cost import cost_model, effective_keep
+from deepfleet.compressors._cost import cost_model, effective_keep, input_dependencies
 from deepfleet.compressors._graph import Layer, Structure
 from deepfleet.compressors._masked import InputMask, Mask, MaskedRNN, rnn_weights
 from deepfleet.compressors._ops import LEAF_MODULES, OpInfo
@@ -272,18 +272,7 @@ def input_masking_problem(structure: Structure) -> str | None:
     if structure.inputs is None:
         return None
     n_in = structure.inputs.size
-    layer_of = {g.index: i for i, lay in enumerate(structure.layers) for g in structure.groups
-                if g.module == lay.module and g.kind != "input"}
-    reads: list[set[int]] = []
-    for lay in structure.layers:
-        units: set[int] = set()
-        for gid in np.unique(lay.in_ids):
-            if 1 <= gid <= n_in:
-                units.add(int(gid) - 1)
-            elif gid > n_in:
-                g = next(gr for gr in structure.groups if gr.offset < gid <= gr.offset + gr.size)
-                units |= reads[layer_of[g.index]]
-        reads.append(units)
+    reads = input_dependencies(structure)
     tried: set[frozenset[int]] = set()
     for units in reads:
         rest = frozenset(range(n_in)) - units

@@ -12,7 +12,12 @@ from torch import nn
 from deepfleet.compressors._cost import cost_model, kept_fraction
 from deepfleet.compressors._deepiot import DeepIoTConfig, SearchResult, search
 from deepfleet.compressors._encoding import Encoding
-from deepfleet.compressors._extract import check_extraction, extract, input_masking_problem, rnn_layers
+from deepfleet.compressors._extract import (
+    check_extraction,
+    extract,
+    input_masking_problem,
+    rnn_layers,
+)
 from deepfleet.compressors._finetune import weight_names
 from deepfleet.compressors._graph import Structure, analyse
 from deepfleet.compressors._masked import masked_model, rnn_weights

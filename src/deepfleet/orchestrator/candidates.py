@@ -59,6 +59,7 @@ _CANDIDATE_TYPES = {
     "accuracy_val": pa.float64(), "accuracy_test": pa.float64(), "accuracy_drop_pp": pa.float64(),
     "params": pa.int64(), "macs": pa.int64(), "bytes": pa.int64(), "kept_params": pa.float64(),
     "layers": pa.list_(_LAYER), "node": pa.string(), "train_seconds": pa.float64(),
+    "sensors_kept": pa.list_(pa.string()), "inputs_kept": pa.list_(pa.int64()),
 }
 assert list(_CANDIDATE_TYPES) == [f.name for f in dataclasses.fields(Candidate)], "one name per field"
 
@@ -168,6 +169,9 @@ def read_candidates(root: str | os.PathLike[str], study: str | None = None) -> p
             for key, value in ds.get_partition_keys(frag.partition_expression).items():
                 if key not in t.column_names:
                     t = t.append_column(key, pa.array([value] * len(t), pa.string()))
+            for name in ("sensors_kept", "inputs_kept"):  # added to version 2 later: null when absent
+                if name not in t.column_names:
+                    t = t.append_column(name, pa.nulls(len(t), CANDIDATES_SCHEMA.field(name).type))
             tables.append(_upgrade_v1(t) if "objectives_json" in t.column_names else t.select(CANDIDATES_SCHEMA.names))
         table = pa.concat_tables([t.cast(CANDIDATES_SCHEMA) for t in tables]) if tables else CANDIDATES_SCHEMA.empty_table()
         frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int16(): pd.Int16Dtype()}.get,
@@ -185,6 +189,8 @@ def candidate_of(row: Mapping[str, Any]) -> Candidate:
     for k in ("params", "macs", "bytes"):
         data[k] = int(data[k])
     data["layers"] = tuple(Layer(**lay) for lay in (row["layers"] if row["layers"] is not None else ()))
+    for k, cast in (("sensors_kept", str), ("inputs_kept", int)):
+        data[k] = None if data[k] is None else tuple(cast(v) for v in data[k])
     return Candidate(**{k: (None if isinstance(v, float) and pd.isna(v) else v) for k, v in data.items()})
 
 

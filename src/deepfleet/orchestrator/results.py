@@ -48,7 +48,8 @@ __all__ = [
 # 2: the ``drift`` column. Files written at version 1 lack it; they read back with drift null
 # (the dataset is read with RESULTS_SCHEMA, which fills a column a file lacks with nulls), and
 # their rows keep schema_version 1, so a reader can tell "not recorded" from "no drift".
-SCHEMA_VERSION = 2
+# 3: ``sensing_energy_mj`` and ``sensing_basis`` (deepfleet.sensing), null in older rows.
+SCHEMA_VERSION = 3
 ENERGY_KINDS = ("measured", "simulated", "estimated")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -102,6 +103,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("idle_power_w", pa.float64(), True),
     ("active_power_w", pa.float64(), True),
     ("estimated_energy_mj", pa.float64(), True),  # operation-count estimate, always labelled so
+    # sensing energy per run: kept sensors' datasheet power x window, an estimate (host side)
+    ("sensing_energy_mj", pa.float64(), True),
+    ("sensing_basis", pa.string(), True),  # how it was estimated, or why there is none
     # device state
     ("temp_before_c", pa.float64(), True),
     ("temp_after_c", pa.float64(), True),
@@ -178,12 +182,14 @@ def measurement_row(
     artifact_bytes: int | None = None,
     model_name: str | None = None,
     drift: float | None = None,
+    sensing: Any = None,
 ) -> dict[str, Any]:
     """One results row from a successful agent ``measure`` response (a dict).
 
     ``simulated`` is the device's own note (e.g. the fleet file's); a simulated energy sensor
     adds its note. ``model_name`` overrides the manifest's ``model``. ``drift`` is the device's
-    reference drift when this was measured (see the column's comment). Raises ResultsError if
+    reference drift when this was measured (see the column's comment). ``sensing`` (a
+    :class:`deepfleet.sensing.SensingEnergy`) fills the sensing columns. Raises ResultsError if
     ``result`` is not a successful measure response.
     """
     if not result.get("ok") or "latencies_ms" not in result:
@@ -231,6 +237,8 @@ def measurement_row(
         "device_python": result.get("python"),
         "device_numpy": result.get("numpy"),
         "drift": drift,
+        "sensing_energy_mj": getattr(sensing, "mj", None),
+        "sensing_basis": getattr(sensing, "basis", None),
         "error": None,
     })
     for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "p50_ci_low_ms",

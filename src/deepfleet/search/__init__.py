@@ -34,6 +34,7 @@ from deepfleet.search._spec import (
     StudyMeasure,
     StudySpec,
     check_fleet,
+    check_sensing,
     load_study,
     parse_study,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "Verdict",
     "apply_params",
     "check_fleet",
+    "check_sensing",
     "counts",
     "finished",
     "interrupted",
