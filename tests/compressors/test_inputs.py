@@ -88,7 +88,7 @@ def test_masked_model_equals_extracted_and_cost_counts_it_exactly(name, shape, i
     for keep in _keeps([g.size for g in st.groups], seed=len(shape)):
         small = extract(st, masked, keep)
         masks = [torch.as_tensor(k, dtype=torch.float32) for k in keep]
-        assert check_extraction(masked, lambda: state.set(masks), small, x, tol=1e-5) < 1e-5
+        assert check_extraction(masked, lambda m=masks: state.set(m), small, x, tol=1e-5) < 1e-5
         params, _ = cost(cm, [torch.as_tensor(k, dtype=torch.float64) for k in keep])
         assert int(params) == sum(p.numel() for p in small.parameters())
         n_kept = int(keep[0].sum())
