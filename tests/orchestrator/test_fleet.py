@@ -83,6 +83,23 @@ def test_energy_simulated_note_loads_and_reaches_the_agent_request(files: Path) 
     assert fleet["d3"].energy.simulated is None and "simulated" not in energy_request(fleet["d3"])
 
 
+def test_sensor_power_loads_and_a_device_overrides_defaults_sensor_by_sensor(files: Path) -> None:
+    text = f"""
+defaults:
+  user: root
+  key: id
+  known_hosts: kh
+  sensors: {{accelerometer: {{mw: 0.2}}, gyroscope: {{mw: 6.0}}}}
+devices:
+  - {{name: a, host: h1, class: x86}}
+  - {{name: b, host: h2, class: x86, sensors: {{gyroscope: {{mw: 4}}, microphone: {{mw: 1.5}}}}}}
+"""
+    fleet = load_fleet(write(files, text))
+    assert fleet["a"].sensor_mw == {"accelerometer": 0.2, "gyroscope": 6.0}
+    assert fleet["b"].sensor_mw == {"accelerometer": 0.2, "gyroscope": 4.0, "microphone": 1.5}
+    assert LOCAL_DEVICE.sensor_mw == {}
+
+
 def test_local_fleet_is_this_machine_without_ssh() -> None:
     fleet = local_fleet()
     assert fleet.names == ("local",) and fleet.path is None
@@ -119,6 +136,10 @@ BASE = "name: d1\n    host: h\n    user: u\n    key: id\n    class: x86\n    kno
         (f"  - {BASE}\n    tags: lab", r"key 'tags': got 'lab'.*list"),
         (f"  - {BASE.replace('name: d1', 'name: bad/name')}", r"devices\[0\].name': got 'bad/name'"),
         ("  - just-a-string", r"devices\[0\]': got 'just-a-string'"),
+        (f"  - {BASE}\n    sensors: [gyroscope]", r"key 'sensors': got \['gyroscope'\].*\{mw: power"),
+        (f"  - {BASE}\n    sensors: {{gyroscope: 6}}", r"key 'sensors.gyroscope': got 6 \(int\).*\{mw:"),
+        (f"  - {BASE}\n    sensors: {{gyroscope: {{mw: -1}}}}", r"key 'sensors.gyroscope.mw': got -1.*>= 0"),
+        (f"  - {BASE}\n    sensors: {{gyroscope: {{mw: 6, ua: 3}}}}", r"key 'sensors.gyroscope'"),
     ],
 )
 def test_bad_entries_name_file_device_key_value(files: Path, body: str, expected: str) -> None:
