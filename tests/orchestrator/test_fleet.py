@@ -84,15 +84,15 @@ def test_energy_simulated_note_loads_and_reaches_the_agent_request(files: Path) 
 
 
 def test_sensor_power_loads_and_a_device_overrides_defaults_sensor_by_sensor(files: Path) -> None:
-    text = f"""
+    text = """
 defaults:
   user: root
   key: id
   known_hosts: kh
-  sensors: {{accelerometer: {{mw: 0.2}}, gyroscope: {{mw: 6.0}}}}
+  sensors: {accelerometer: {mw: 0.2}, gyroscope: {mw: 6.0}}
 devices:
-  - {{name: a, host: h1, class: x86}}
-  - {{name: b, host: h2, class: x86, sensors: {{gyroscope: {{mw: 4}}, microphone: {{mw: 1.5}}}}}}
+  - {name: a, host: h1, class: x86}
+  - {name: b, host: h2, class: x86, sensors: {gyroscope: {mw: 4}, microphone: {mw: 1.5}}}
 """
     fleet = load_fleet(write(files, text))
     assert fleet["a"].sensor_mw == {"accelerometer": 0.2, "gyroscope": 6.0}
