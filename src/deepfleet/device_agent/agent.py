@@ -68,7 +68,8 @@ from deepfleet.device_agent.system import (
 # 0.3.1: built by bundle.py from the program and its libraries (the artifact format, the
 #        request schema, ...): same protocol, measurements and outputs; hello adds agent_sha256
 #        (the running file's own sha256, which the host compares with the file it shipped).
-AGENT_VERSION = "0.3.1"
+# 0.3.2: the runtime's `gather` op (models that read only the inputs DeepIoT kept).
+AGENT_VERSION = "0.3.2"
 EXACT_CI_LIMIT = 5000  # above this many runs the median CI uses the normal approximation
 
 
