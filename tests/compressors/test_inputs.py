@@ -271,3 +271,48 @@ def test_sensors_on_data_without_sensor_names_is_one_clear_error(tiny_gru, tiny_
         make_compressor("deepiot", {"inputs": "pixels"})
     named = dataclasses.replace(tiny_sequences, sensors=SENSORS)
     assert named.sensors == SENSORS
+
+
+def _sensor_npz(tmp_path: Path, **extra: object) -> str:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(240, 6, 16)).astype(np.float32)
+    y = (X[:, 0].mean(1) > 0).astype(np.int64) + 2 * (X[:, 1].mean(1) > 0)
+    path = tmp_path / "sensors.npz"
+    np.savez(path, X_train=X[:160], y_train=y[:160], X_val=X[160:200], y_val=y[160:200], X_test=X[200:],
+             y_test=y[200:], **extra)
+    return str(path)
+
+
+def test_compress_writes_the_kept_inputs_and_sensors_into_the_manifest(tmp_path: Path) -> None:
+    import json
+
+    import deepfleet
+
+    data = _sensor_npz(tmp_path, sensors=np.array(list(SENSORS)), sample_hz=np.float64(8.0))
+    s = deepfleet.compress("deepsense", data=data, quick=True, progress=False, out=str(tmp_path / "out"),
+                           settings={"deepiot": {"inputs": "sensors", "iterations": 12, "eval_every": 6}})
+    small = json.loads((Path(s["artifact"]) / "manifest.json").read_text())
+    orig = json.loads((Path(s["artifact_original"]) / "manifest.json").read_text())
+    assert small["window_s"] == orig["window_s"] == 2.0  # 16 steps at 8 Hz
+    assert orig["sensors_kept"] == ["acc", "gyro"] and orig["inputs_kept"] is None
+    assert small["inputs_unit"] == "channel" and set(small["sensors_kept"]) <= {"acc", "gyro"}
+    kept = {"acc": [0, 1, 2], "gyro": [3, 4, 5]}
+    assert small["inputs_kept"] == sorted(i for name in small["sensors_kept"] for i in kept[name])
+    assert s["sensors_kept"] == small["sensors_kept"]
+
+
+def test_flat_features_with_a_model_that_needs_structure_is_one_clear_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deepfleet.cli import main
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "flat.npz"
+    np.savez(path, X_train=rng.normal(size=(20, 8)), y_train=np.arange(20) % 2,
+             X_test=rng.normal(size=(6, 8)), y_test=np.arange(6) % 2)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compress", "lenet5", "--data", str(path), "--out", str(out)])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert "flat feature vectors of shape (8,); use the model 'mlp'" in lines[0]
+    assert not out.exists()
