@@ -194,8 +194,8 @@ def timing_t100(workdir: Path) -> dict[str, Any]:
     return {"wall_seconds": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "threads": 2, "cpu_count": os.cpu_count(), "samples_train": 6000 - 800 - 1200, "shape": [6, 100],
             **{k: r.get(k) for k in ("kept_params", "accuracy_before", "accuracy_after", "search_iterations",
-                                     "base_cached", "seconds")},
-            "phases": r.get("phases")}
+                                     "base_cached", "base_seconds", "seconds")},
+            "step_seconds": {s["method"]: s.get("seconds") for s in r.get("steps", [])}}
 
 
 def run_timing() -> dict[str, Any]:

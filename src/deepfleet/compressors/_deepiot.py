@@ -32,6 +32,7 @@ target keeps its meaning: a fraction of the original's parameters or MACs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -81,6 +82,12 @@ class DeepIoTConfig:
     distill: float = 0.7  # weight of distillation from the original in the critic's loss
     distill_temperature: float = 4.0
     inputs: str = "none"  # none | features | sensors: mask the input too (see the module docstring)
+    # A budget that scales with the model and the data's shape: at most ``work`` forward
+    # multiply-accumulates over the search's samples (iterations x batch x the model's MACs per
+    # sample), so fewer iterations (at least MIN_ITERATIONS) than ``iterations`` when one costs
+    # more. LeNet5 on 28x28 (2.3M MACs) keeps its 3000, LeNet-300-100 too; DeepSense gets ~1500
+    # on 64-step windows (4.6M) and ~970 on 100-step windows (7.3M). None: ``iterations`` alone.
+    work: float | None = 4.5e11
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -94,12 +101,25 @@ class DeepIoTConfig:
             raise ConfigError(f"schedule must be 'target' or 'paper', but got {self.schedule!r}")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, but got {self.iterations}")
+        if self.work is not None and not self.work > 0:
+            raise ConfigError(f"work must be a positive number of multiply-accumulates (or None), but got {self.work}")
         if self.inputs not in INPUT_MODES:
             raise ConfigError(
                 f"deepiot.inputs must be one of {', '.join(INPUT_MODES)}, but got {self.inputs!r}; "
                 "features masks each input feature (a channel of a sequence or image), sensors "
                 "each sensor the data names"
             )
+
+
+MIN_ITERATIONS = 300
+
+
+def search_iterations(cfg: DeepIoTConfig, macs: float) -> int:
+    """The iterations the search runs for a model of ``macs`` per sample (see ``work``)."""
+    if cfg.work is None:
+        return cfg.iterations
+    fit = int(cfg.work // (cfg.batch_size * max(float(macs), 1.0)))
+    return min(cfg.iterations, max(min(MIN_ITERATIONS, cfg.iterations), fit))
 
 
 @dataclass
@@ -249,6 +269,7 @@ def search(
     ``teacher_logits`` (the original model's outputs on the training split) enable distillation
     in the critic's loss when ``cfg.distill > 0``.
     """
+    cfg = dataclasses.replace(cfg, iterations=search_iterations(cfg, cm.full[1]))
     dev = device_of(masked)
     kd = TrainConfig(kd_alpha=cfg.distill, kd_temperature=cfg.distill_temperature)
     gen = torch.Generator().manual_seed(seed)
