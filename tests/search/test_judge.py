@@ -112,3 +112,16 @@ def test_predictor_recovers_a_linear_cost_and_needs_enough_points() -> None:
     assert f is not None and f.loo_error < 0.01
     assert f.predict({"macs": 5e5, "params": 5e4}) == pytest.approx(1.5, rel=0.01)
     assert fit(pts[:3], "latency_p50") is None  # too few points to trust
+
+
+def test_sensing_energy_is_measured_never_predicted_from_macs_and_params() -> None:
+    spec = parse_study({"name": "s", "model": "mlp", "data": "sensing", "classes": ["b"],
+                        "objectives": ["accuracy"],
+                        "constraints": [{"metric": "energy_total", "class": "b", "max": 1.0}]})
+    # other artifacts whose total energy follows MACs perfectly: a fit would call CAND far over
+    rows = [{**r, "sensing_energy_mj": 1e-6 * r["macs"]} for r in linear_rows()]
+    big = dataclasses.replace(CAND, macs=10_000_000, params=1_000_000)
+    v = judge(spec, big, rows)
+    assert isinstance(v, Measure) and not v.predictions  # it may keep fewer sensors: measure it
+    v = judge(spec, big, [*rows, {**row("b1", "b", 1.0, artifact="me"), "sensing_energy_mj": 0.25}])
+    assert isinstance(v, Tell) and v.constraints["energy_total@b<=1"] == pytest.approx(1.5 + 0.25 - 1.0)

@@ -136,6 +136,8 @@ def _predict(spec: StudySpec, cand: Candidate, rows: Rows, classes: Sequence[str
               if x.device_class in classes}
     out = []
     for metric, cls in sorted(wanted, key=lambda t: (t[0], str(t[1]))):
+        if metrics.metric(metric).sensing:
+            continue  # it follows the sensors a model keeps, which its MACs and params do not say
         points = predictor.training_points([r for r in rows if r.get("artifact_hash") != cand.artifact_hash],
                                            str(cls), metric)
         fit = predictor.fit(points, metric)
