@@ -174,8 +174,25 @@ def test_version_1_files_without_drift_read_back_with_null_drift(tmp_path: Path)
     pq.write_table(pa.Table.from_pylist([row], schema=old).drop_columns(["study", "device"]),
                    part)
     frame = read_results(root)
-    assert SCHEMA_VERSION == 2 and list(frame.columns) == RESULTS_SCHEMA.names
+    assert SCHEMA_VERSION == 3 and list(frame.columns) == RESULTS_SCHEMA.names
     df = frame.set_index("measurement_id")
     assert df.loc["old", "schema_version"] == 1 and pd.isna(df.loc["old", "drift"])
     new = df[df.index != "old"].iloc[0]
-    assert new["schema_version"] == 2 and new["drift"] == pytest.approx(0.04)
+    assert new["schema_version"] == 3 and new["drift"] == pytest.approx(0.04)
+
+
+def test_version_2_files_without_sensing_energy_read_back_with_nulls(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    sensing = ("sensing_energy_mj", "sensing_basis")
+    old = RESULTS_SCHEMA
+    for name in sensing:
+        old = old.remove(old.get_field_index(name))
+    row = {k: v for k, v in _row(measurement_id="v2").items() if k not in sensing}
+    row["schema_version"] = 2
+    part = root / "study=s1" / "device=dev-1" / "part-v2.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=old).drop_columns(["study", "device"]), part)
+    write_results(root, [_row(sensing_energy_mj=7.9, sensing_basis="estimated from datasheet power")])
+    df = read_results(root).set_index("measurement_id")
+    assert pd.isna(df.loc["v2", "sensing_energy_mj"]) and pd.isna(df.loc["v2", "sensing_basis"])
+    assert df[df.index != "v2"].iloc[0]["sensing_energy_mj"] == 7.9
