@@ -47,6 +47,9 @@ def _line(o: Outcome) -> str:
         energy = f"~{o.estimated_energy_mj:.3g} mJ (estimated: no sensor reading)"
     else:
         energy = "-"
+    sensing = o.row.get("sensing_energy_mj")
+    if sensing is not None:
+        energy += f" + sensing ~{sensing:.3g} mJ (estimated)"
     drift = "-" if o.drift is None else f"{o.drift:+.1%}"
     text = (f"{o.device}  {what}  p50 {_ms(o.p50_ms)} ms  p90 {_ms(o.p90_ms)} ms  "
             f"p99 {_ms(o.p99_ms)} ms  energy {energy}  drift {drift}")

@@ -116,10 +116,10 @@ class Outcome:
 
     def summary(self) -> dict[str, Any]:
         """The outcome as plain JSON-ready data, without the row."""
-        return {k: getattr(self, k) for k in (
+        return {**{k: getattr(self, k) for k in (
             "device", "artifact", "artifact_hash", "reference", "ok", "p50_ms", "p90_ms",
             "p99_ms", "energy_mj", "estimated_energy_mj", "energy_kind", "energy_source",
-            "drift", "rows_written", "error")}
+            "drift", "rows_written", "error")}, "sensing_energy_mj": self.row.get("sensing_energy_mj")}
 
 
 @dataclass(frozen=True, kw_only=True)
