@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -65,7 +66,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors._l1 import uniform_l1_keep
     from deepfleet.compressors._pipeline import deepiot_compress, layer_table
-    from deepfleet.compressors.training import accuracy, train
+    from deepfleet.compressors.training import accuracy, fit_budget, macs_per_sample, train
     from deepfleet.data import load_data
 
     t0 = time.perf_counter()
@@ -73,6 +74,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     dev = torch.device("cpu")
     base, _ = trained_base(spec["model"], data, seed=spec["seed"], cfg=BASE_TRAINING, device=dev, progress=False)
     ft = dataclasses.replace(FINETUNE, **spec.get("finetune", {}))
+    # the fine-tuning budget in the original's MACs per sample, as compress_model applies it
+    ft = fit_budget(ft, len(data.y_train), macs_per_sample(base, torch.as_tensor(data.X_train[:2])))
     row: dict[str, Any] = {**spec, "base_test": accuracy(base, data.X_test, data.y_test),
                            "base_val": accuracy(base, data.X_val, data.y_val)}
     if spec["method"].startswith("deepiot"):
@@ -204,11 +207,8 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
     ]
 
 
-def _deepsense_sensors(rows: list[dict[str, Any]], seeds: list[int], export_dir: Path) -> dict[str, Any]:
+def _deepsense_sensors(rows: list[dict[str, Any]], original: Any) -> dict[str, Any]:
     """Measure every exported deepsense model (and the original) on the local agent; summarise."""
-    import tempfile
-
-    original = inputs_bench.export_original("deepsense", "sensing", seeds[0], export_dir)
     with tempfile.TemporaryDirectory() as d:
         energies = inputs_bench.measure_energy([r["artifact"] for r in rows] + [original["artifact"]], Path(d))
     original.update({k: energies[original["artifact"]].get(k) for k in ("energy_estimated", "energy_sensing", "energy_total")})
@@ -228,10 +228,13 @@ def main() -> None:
     parts = args.parts.split(",")
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     jobs = [j for p in parts if p not in ("latency", "timing", "timing-t100") for j in _jobs(p, seeds)]
-    export_dir = args.out.parent / "artifacts-inputs"
+    export_dir = Path(tempfile.gettempdir()) / "deepfleet-bench-inputs"  # artifacts measured, not kept
     for j in jobs:
         if j.get("export"):
             j["export_dir"] = str(export_dir)
+    original = None
+    if "deepsense-sensors" in parts:  # trained (or found) once, before the jobs that all need it
+        original = inputs_bench.export_original("deepsense", "sensing", seeds[0], export_dir)
     if jobs:
         with ProcessPoolExecutor(args.workers) as pool:
             rows = list(pool.map(_job, jobs))
@@ -239,7 +242,7 @@ def main() -> None:
             part_rows = [r for r in rows if r["part"] == part]
             key = "variant" if part == "ablation" else "method"
             if part == "deepsense-sensors":
-                results[part] = _deepsense_sensors(part_rows, seeds, export_dir)
+                results[part] = _deepsense_sensors(part_rows, original)
                 continue
             results[part] = {
                 name: {"summary": _summarise([r for r in part_rows if r[key] == name]),
