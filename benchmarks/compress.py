@@ -14,7 +14,9 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
 * ``bilstm``    bilstm / sensing at 10 %;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
-* ``timing``    wall time of one ``deepfleet compress lenet5 --data digits`` with an empty cache.
+* ``timing``    wall time of one ``deepfleet compress lenet5 --data digits`` with an empty cache;
+* ``mlp-inputs``, ``lenet5-inputs``, ``deepsense-sensors``, ``timing-t100``: inputs as
+                compression targets (``deepiot.inputs``), see ``_inputs_bench.py``.
 
 Jobs run in ``--workers`` processes, one torch thread each.
 """
@@ -27,12 +29,17 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _inputs_bench as inputs_bench  # noqa: E402
+
+INPUT_PARTS = ("mlp-inputs", "lenet5-inputs", "deepsense-sensors")
 DEFAULT_OUT = HERE / "results" / "compress.json"
 
 # name -> (DeepIoT config overrides, fine-tuning overrides). The paper's schedule (+0.025 every
@@ -59,7 +66,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors._l1 import uniform_l1_keep
     from deepfleet.compressors._pipeline import deepiot_compress, layer_table
-    from deepfleet.compressors.training import accuracy, train
+    from deepfleet.compressors.training import accuracy, fit_budget, macs_per_sample, train
     from deepfleet.data import load_data
 
     t0 = time.perf_counter()
@@ -67,6 +74,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     dev = torch.device("cpu")
     base, _ = trained_base(spec["model"], data, seed=spec["seed"], cfg=BASE_TRAINING, device=dev, progress=False)
     ft = dataclasses.replace(FINETUNE, **spec.get("finetune", {}))
+    # the fine-tuning budget in the original's MACs per sample, as compress_model applies it
+    ft = fit_budget(ft, len(data.y_train), macs_per_sample(base, torch.as_tensor(data.X_train[:2])))
     row: dict[str, Any] = {**spec, "base_test": accuracy(base, data.X_test, data.y_test),
                            "base_val": accuracy(base, data.X_val, data.y_val)}
     if spec["method"].startswith("deepiot"):
@@ -74,7 +83,11 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         res = deepiot_compress(base, data, cfg, ft, seed=spec["seed"], progress=False)
         model, kept = res.model, res.kept_params
         row.update(search_iterations=res.search.iterations, val_after_search=res.val_accuracy_search,
-                   extraction_error=res.extraction_error, layers=layer_table(res.structure, base, model))
+                   extraction_error=res.extraction_error, layers=layer_table(res.structure, base, model),
+                   inputs=inputs_bench.inputs_row(res))
+        if spec.get("export"):
+            row["artifact"] = inputs_bench.export(spec, res, data, accuracy(model, data.X_val, data.y_val),
+                                                  Path(spec["export_dir"]))
     else:  # structured L1 pruning with a uniform ratio per layer, then the same fine-tuning
         st = analyse(base, torch.as_tensor(data.X_train[:2]))
         cm = cost_model(st)
@@ -95,7 +108,11 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    inputs = [r.get("inputs") for r in rows]
+    extra = {"inputs_kept_per_seed": [f"{i['units_kept']}/{i['units']} {i['unit']}s" for i in inputs]} \
+        if all(inputs) else {}
     return {
+        **extra,
         "runs": len(rows),
         "kept_params_pct_mean": 100 * statistics.mean(r["kept_params"] for r in rows),
         "base_test_mean": statistics.mean(r["base_test"] for r in rows),
@@ -163,6 +180,8 @@ def _timing_part() -> dict[str, Any]:
 
 
 def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
+    if part in INPUT_PARTS:
+        return inputs_bench.jobs(part, seeds)
     if part == "lenet5":
         return [{"part": part, "model": "lenet5", "data": "digits", "target": 0.01, "seed": s, "method": "deepiot"} for s in seeds]
     if part == "ablation":
@@ -188,6 +207,16 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
     ]
 
 
+def _deepsense_sensors(rows: list[dict[str, Any]], original: Any) -> dict[str, Any]:
+    """Measure every exported deepsense model (and the original) on the local agent; summarise."""
+    with tempfile.TemporaryDirectory() as d:
+        energies = inputs_bench.measure_energy([r["artifact"] for r in rows] + [original["artifact"]], Path(d))
+    original.update({k: energies[original["artifact"]].get(k) for k in ("energy_estimated", "energy_sensing", "energy_total")})
+    out = inputs_bench.deepsense_summary(rows, original, energies)
+    out["runs"] = rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="lenet5,ablation,mlp,deepsense,bilstm,latency,timing")
@@ -198,13 +227,23 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    jobs = [j for p in parts if p not in ("latency", "timing") for j in _jobs(p, seeds)]
+    jobs = [j for p in parts if p not in ("latency", "timing", "timing-t100") for j in _jobs(p, seeds)]
+    export_dir = Path(tempfile.gettempdir()) / "deepfleet-bench-inputs"  # artifacts measured, not kept
+    for j in jobs:
+        if j.get("export"):
+            j["export_dir"] = str(export_dir)
+    original = None
+    if "deepsense-sensors" in parts:  # trained (or found) once, before the jobs that all need it
+        original = inputs_bench.export_original("deepsense", "sensing", seeds[0], export_dir)
     if jobs:
         with ProcessPoolExecutor(args.workers) as pool:
             rows = list(pool.map(_job, jobs))
         for part in {j["part"] for j in jobs}:
             part_rows = [r for r in rows if r["part"] == part]
             key = "variant" if part == "ablation" else "method"
+            if part == "deepsense-sensors":
+                results[part] = _deepsense_sensors(part_rows, original)
+                continue
             results[part] = {
                 name: {"summary": _summarise([r for r in part_rows if r[key] == name]),
                        "runs": [r for r in part_rows if r[key] == name]}
@@ -214,13 +253,20 @@ def main() -> None:
         results["latency"] = _latency_part()
     if "timing" in parts:
         results["timing"] = _timing_part()
+    if "timing-t100" in parts:
+        results["timing-t100"] = inputs_bench.run_timing()
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     for part in parts:
         if part in results:
             block = results[part]
-            summary = {k: v["summary"] for k, v in block.items()} if part not in ("latency", "timing") else block
+            if part in ("latency", "timing", "timing-t100"):
+                summary = block
+            elif part == "deepsense-sensors":
+                summary = {k: block[k] for k in ("subsets", "goal", "front_val_vs_energy_total")}
+            else:
+                summary = {k: v["summary"] for k, v in block.items()}
             print(f"== {part}\n{json.dumps(summary, indent=1)}")
     print(f"saved {args.out}")
 

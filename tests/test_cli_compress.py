@@ -180,6 +180,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: li
         (["mlp", "--data", "digits", "--method", "fixedpoint", "--set", "l1.target=0.1"],
          "settings given for l1, which the pipeline 'fixedpoint' does not run"),
         (["mlp", "--data", "digits", "--set", "deepiot"], "--set takes METHOD.KEY=VALUE"),
+        (["mlp", "--data", "digits", "--set", "deepiot.inputs=sensors"],
+         "deepiot.inputs=sensors needs the data to name each channel's sensor, but 'digits' names none"),
+        (["mlp", "--data", "digits", "--set", "deepiot.inputs=pixels"],
+         "deepiot.inputs must be one of none, features, sensors, but got 'pixels'"),
     ],
 )
 def test_bad_pipelines_and_settings_fail_in_process_before_any_work(tmp_path: Path, args: list[str], needle: str) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfleet.data import _audio, _sensing, data_names, load_data
+from deepfleet.data import SensingInfo, _audio, _sensing, data_names, load_data, sensing_info
 from deepfleet.data._dataset import fingerprint
 from deepfleet.data._sensing import CLASSES, generate
 from deepfleet.errors import DataError
@@ -148,7 +148,7 @@ def test_npz_without_validation_gets_a_fixed_split(tmp_path: Path) -> None:
     [
         (lambda a: a.pop("y_test"), "missing array(s) y_test"),
         (lambda a: a.update(X_test=a["X_test"][:, :, :8]), "all splits must share one sample shape"),
-        (lambda a: a.update(X_train=a["X_train"][:, 0]), "expected (N, C, T)"),
+        (lambda a: a.update(X_train=a["X_train"][:, 0, 0]), "expected (N, F) feature vectors, (N, C, T)"),
         (lambda a: a["X_train"].__setitem__((3, 0, 0), np.nan), "NaN or infinite values in 1 samples"),
         (lambda a: a.update(y_test=a["y_test"] + 4), "labels in [4, 7]"),
         (lambda a: a.update(y_train=a["y_train"][:5]), "y_train has shape (5,)"),
@@ -161,6 +161,48 @@ def test_bad_npz_is_rejected_with_the_problem_named(tmp_path: Path, change, need
     with pytest.raises(DataError) as err:
         load_data(_npz(tmp_path, **arrays))
     assert needle in str(err.value)
+
+
+def test_flat_feature_vectors_and_sensing_metadata_load(tmp_path: Path) -> None:
+    a = _good(40)
+    a.update(X_train=a["X_train"].reshape(40, -1), X_test=a["X_test"].reshape(8, -1),
+             sensors=np.array(["acc"] * 24 + ["gyro"] * 24), window_s=np.float64(2.5))
+    d = load_data(_npz(tmp_path, **a))
+    assert d.input_shape == (48,) and d.sensors == ("acc",) * 24 + ("gyro",) * 24
+    assert d.sensing_window_s == 2.5 and d.sample_hz is None
+    b = _good(40)
+    b.update(sensors=np.array(["acc", "acc", "mic"]), sample_hz=np.float64(8.0))
+    path = _npz(tmp_path, **b)
+    d = load_data(path)
+    assert d.sensing_window_s == 16 / 8.0 and d.summary()["sensors"] == ["acc", "acc", "mic"]
+    info = sensing_info(path)  # the same, without loading X
+    assert info.sensors == ("acc", "acc", "mic") and info.window_s == 2.0
+
+
+def test_the_sensing_set_names_its_sensors_and_window() -> None:
+    d = load_data("sensing")
+    assert d.sensors == ("accelerometer",) * 3 + ("gyroscope",) * 3
+    assert d.sample_hz == 50.0 and d.sensing_window_s == 64 / 50.0
+    assert sensing_info("sensing") == SensingInfo(d.sensors, 64 / 50.0)
+    assert sensing_info("digits") == SensingInfo(None, None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"sensors": np.array(["acc", "gyro"])}, "array 'sensors' has 2 names but the samples have 3 channels"),
+        ({"sensors": np.array([1, 2, 3])}, "array 'sensors' has dtype int64"),
+        ({"sample_hz": np.float64(-1)}, "array 'sample_hz' is"),
+        ({"sample_hz": np.float64(8), "window_s": np.float64(3.0)}, "'window_s' 3.0 disagrees with T / sample_hz"),
+    ],
+)
+def test_bad_sensing_metadata_names_the_array_and_the_fix(tmp_path: Path, extra: dict, needle: str) -> None:
+    path = _npz(tmp_path, **_good(), **extra)
+    with pytest.raises(DataError) as err:
+        load_data(path)
+    assert needle in str(err.value)
+    with pytest.raises(DataError, match=needle.split(" ")[0]):
+        sensing_info(path)
 
 
 def test_unknown_names_and_missing_files(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def test_device_metrics_read_columns_the_results_dataset_has() -> None:
 
     columns = set(RESULTS_SCHEMA.names)
     assert {m.field for m in metrics.METRICS.values() if m.per_device} <= columns
+    assert {m.plus for m in metrics.METRICS.values() if m.plus} <= columns
     assert {m.field for m in metrics.METRICS.values() if not m.per_device} <= set(Candidate.__dataclass_fields__)
 
 
@@ -108,3 +109,17 @@ def test_the_time_based_energy_estimate_is_its_own_kind() -> None:
     assert metrics.class_value("energy_estimated", rows, "a") == pytest.approx(0.0155)
     assert metrics.row_value("energy", rows[0]) is None  # neither estimate is a measurement
     assert metrics.metric("energy_time_estimated").energy_kind == "time_estimated" in metrics.ENERGY_KINDS
+
+
+def test_sensing_energy_is_an_estimate_and_the_total_sums_two_estimates_only() -> None:
+    rows = [row("d1", energy=10.0, kind="measured", sensing_energy_mj=7.9),
+            row("d2", estimate=0.5, sensing_energy_mj=0.25), row("d3")]  # d3: no sensor power known
+    assert metrics.METRICS["energy_sensing"].energy_kind == "estimated"
+    assert metrics.METRICS["energy_total"].energy_kind == "estimated"
+    assert metrics.row_value("energy_sensing", rows[0]) == 7.9
+    assert metrics.row_value("energy_total", rows[0]) == pytest.approx(0.3 + 7.9)  # not 10 + 7.9
+    assert metrics.row_value("energy_total", rows[2]) is None  # one part missing: no total
+    assert metrics.device_values("energy_total", rows) == {("d1", "unknown"): pytest.approx(8.2),
+                                                         ("d2", "unknown"): 0.75}
+    assert metrics.class_value("energy_sensing", rows, "a") == pytest.approx((7.9 + 0.25) / 2)
+    assert {"energy_sensing", "energy_total"} <= {m for m, _ in metrics.class_values(rows, "x")}

@@ -35,7 +35,8 @@ OPSET = 17  # onnxruntime >= 1.13 runs it: old enough for the boards' packaged r
 IR_VERSION = 8  # the IR version of opset 17
 _INT64_MAX, _INT64_MIN = 2**63 - 1, -(2**63)
 # Ops through which an 8-bit quantiser moves up exactly: q(f(x)) = f(q(x)) for these f.
-_COMMUTING = {"max_pool", "reshape", "permute", "getitem", "squeeze", "unsqueeze", "cat", "stack"}
+_COMMUTING = {"max_pool", "reshape", "permute", "getitem", "squeeze", "unsqueeze", "cat", "stack",
+              "gather"}
 TOLERANCE_FLOAT = 1e-4  # max |onnxruntime - reference| / max |reference|, float graphs
 # Integer kernels requantise with a float multiplier and an int32 bias: a value on a rounding
 # boundary lands one step away, and such steps travel to the outputs, through a recurrence too
@@ -409,13 +410,19 @@ def _const(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
     b.node("Identity", [_weight(b, c, op["weights"]["value"])], out)
 
 
+def _gather(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
+    a = op["attrs"]
+    idx = b.const(f"{op['name']}.indices", np.asarray(a["indices"], dtype=np.int64), np.int64)
+    b.node("Gather", [xs[0], idx], out, axis=int(a["axis"]))
+
+
 #: One converter per op of the device runtime's ``OPS`` table (a test keeps them equal).
 CONVERTERS = {
     "const": _const, "conv": _conv, "linear": _linear, "affine": _affine, "max_pool": _max_pool,
     "avg_pool": _avg_pool, "adaptive_pool": _adaptive_pool, "act": _act, "reshape": _reshape,
     "permute": _permute, "getitem": _getitem, "cat": _cat, "stack": _stack, "reduce": _reduce,
     "squeeze": _squeeze, "unsqueeze": _unsqueeze, "binary": _binary, "rnn": _rnn,
-    "fake_quant": _fake_quant,
+    "fake_quant": _fake_quant, "gather": _gather,
 }
 
 

@@ -42,6 +42,9 @@ class Candidate:
     fraction of the original's. ``node`` and ``train_seconds`` say where and how long it was
     compressed (None for the original). ``features`` are the predictor's features of its
     artifact (:func:`deepfleet.features.onnx_features`; empty when it has no ``model.onnx``).
+    ``sensors_kept`` names the sensors the model still reads (None when the data names none);
+    ``inputs_kept`` the input channels (or elements, see the artifact manifest's
+    ``inputs_unit``) it still reads when DeepIoT masked inputs (None: all).
     """
 
     model: str
@@ -59,6 +62,8 @@ class Candidate:
     features: dict[str, float] = field(default_factory=dict)
     node: str | None = None
     train_seconds: float | None = None
+    sensors_kept: tuple[str, ...] | None = None
+    inputs_kept: tuple[int, ...] | None = None
 
     @property
     def is_original(self) -> bool:
@@ -73,4 +78,7 @@ class Candidate:
         """The inverse of :meth:`to_dict` (unknown keys are an error: the record is versioned
         by its fields)."""
         fields = {**data, "layers": tuple(Layer(**lay) for lay in data.get("layers") or ())}
+        for key in ("sensors_kept", "inputs_kept"):
+            if fields.get(key) is not None:
+                fields[key] = tuple(fields[key])
         return cls(**fields)

@@ -25,6 +25,13 @@ For a device metric and one artifact:
   device was measured with each) there is no class value: :func:`backend_conflict` says which
   devices ran what, and the fix. The search's judge then fails the trial with that reason.
 
+Sensing energy (what the sensors a model still reads cost per inference, :mod:`deepfleet.sensing`)
+is an estimate from the fleet file's datasheet power, kind ``estimated``, read from the row's
+``sensing_energy_mj``: ``energy_sensing``. ``energy_total`` is the one sum of two energy parts:
+operation-count compute estimate + sensing estimate, both estimates (kind ``estimated``), None
+unless the row has both. No metric adds measured (or simulated) compute energy to estimated
+sensing energy: an objective that wants those names the two metrics separately.
+
 Pure functions of plain data (dicts and dataclasses); no pandas, no I/O.
 """
 
@@ -62,7 +69,9 @@ class Metric:
 
     ``source`` is ``candidate`` (``field`` names a Candidate field) or ``device`` (``field``
     names a results column, read only from rows whose ``energy_kind`` is ``energy_kind`` when
-    that is ``measured`` or ``simulated``). ``direction`` is the default for an objective.
+    that is ``measured`` or ``simulated``). ``plus`` names a second column added to ``field``
+    (a sum of two parts of the same kind; None when either is missing). ``sensing``: the
+    metric needs the fleet file's sensor power. ``direction`` is the default for an objective.
     """
 
     name: str
@@ -72,6 +81,8 @@ class Metric:
     source: str
     field: str
     energy_kind: str | None = None
+    plus: str | None = None
+    sensing: bool = False
 
     @property
     def per_device(self) -> bool:
@@ -117,6 +128,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            field="time_estimated_energy_mj", energy_kind="time_estimated",
            description="energy per run estimated from busy time x the device's stated power "
                        "(fleet file power:; not a measurement)"),
+    Metric(name="energy_sensing", direction="minimize", unit="mJ", source="device",
+           field="sensing_energy_mj", energy_kind="estimated", sensing=True,
+           description="sensing energy per run: kept sensors' datasheet power x window (an estimate)"),
+    Metric(name="energy_total", direction="minimize", unit="mJ", source="device",
+           field="estimated_energy_mj", plus="sensing_energy_mj", energy_kind="estimated",
+           sensing=True,
+           description="estimated compute (operation counts) + estimated sensing energy per run"),
 )}
 
 
@@ -154,7 +172,11 @@ def row_value(name: str, row: Mapping[str, Any]) -> float | None:
         return None
     if m.energy_kind in ("measured", "simulated") and row.get("energy_kind") != m.energy_kind:
         return None
-    return _number(row.get(m.field))
+    value = _number(row.get(m.field))
+    if m.plus is not None:
+        extra = _number(row.get(m.plus))
+        return None if value is None or extra is None else value + extra
+    return value
 
 
 def backend_of(row: Mapping[str, Any]) -> str:

@@ -97,3 +97,24 @@ def test_an_extracted_model_that_cannot_run_gets_the_fix_for_its_cause() -> None
     with pytest.raises(ModelError, match="same device.*please report it") as info:
         check_extraction(masked, lambda: None, _Fails("Expected all tensors to be on the same device"), x)
     assert "hard-coded" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_masked_rnn_is_the_module_with_dropped_units_exactly_zero(kind: str) -> None:
+    from deepfleet.compressors._masked import masked_rnn
+
+    torch.manual_seed(0)
+    cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+    rnn = cls(5, 7, num_layers=2, bidirectional=True, batch_first=False)
+    x = torch.randn(9, 4, 5)  # (T, B, C)
+    ones = [torch.ones(7), torch.ones(7)]
+    out, _ = masked_rnn(rnn, x, ones)
+    assert torch.allclose(out, rnn(x)[0], atol=1e-6)  # all kept: the module itself
+    z = [torch.bernoulli(torch.full((4, 7), 0.5)) for _ in range(2)]
+    out, hidden = masked_rnn(rnn, x, z)
+    h_n = hidden[0] if kind == "lstm" else hidden
+    dropped = (z[1] == 0)[None].expand(9, -1, -1)
+    assert torch.equal(out[..., :7][dropped], torch.zeros(int(dropped.sum())))  # exactly 0
+    assert torch.equal(h_n[2][z[1] == 0], torch.zeros(int((z[1] == 0).sum())))
+    out.sum().backward()
+    assert rnn.weight_hh_l0.grad is not None and torch.isfinite(rnn.weight_hh_l0.grad).all()

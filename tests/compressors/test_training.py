@@ -104,3 +104,43 @@ def test_training_tensors_add_shifted_images_and_leave_sequences_alone(tiny_digi
 def test_a_bad_shift_is_named(bad: object) -> None:
     with pytest.raises(ConfigError, match=f"shift.*{bad!r}"):
         TrainConfig(shift=bad)  # type: ignore[arg-type]
+
+
+def test_training_budgets_scale_with_the_data_and_leave_the_digits_models_alone() -> None:
+    import dataclasses
+
+    from deepfleet.api import BASE_TRAINING, FINETUNE
+    from deepfleet.compressors._deepiot import DeepIoTConfig, search_iterations
+    from deepfleet.compressors._export import export_graph
+    from deepfleet.compressors.training import fit_budget, macs_per_sample
+    from deepfleet.models import build_model
+
+    macs = {}
+    for name, shape in (("lenet5", (1, 28, 28)), ("mlp", (1, 28, 28)), ("deepsense", (6, 100))):
+        model = build_model(name, input_shape=shape, num_classes=6).eval()
+        macs[name] = macs_per_sample(model, torch.randn(2, *shape))
+        assert macs[name] == export_graph(model, shape).macs  # counted as the exporter counts
+    for name in ("lenet5", "mlp"):  # 1097 digits: 60 epochs, 3000 iterations, as before budgets
+        assert fit_budget(BASE_TRAINING, 1097, macs[name]).epochs == 60
+        assert fit_budget(FINETUNE, 1097, macs[name]).epochs == 60
+        assert search_iterations(DeepIoTConfig(), macs[name]) == 3000
+    # 4000 windows of 100 steps: a fraction of that, in proportion to the work
+    assert fit_budget(BASE_TRAINING, 4000, macs["deepsense"]).epochs == 10
+    assert 950 <= search_iterations(DeepIoTConfig(), macs["deepsense"]) <= 990
+    assert fit_budget(BASE_TRAINING, 4000, 1e12).epochs == 5  # never below MIN_EPOCHS
+    assert search_iterations(DeepIoTConfig(work=None), macs["deepsense"]) == 3000
+    unbounded = dataclasses.replace(BASE_TRAINING, work=None)
+    assert fit_budget(unbounded, 4000, macs["deepsense"]).epochs == 60
+
+
+def test_the_base_cache_key_ignores_a_budget_that_does_not_bind(digits) -> None:
+    import dataclasses
+
+    from deepfleet.api import BASE_TRAINING, _base_key
+    from deepfleet.compressors.training import fit_budget
+    from deepfleet.models import build_model
+
+    model = build_model("lenet5", input_shape=(1, 28, 28), num_classes=10)
+    budgeted = fit_budget(BASE_TRAINING, len(digits.y_train), 2.29e6)
+    plain = dataclasses.replace(BASE_TRAINING, work=None)
+    assert _base_key("lenet5", digits, 0, budgeted, model) == _base_key("lenet5", digits, 0, plain, model)

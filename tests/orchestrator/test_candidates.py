@@ -114,3 +114,26 @@ def test_bad_rows_and_missing_dataset(tmp_path: Path) -> None:
         candidate_row(study="s", kind="candidate", outcome="failed", accuracy=1.0)
     with pytest.raises(ResultsError, match="no candidates dataset"):
         read_candidates(tmp_path / "none")
+
+
+def test_kept_inputs_and_sensors_round_trip_and_older_files_read_them_as_null(tmp_path: Path) -> None:
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deepfleet.orchestrator.candidates import CANDIDATES_SCHEMA, candidate_of
+
+    masked = dataclasses.replace(CAND, artifact_hash="cd" * 32, sensors_kept=("accelerometer",),
+                                 inputs_kept=(0, 1, 2))
+    write_candidates(tmp_path, [candidate_row(study="s", kind="candidate", outcome="measured", trial=1,
+                                              candidate=masked)])
+    # a file written before the two columns existed
+    old = pa.schema([f for f in CANDIDATES_SCHEMA if f.name not in ("sensors_kept", "inputs_kept", "study")])
+    row = {k: v for k, v in candidate_row(study="s", kind="candidate", outcome="measured", trial=0,
+                                          candidate=CAND).items() if k in old.names}
+    pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "study=s" / "part-old.parquet")
+    df = read_candidates(tmp_path, study="s")
+    by_trial = {int(r["trial"]): candidate_of(r) for _, r in df.iterrows()}
+    assert by_trial[1] == masked and by_trial[1].sensors_kept == ("accelerometer",)
+    assert by_trial[0].sensors_kept is None and by_trial[0].inputs_kept is None

@@ -121,6 +121,23 @@ def test_backends_and_power_load_from_defaults_or_the_device_and_reach_the_reque
     assert sent[1]["backends"] == ["numpy"] and "power" not in sent[1]
 
 
+def test_sensor_power_loads_and_a_device_overrides_defaults_sensor_by_sensor(files: Path) -> None:
+    text = """
+defaults:
+  user: root
+  key: id
+  known_hosts: kh
+  sensors: {accelerometer: {mw: 0.2}, gyroscope: {mw: 6.0}}
+devices:
+  - {name: a, host: h1, class: x86}
+  - {name: b, host: h2, class: x86, sensors: {gyroscope: {mw: 4}, microphone: {mw: 1.5}}}
+"""
+    fleet = load_fleet(write(files, text))
+    assert fleet["a"].sensor_mw == {"accelerometer": 0.2, "gyroscope": 6.0}
+    assert fleet["b"].sensor_mw == {"accelerometer": 0.2, "gyroscope": 4.0, "microphone": 1.5}
+    assert LOCAL_DEVICE.sensor_mw == {}
+
+
 def test_local_fleet_is_this_machine_without_ssh() -> None:
     fleet = local_fleet()
     assert fleet.names == ("local",) and fleet.path is None
@@ -166,6 +183,10 @@ BASE = "name: d1\n    host: h\n    user: u\n    key: id\n    class: x86\n    kno
         (f"  - {BASE}\n    power: {{active_w: 1, peak_w: 2}}", r"'power.peak_w'.*only the keys"),
         (f"  - {BASE.replace('name: d1', 'name: bad/name')}", r"devices\[0\].name': got 'bad/name'"),
         ("  - just-a-string", r"devices\[0\]': got 'just-a-string'"),
+        (f"  - {BASE}\n    sensors: [gyroscope]", r"key 'sensors': got \['gyroscope'\].*\{mw: power"),
+        (f"  - {BASE}\n    sensors: {{gyroscope: 6}}", r"key 'sensors.gyroscope': got 6 \(int\).*\{mw:"),
+        (f"  - {BASE}\n    sensors: {{gyroscope: {{mw: -1}}}}", r"key 'sensors.gyroscope.mw': got -1.*>= 0"),
+        (f"  - {BASE}\n    sensors: {{gyroscope: {{mw: 6, ua: 3}}}}", r"key 'sensors.gyroscope'"),
     ],
 )
 def test_bad_entries_name_file_device_key_value(files: Path, body: str, expected: str) -> None:

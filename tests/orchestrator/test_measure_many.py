@@ -197,3 +197,31 @@ def test_ctrl_c_lets_each_device_finish_its_measurement_and_start_no_other(
     assert time.monotonic() - start < 10  # 20 x 0.5 s were asked for
     df = read_results(root)
     assert 1 <= len(df) < 20 and df["error"].isna().all() and (df["runs"] > 0).all()
+
+
+def test_rows_carry_the_sensing_energy_of_the_kept_sensors_from_the_fleet_power(
+        local_device: Device, tmp_path: Path) -> None:
+    import dataclasses
+
+    from deepfleet import metrics
+    from deepfleet.artifact import write_artifact
+    from deepfleet.compressors._export import export_graph
+    from deepfleet.orchestrator.fleet import SensorPower
+    from tests.conftest import TINY_SHAPE, tiny_model
+
+    ex = export_graph(tiny_model(), TINY_SHAPE)
+    common = {"model": "tiny", "params": ex.params, "macs": ex.macs, "input_shape": list(TINY_SHAPE),
+              "window_s": 2.0, "inputs_kept": None}
+    arts = [write_artifact(tmp_path / "a", ex.graph, ex.arrays, {**common, "sensors_kept": kept})
+            for kept in (["acc", "gyro"], ["acc"], ["mic"])]
+    device = dataclasses.replace(local_device, sensors=(SensorPower(name="acc", mw=0.5),
+                                                        SensorPower(name="gyro", mw=5.0)))
+    outcomes = measure_many([device], [a.path for a in arts], results_root=tmp_path / "r",
+                            settings=MeasureSettings(request=QUICK_REQUEST), study="s")
+    both, acc, mic = (o.row for o in outcomes if not o.reference)
+    assert both["sensing_energy_mj"] == pytest.approx(5.5 * 2.0) and acc["sensing_energy_mj"] == 1.0
+    assert mic["sensing_energy_mj"] is None and "no power for mic" in mic["sensing_basis"]
+    df = read_results(tmp_path / "r")  # the columns round-trip through Parquet
+    assert df.loc[~df["reference"], "sensing_energy_mj"].tolist()[:2] == [11.0, 1.0]
+    total = metrics.row_value("energy_total", acc)
+    assert total == pytest.approx(acc["estimated_energy_mj"] + 1.0)

@@ -215,14 +215,15 @@ def test_a_version_2_dataset_written_by_that_code_reads_back_upgraded(tmp_path: 
     shutil.copytree(DATA / "results-v2", root)
     write_results(root, [_row(study="v2", backend="onnxruntime", backend_version="1.32.0",
                               memory_peak_mb=5.0, init_ms=3.0)])
-    assert SCHEMA_VERSION == 3 and set(UPGRADES) == {1, 2}
+    assert SCHEMA_VERSION == 4 and set(UPGRADES) == {1, 2, 3}
     frame = read_results(root, "v2")
     assert list(frame.columns) == RESULTS_SCHEMA.names and len(frame) == 2
     old = frame.loc[frame["schema_version"] == 2].iloc[0]
     assert old["agent_version"] == "0.3.1" and old["p50_ms"] > 0 and len(old["latencies_ms"]) == 8
     # the upgrade: a numpy row of an agent before 0.4.0 ran in the device's numpy
     assert old["backend"] == "numpy" and old["backend_version"] == old["device_numpy"]
-    for column in ("provider", "init_ms", "memory_peak_mb", "cpu_p50_ms", "time_estimated_energy_mj"):
+    for column in ("provider", "init_ms", "memory_peak_mb", "cpu_p50_ms", "time_estimated_energy_mj",
+                   "sensing_energy_mj", "sensing_basis"):
         assert pd.isna(old[column])  # not recorded then: null, never invented
     new = frame.loc[frame["schema_version"] == SCHEMA_VERSION].iloc[0]
     assert new["backend_version"] == "1.32.0" and new["memory_peak_mb"] == 5.0
@@ -233,3 +234,20 @@ def test_a_version_2_dataset_written_by_that_code_reads_back_upgraded(tmp_path: 
     rows = plain_rows(frame.loc[frame["error"].isna()])
     assert metrics.class_value("latency_p50", rows, "x86_64") is None  # the old row is class 'local'
     assert metrics.class_value("latency_p50", rows, "local") == pytest.approx(old["p50_ms"])
+
+
+def test_version_3_files_without_sensing_energy_read_back_with_nulls(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    sensing = ("sensing_energy_mj", "sensing_basis")
+    old = RESULTS_SCHEMA
+    for name in sensing:
+        old = old.remove(old.get_field_index(name))
+    row = {k: v for k, v in _row(measurement_id="v3").items() if k not in sensing}
+    row["schema_version"] = 3
+    part = root / "study=s1" / "device=dev-1" / "part-v3.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=old).drop_columns(["study", "device"]), part)
+    write_results(root, [_row(sensing_energy_mj=7.9, sensing_basis="estimated from datasheet power")])
+    df = read_results(root).set_index("measurement_id")
+    assert pd.isna(df.loc["v3", "sensing_energy_mj"]) and pd.isna(df.loc["v3", "sensing_basis"])
+    assert df[df.index != "v3"].iloc[0]["sensing_energy_mj"] == 7.9

@@ -191,3 +191,16 @@ def test_a_memory_constraint_is_judged_like_any_device_metric() -> None:
     # and a row without memory (a cached model) gives no value: the trial fails, saying so
     v = judge(spec, CAND, [mem("p1", None)])  # type: ignore[arg-type]
     assert isinstance(v, Failed) and "p1" in v.reason and "memory" in v.reason
+
+
+def test_sensing_energy_is_measured_never_predicted_from_macs_and_params() -> None:
+    spec = parse_study({"name": "s", "model": "mlp", "data": "sensing", "classes": ["b"],
+                        "objectives": ["accuracy"],
+                        "constraints": [{"metric": "energy_total", "class": "b", "max": 1.0}]})
+    # other artifacts whose total energy follows MACs perfectly: a fit would call CAND far over
+    rows = [{**r, "sensing_energy_mj": 1e-6 * r["macs"]} for r in linear_rows()]
+    big = dataclasses.replace(CAND, macs=10_000_000, params=1_000_000)
+    v = judge(spec, big, rows)
+    assert isinstance(v, Measure) and not v.predictions  # it may keep fewer sensors: measure it
+    v = judge(spec, big, [*rows, {**row("b1", "b", 1.0, artifact="me"), "sensing_energy_mj": 0.25}])
+    assert isinstance(v, Tell) and v.constraints["energy_total@b<=1"] == pytest.approx(1.5 + 0.25 - 1.0)

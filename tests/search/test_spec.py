@@ -71,6 +71,9 @@ def test_defaults_without_space_or_objectives() -> None:
         ({"space": {"method": "fixedpoint+deepiot"}}, "space.method: 'fixedpoint+deepiot'"),
         ({"space": {"fixedpoint.bits": [4, 8]}}, "space.fixedpoint.bits: a setting is METHOD.SETTING for a method in space.method (offered: deepiot)"),
         ({"space": {"method": "deepiot+fixedpoint", "fixedpoint.width": 8}}, "fixedpoint has no setting 'width'; accepted: bits"),
+        ({"space": {"deepiot.inputs": ["none", "pixels"]}}, "space.deepiot.inputs: got 'pixels'; accepted: none, features, sensors"),
+        ({"space": {"deepiot.inputs": ["none", "sensors"]}},
+         "space.deepiot.inputs: sensors needs the data to name each channel's sensor, but 'digits' names none"),
     ],
 )
 def test_bad_study_files_name_file_key_value_and_what_is_accepted(change: dict, needle: str) -> None:
@@ -126,3 +129,44 @@ def test_the_search_section_names_the_key_and_what_is_accepted(search: dict, nee
     ok = parse_study({"name": "x", "model": "mlp", "data": "digits", "search": {"predictor": "forest",
                                                                                 "audit_rejections": 0}})
     assert ok.judging.predictor == "forest" and ok.judging.audit_rejections == 0.0
+
+
+def test_inputs_are_a_searchable_deepiot_setting_in_the_conditional_space() -> None:
+    import optuna
+
+    from deepfleet.search import suggest
+
+    spec = parse_study({"name": "x", "model": "deepsense", "data": "sensing",
+                        "space": {"method": ["deepiot", "l1"], "deepiot.inputs": ["none", "sensors"]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        params = suggest(study.ask(), spec.space)
+        if params["method"] == "deepiot":
+            seen.add(params["deepiot.inputs"])
+        else:
+            assert "deepiot.inputs" not in params  # l1 trials do not draw it
+    assert seen == {"none", "sensors"}
+
+
+def test_sensing_metrics_need_named_sensors_a_window_and_every_devices_power(tmp_path: Path) -> None:
+    from deepfleet.search import check_sensing
+
+    def study(data: str) -> object:
+        return parse_study({"name": "x", "model": "mlp", "data": data, "classes": ["pi"],
+                            "objectives": ["accuracy", {"metric": "energy_total", "class": "pi"}]}, "s.yaml")
+
+    both = {"accelerometer", "gyroscope"}
+    check_sensing(study("sensing"), {"pi": {"pi-1": both, "pi-2": both | {"mic"}}})
+    with pytest.raises(ConfigError, match=r"s.yaml: objectives\[1\]: energy_total needs the power of every sensor.*"
+                                          r"device 'pi-2' gives none for gyroscope; add sensors: \{gyroscope"):
+        check_sensing(study("sensing"), {"pi": {"pi-1": both, "pi-2": {"accelerometer"}}})
+    with pytest.raises(ConfigError, match="'digits' names none; add an array 'sensors'"):
+        check_sensing(study("digits"), {"pi": {"pi-1": both}})
+    import numpy as np
+
+    npz = tmp_path / "d.npz"
+    np.savez(npz, X_train=np.zeros((4, 2)), y_train=np.arange(4) % 2, X_test=np.zeros((2, 2)),
+             y_test=np.arange(2), sensors=np.array(["a", "b"]))
+    with pytest.raises(ConfigError, match="gives none; add a scalar 'sample_hz'"):
+        check_sensing(study(str(npz)), {"pi": {"pi-1": {"a", "b"}}})

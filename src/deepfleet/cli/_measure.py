@@ -49,6 +49,9 @@ def _energy(o: Outcome) -> str:
         parts.append(f"~{o.time_estimated_energy_mj:.3g} mJ (estimated: busy time x {stated:g} W stated)")
     else:
         parts.append("no time-based estimate (no power: in the fleet file)")
+    sensing = o.row.get("sensing_energy_mj")
+    if sensing is not None:  # the sensors the model reads, over one sample's window: apart
+        parts.append(f"sensing ~{sensing:.3g} mJ (estimated from the fleet's sensor power)")
     return "; ".join(parts)
 
 

@@ -20,10 +20,19 @@ Two schedules:
 
 Either way the final mask keeps the most probable units until the target is met (at least one
 unit per group); extraction and fine-tuning follow in :mod:`deepfleet.compressors._pipeline`.
+
+**Inputs** (``inputs``: ``features`` or ``sensors``): the input is one more group, the
+compressor's first step; its embedding reads the weights of the layers that read the input, one
+column per input unit (the mean of the unit's columns), so an input is judged by what the first
+layers make of it, as a hidden unit by its incoming weights. Its units are masked per sample
+like any other; a dropped input's weights leave the cost, and a layer that loses every input
+leaves with all it feeds alone (:func:`~deepfleet.compressors._cost.effective_keep`). The
+target keeps its meaning: a fraction of the original's parameters or MACs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -33,7 +42,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from deepfleet.compressors._cost import CostModel, kept_fraction
-from deepfleet.compressors._graph import Structure
+from deepfleet.compressors._graph import INPUT_MODES, Structure
 from deepfleet.compressors._masked import MaskState, rnn_of, rnn_weights
 from deepfleet.compressors.training import TrainConfig, accuracy, device_of, distillation_loss
 from deepfleet.data import Dataset
@@ -72,6 +81,13 @@ class DeepIoTConfig:
     eval_every: int = 250
     distill: float = 0.7  # weight of distillation from the original in the critic's loss
     distill_temperature: float = 4.0
+    inputs: str = "none"  # none | features | sensors: mask the input too (see the module docstring)
+    # A budget that scales with the model and the data's shape: at most ``work`` forward
+    # multiply-accumulates over the search's samples (iterations x batch x the model's MACs per
+    # sample), so fewer iterations (at least MIN_ITERATIONS) than ``iterations`` when one costs
+    # more. LeNet5 on 28x28 (2.3M MACs) keeps its 3000, LeNet-300-100 too; DeepSense gets ~1500
+    # on 64-step windows (4.6M) and ~970 on 100-step windows (7.3M). None: ``iterations`` alone.
+    work: float | None = 4.5e11
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -85,6 +101,25 @@ class DeepIoTConfig:
             raise ConfigError(f"schedule must be 'target' or 'paper', but got {self.schedule!r}")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, but got {self.iterations}")
+        if self.work is not None and not self.work > 0:
+            raise ConfigError(f"work must be a positive number of multiply-accumulates (or None), but got {self.work}")
+        if self.inputs not in INPUT_MODES:
+            raise ConfigError(
+                f"deepiot.inputs must be one of {', '.join(INPUT_MODES)}, but got {self.inputs!r}; "
+                "features masks each input feature (a channel of a sequence or image), sensors "
+                "each sensor the data names"
+            )
+
+
+MIN_ITERATIONS = 300
+
+
+def search_iterations(cfg: DeepIoTConfig, macs: float) -> int:
+    """The iterations the search runs for a model of ``macs`` per sample (see ``work``)."""
+    if cfg.work is None:
+        return cfg.iterations
+    fit = int(cfg.work // (cfg.batch_size * max(float(macs), 1.0)))
+    return min(cfg.iterations, max(min(MIN_ITERATIONS, cfg.iterations), fit))
 
 
 @dataclass
@@ -132,7 +167,9 @@ def group_matrices(structure: Structure, masked: fx.GraphModule) -> list[torch.T
     """
     mats = []
     for g in structure.groups:
-        if g.kind in ("lstm", "gru"):
+        if g.kind == "input":
+            M = _input_matrix(structure, masked)
+        elif g.kind in ("lstm", "gru"):
             rnn = rnn_of(masked, g.module)
             H, G = rnn.hidden_size, (4 if g.kind == "lstm" else 3)
             cols = []
@@ -149,6 +186,28 @@ def group_matrices(structure: Structure, masked: fx.GraphModule) -> list[torch.T
             M = torch.cat([w, b], 1).T  # (fan-in + 1, units)
         mats.append(M / M.pow(2).mean().sqrt().clamp_min(1e-8))
     return mats
+
+
+def _input_matrix(structure: Structure, masked: fx.GraphModule) -> torch.Tensor:
+    """The input group's matrix: for every layer that reads the input, its weights as
+    (outputs x kernel, input columns), each unit's column the mean of the columns it feeds;
+    stacked over those layers (rows = their outputs, columns = input units)."""
+    n_in = structure.groups[0].size
+    blocks = []
+    for lay in structure.layers:
+        ids = lay.in_ids
+        if not ((ids >= 1) & (ids <= n_in)).any():
+            continue
+        if lay.kind in ("lstm", "gru"):
+            rnn = rnn_of(masked, lay.module)
+            w = torch.cat([rnn_weights(rnn, 0, d)[0].detach() for d in range(lay.directions)], 0)
+        else:
+            w = masked.get_submodule(lay.module).weight.detach()
+            w = w.reshape(w.shape[0], w.shape[1], -1).permute(0, 2, 1).reshape(-1, w.shape[1])
+        onehot = torch.zeros(len(ids), n_in, dtype=w.dtype, device=w.device)
+        onehot[torch.arange(len(ids)), torch.as_tensor(ids - 1)] = 1.0
+        blocks.append(w @ (onehot / onehot.sum(0).clamp_min(1)))  # (rows, n_in)
+    return torch.cat(blocks, 0)
 
 
 def choose_mask(
@@ -210,6 +269,7 @@ def search(
     ``teacher_logits`` (the original model's outputs on the training split) enable distillation
     in the critic's loss when ``cfg.distill > 0``.
     """
+    cfg = dataclasses.replace(cfg, iterations=search_iterations(cfg, cm.full[1]))
     dev = device_of(masked)
     kd = TrainConfig(kd_alpha=cfg.distill, kd_temperature=cfg.distill_temperature)
     gen = torch.Generator().manual_seed(seed)

@@ -480,6 +480,12 @@ class _Exporter:
     op_chunk = _split
     op_split = _split
 
+    def op_gather(self, node: fx.Node) -> None:
+        mod = self.modules[str(node.target)]
+        rank = self.v1[node.name].dim()
+        attrs = {"axis": _norm_axis(int(mod.axis), rank), "indices": [int(i) for i in mod.indices.tolist()]}
+        self.env[node.name] = self.emit(node.name, "gather", [self.tensor_ref(node.args[0], node)], attrs)
+
 
 def record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
     """{node name: its value} for one run of ``gm`` on ``x`` (no gradients)."""

@@ -4,6 +4,14 @@ Given the kept units of every group, each layer keeps the rows (outputs) of its 
 the columns (inputs) fed by kept units; BatchNorm keeps its kept channels; an LSTM/GRU keeps the
 matching rows of each gate block. A stacked RNN whose layers keep different numbers of units
 becomes a :class:`StackedRNN` of single-layer RNNs (nn.LSTM needs one hidden size for all layers).
+
+With the input as a group (group 0), the model still takes the full input (a device may feed
+whatever it has; the dropped inputs are never read): every layer that reads the input gets a
+:class:`Gather` of its kept input columns right before it, on its feature axis (there, and not
+at the model's first op, because slicing and reshaping between the input and the layer, like
+DeepSense's per-sensor slices, address the full input). A layer that lost every input is dead
+(:func:`~deepfleet.compressors._cost.effective_keep`): its branch is cut from the concatenation
+that joins it to the rest, and goes.
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from deepfleet.compressors._cost import cost_model, effective_keep, input_dependencies
 from deepfleet.compressors._graph import Layer, Structure
-from deepfleet.compressors._masked import Mask, MaskedRNN, rnn_weights
+from deepfleet.compressors._masked import InputMask, Mask, MaskedRNN, rnn_weights
 from deepfleet.compressors._ops import LEAF_MODULES, OpInfo
 from deepfleet.errors import ModelError
 
@@ -51,6 +60,25 @@ class StackedRNN(nn.Module):
 
 
 LEAF_MODULES[StackedRNN] = OpInfo("stacked_rnn", "param")
+
+
+class Gather(nn.Module):
+    """``x.index_select(axis, indices)``: the kept input columns of the layer after it (the
+    artifact op ``gather``)."""
+
+    def __init__(self, axis: int, indices: list[int]):
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(x, self.axis, self.indices)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, indices={len(self.indices)}"
+
+
+LEAF_MODULES[Gather] = OpInfo("gather", "struct")
 
 
 def rnn_layers(m: nn.Module) -> list[tuple[nn.RNNBase, int]]:
@@ -154,12 +182,25 @@ def extract(structure: Structure, masked: fx.GraphModule, keep: list[np.ndarray]
     gm = copy.deepcopy(masked)
     graph = gm.graph
     for node in list(graph.nodes):  # drop the masks: extraction makes them redundant
-        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), Mask):
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), (Mask, InputMask)):
             node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
             graph.erase_node(node)
             gm.delete_submodule(str(node.target))
+    dead: set[int] = set()
+    if structure.inputs is not None:
+        eff = effective_keep(cost_model(structure), [torch.as_tensor(k, dtype=torch.float64) for k in keep])
+        keep = [e.numpy() > 0 for e in eff]
+        dead = {g.index for g in structure.groups if not keep[g.index].any()}
+        if dead:
+            _cut_dead(gm, structure, dead)
+    n_in = structure.inputs.size if structure.inputs is not None else 0
+    nodes = {n.name: n for n in graph.nodes}
     gkeep = _global_keep(structure, keep)
     for lay in structure.layers:
+        if lay.node not in nodes:
+            continue  # a dead layer, gone with its branch
+        if n_in and lay.in_ids.size and lay.in_ids.max() <= n_in and not gkeep[lay.in_ids].all():
+            _gather_before(gm, nodes[lay.node], lay, np.nonzero(gkeep[lay.in_ids])[0])
         mod = gm.get_submodule(lay.module)
         if isinstance(mod, MaskedRNN):
             mod = mod.rnn
@@ -179,6 +220,73 @@ def extract(structure: Structure, masked: fx.GraphModule, keep: list[np.ndarray]
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _cut_dead(gm: fx.GraphModule, structure: Structure, dead: set[int]) -> None:
+    """Remove the branches of dead groups: drop each concatenation argument that carries only
+    dead groups' units, then the code nobody reads. ModelError if a dead layer stays."""
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for name, parts in structure.cat_groups.items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        tensors = node.args[0] if node.args else node.kwargs["tensors"]
+        kept = [t for t, gs in zip(tensors, parts) if not (gs and gs <= dead)]  # type: ignore[arg-type]
+        if kept and len(kept) < len(tensors):  # type: ignore[arg-type]
+            if node.args:
+                node.args = (kept, *node.args[1:])
+            else:
+                node.kwargs = {**node.kwargs, "tensors": kept}
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    left = {n.name for n in graph.nodes}
+    stuck = [lay.module for lay in structure.layers
+             if lay.node in left and lay.groups[0] is not None and lay.groups[0] in dead]
+    if stuck:
+        raise ModelError(
+            f"layer {stuck[0]!r} lost every input it reads, but its output reaches the rest of the "
+            "model other than through a concatenation, so it cannot be removed; use "
+            "deepiot.inputs=none for this model"
+        )
+
+
+def _gather_before(gm: fx.GraphModule, node: fx.Node, lay: Layer, columns: np.ndarray) -> None:
+    """Insert a Gather of ``columns`` (on the layer's feature axis) before ``node``'s input."""
+    axis = -1 if lay.kind in ("linear", "lstm", "gru") else 1
+    name = f"deepiot_gather_{node.name}"
+    gm.add_submodule(name, Gather(axis, [int(c) for c in columns]).to(_device_of(gm)))
+    with gm.graph.inserting_before(node):
+        gathered = gm.graph.call_module(name, (node.args[0],))
+    node.args = (gathered, *node.args[1:])
+
+
+def _device_of(gm: nn.Module) -> torch.device:
+    return next((p.device for p in gm.parameters()), torch.device("cpu"))
+
+
+def input_masking_problem(structure: Structure) -> str | None:
+    """Why masking the inputs of ``structure`` could fail at extraction, found before a search
+    runs: for each layer that reads only some of the input units (directly or through other
+    layers), extract with exactly those units dropped. None when every case extracts."""
+    if structure.inputs is None:
+        return None
+    n_in = structure.inputs.size
+    reads = input_dependencies(structure)
+    tried: set[frozenset[int]] = set()
+    for units in reads:
+        rest = frozenset(range(n_in)) - units
+        if not units or not rest or rest in tried:
+            continue
+        tried.add(rest)
+        keep = [np.ones(g.size, bool) for g in structure.groups]
+        keep[0][:] = False
+        keep[0][list(rest)] = True
+        try:
+            extract(structure, structure.graph_module, keep)
+        except ModelError as exc:
+            return str(exc)
+    return None
 
 
 def check_extraction(

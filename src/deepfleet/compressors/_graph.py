@@ -15,6 +15,15 @@ is a distinct random integer (the unit's tag) and non-prunable values are 0. Str
 (flatten, cat, slicing, transpose, max-pooling, means over time) carry tags unchanged; an operation
 that mixes units yields a value that is no tag, which is reported as unsupported. Integers keep
 means of equal values exact in float64.
+
+With ``inputs`` set (``features`` or ``sensors``), the model's input is one more group, the
+first (:class:`InputGroups`): its units are groups of input elements. An input **feature** is
+what the layers reading the input see as one input feature, found by a first tag pass in which
+every input element has its own tag: the elements that reach one input column of a layer (across
+positions, time steps and samples) are one unit. So LeNet-300-100 on 28x28 images has 784 pixel
+units, a conv or recurrent layer one unit per channel, an LSTM reading image rows one unit per
+pixel column. With ``sensors`` the units are the data's sensors (each a set of channels); a layer
+whose input feature mixes two sensors is refused. Elements that no layer reads belong to no unit.
 """
 
 from __future__ import annotations
@@ -50,6 +59,38 @@ class Group:
     offset: int
 
 
+@dataclass(frozen=True)
+class InputGroups:
+    """The input as prunable units (group 0 of a structure analysed with ``inputs``).
+
+    ``unit_of`` (the sample shape) gives each input element's unit, -1 for elements no layer
+    reads. ``unit`` says how ``members`` index the input: ``channel`` (indices on the sample's
+    first axis: every unit is whole channels), ``feature`` (the same for flat (F,) samples) or
+    ``element`` (flat indices into one sample).
+    ``names`` label the units (sensor names, or the index of the unit's first member).
+    """
+
+    mode: str  # features | sensors
+    unit_of: np.ndarray
+    unit: str  # channel | feature | element
+    members: tuple[tuple[int, ...], ...]
+    names: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def kept(self, keep: np.ndarray) -> dict[str, Any]:
+        """Plain data for a keep mask of the input group: the inputs and sensors still needed."""
+        keep = np.asarray(keep, dtype=bool)
+        indices = sorted(i for u in np.nonzero(keep)[0] for i in self.members[u])
+        out: dict[str, Any] = {"mode": self.mode, "unit": self.unit, "units": self.size,
+                               "units_kept": int(keep.sum()), "inputs_kept": indices,
+                               "inputs_total": int(sum(len(m) for m in self.members))}
+        out["kept_names"] = [n for n, k in zip(self.names, keep) if k]
+        return out
+
+
 @dataclass
 class Layer:
     """A parametric module: its unit groups, the unit behind each input feature, its cost shape."""
@@ -77,6 +118,10 @@ class Structure:
     mask_axis: dict[int, int]  # group index -> channel axis of the mask point's output
     mask_ndim: dict[int, int]  # group index -> rank of the mask point's output
     info: dict[str, OpInfo]  # node name -> classification
+    inputs: InputGroups | None = None  # the input group (group 0) when inputs are masked
+    # cat node name -> per tensor argument, the groups whose units it carries (found by the tag
+    # pass): extraction drops an argument whose groups lost every unit
+    cat_groups: dict[str, list[frozenset[int]]] = field(default_factory=dict)
 
     @property
     def total_units(self) -> int:
@@ -89,11 +134,25 @@ class Structure:
         raise KeyError(module)
 
 
-def analyse(model: nn.Module, example: torch.Tensor) -> Structure:
+INPUT_MODES = ("none", "features", "sensors")
+
+
+def analyse(
+    model: nn.Module, example: torch.Tensor, *, inputs: str = "none",
+    sensors: tuple[str, ...] | None = None,
+) -> Structure:
     """Analyse ``model`` on an example batch (at least 2 samples, any values).
 
-    Raises UnsupportedLayerError naming the layer or operation that cannot be handled.
+    ``inputs`` (``none``, ``features``, ``sensors``) makes the input group 0 (see the module
+    docstring); ``sensors`` names the sensor of each channel (axis 1 of ``example``) and is
+    required for ``sensors``. Raises UnsupportedLayerError naming the layer or operation that
+    cannot be handled, ValueError for a bad ``inputs``/``sensors``.
     """
+    if inputs not in INPUT_MODES:
+        raise ValueError(f"inputs must be one of {', '.join(INPUT_MODES)}, but got {inputs!r}")
+    if inputs == "sensors" and (sensors is None or len(sensors) != example.shape[1]):
+        raise ValueError(f"inputs='sensors' needs one sensor name per channel ({example.shape[1]}), "
+                         f"but got {sensors!r}")
     gm = trace(model)
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
@@ -103,6 +162,10 @@ def analyse(model: nn.Module, example: torch.Tensor) -> Structure:
     _check_single_use(nodes, info)
     has_param_below = _param_descendants(nodes, info)
     groups: list[Group] = []
+    input_groups = None
+    if inputs != "none":
+        input_groups = _input_groups(gm, info, values, example, inputs, sensors)
+        groups.append(Group(0, "inputs", "", "input", 0, input_groups.size, 0))
     layers: list[Layer] = []
     mask_points: dict[str, int] = {}
     mask_axis: dict[int, int] = {}
@@ -161,13 +224,15 @@ def analyse(model: nn.Module, example: torch.Tensor) -> Structure:
             mask_axis[g.index] = axis % values[point.name].dim()
             mask_ndim[g.index] = values[point.name].dim()
 
-    if not groups:
+    if len(groups) == (input_groups is not None):
         raise UnsupportedLayerError(
             "the model has no prunable hidden layer (a Linear, Conv or recurrent layer whose "
             "output feeds another such layer); there is nothing for the compressor to shrink"
         )
-    structure = Structure(gm, groups, layers, mask_points, mask_axis, mask_ndim, info)
+    structure = Structure(gm, groups, layers, mask_points, mask_axis, mask_ndim, info, input_groups)
     _propagate_tags(structure, values, example)
+    if input_groups is not None:
+        _check_input_readers(structure)
     return structure
 
 
@@ -282,46 +347,78 @@ def _zeros_like(obj: Any) -> Any:
     return obj
 
 
-def _propagate_tags(structure: Structure, values: dict[str, Any], example: torch.Tensor) -> None:
-    gm = structure.graph_module
+def _tag_run(
+    gm: fx.GraphModule, info: dict[str, OpInfo], values: dict[str, Any], placeholder: torch.Tensor,
+    on_param: Any, structure: Structure | None = None,
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """One tag pass: (model output, each layer's recorded input, each cat node's inputs).
+
+    ``placeholder`` is the input's tags; ``on_param(node)`` gives a layer's output tags; the
+    mask points of ``structure`` (if given) set their groups' tags.
+    """
     modules = dict(gm.named_modules())
-    info = structure.info
-    tags = _tags(structure)
-    tag_to_gid = {float(t): i for i, t in enumerate(tags)}
-    group_tags = {g.index: tags[g.offset + 1 : g.offset + 1 + g.size] for g in structure.groups}
-    by_node = {lay.node: lay for lay in structure.layers}
     recorded: dict[str, torch.Tensor] = {}
+    cats: dict[str, list[torch.Tensor]] = {}
 
     class TagInterpreter(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             cat = info[n.name].category
             if n.op == "placeholder":
-                out = torch.zeros(values[n.name].shape, dtype=torch.float64)
+                out = placeholder
             elif n.op in ("output", "get_attr"):
                 out = super().run_node(n)
             elif cat == "param":
                 args, _ = self.fetch_args_kwargs_from_env(n)
                 recorded[n.name] = args[0]
-                out = _param_tags(by_node[n.name], values[n.name], group_tags)
+                out = on_param(n)
             elif cat == "zero":
                 args, _ = self.fetch_args_kwargs_from_env(n)
                 out = args[0]
             elif cat == "pool":
                 out = _pool_as_max(n, self, modules)
             elif cat == "struct":
+                if info[n.name].kind == "cat":
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    cats[n.name] = list(args[0] if args else kwargs["tensors"])
                 out = _run_struct(n, self)
             else:  # value / norm: pruned units may not reach it
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 if any(t.is_floating_point() and t.abs().sum() != 0 for t in _tensors((args, kwargs))):
                     _reject_mixing(n, structure)
                 out = _zeros_like(values[n.name])
-            if n.name in structure.mask_points:
+            if structure is not None and n.name in structure.mask_points:
                 g = structure.mask_points[n.name]
-                out = _tag_tensor(values[n.name].shape, structure.mask_axis[g], group_tags[g])
+                out = _tag_tensor(values[n.name].shape, structure.mask_axis[g], on_param.group_tags[g])
             return out
 
     with torch.no_grad():
-        result = TagInterpreter(gm).run(torch.zeros(example.shape, dtype=torch.float64))
+        result = TagInterpreter(gm).run(placeholder)
+    return result, recorded, cats
+
+
+class _UnitTags:
+    """Layer outputs in the second pass: recurrent layers' tags; Linear/Conv 0 until their
+    mask point."""
+
+    def __init__(self, structure: Structure, values: dict[str, Any], group_tags: dict[int, np.ndarray]):
+        self.by_node = {lay.node: lay for lay in structure.layers}
+        self.values, self.group_tags = values, group_tags
+
+    def __call__(self, n: fx.Node) -> Any:
+        return _param_tags(self.by_node[n.name], self.values[n.name], self.group_tags)
+
+
+def _propagate_tags(structure: Structure, values: dict[str, Any], example: torch.Tensor) -> None:
+    tags = _tags(structure)
+    tag_to_gid = {float(t): i for i, t in enumerate(tags)}
+    group_tags = {g.index: tags[g.offset + 1 : g.offset + 1 + g.size] for g in structure.groups}
+    placeholder = torch.zeros(example.shape, dtype=torch.float64)
+    if structure.inputs is not None:
+        unit_of = structure.inputs.unit_of
+        per_element = np.where(unit_of >= 0, tags[1 + np.maximum(unit_of, 0)], 0.0)  # input = group 0
+        placeholder = torch.as_tensor(per_element, dtype=torch.float64).expand(example.shape).clone()
+    result, recorded, cats = _tag_run(structure.graph_module, structure.info, values, placeholder,
+                                      _UnitTags(structure, values, group_tags), structure)
     for t in _tensors(result):
         if t.is_floating_point() and t.abs().sum() != 0:
             raise UnsupportedLayerError(
@@ -332,6 +429,114 @@ def _propagate_tags(structure: Structure, values: dict[str, Any], example: torch
     for lay in structure.layers:
         axis = -1 if lay.kind in ("linear", "lstm", "gru") else 1
         lay.in_ids = _read_ids(recorded[lay.node], axis, tag_to_gid, lay.module)
+    group_of = np.zeros(structure.total_units + 1, np.int64) - 1
+    for g in structure.groups:
+        group_of[g.offset + 1 : g.offset + 1 + g.size] = g.index
+    for name, parts in cats.items():
+        structure.cat_groups[name] = [
+            frozenset(int(group_of[tag_to_gid[float(v)]]) for v in np.unique(t.numpy()) if float(v) in tag_to_gid
+                      and tag_to_gid[float(v)] > 0)
+            for t in parts
+        ]
+
+
+# ---------------------------------------------------------------------------- input groups
+
+
+def _input_groups(
+    gm: fx.GraphModule, info: dict[str, OpInfo], values: dict[str, Any], example: torch.Tensor,
+    mode: str, sensors: tuple[str, ...] | None,
+) -> InputGroups:
+    """The input's units (see the module docstring): a tag pass with one tag per input element,
+    then the elements each layer reads in one input column are joined (union-find)."""
+    shape = tuple(example.shape[1:])
+    n_el = int(np.prod(shape))
+    rng = np.random.default_rng(54321)
+    el_tags = np.unique(rng.integers(1, 2**40, size=2 * n_el + 8))
+    rng.shuffle(el_tags)
+    el_tags = el_tags[:n_el].astype(np.float64)
+    tag_to_el = {float(t): i for i, t in enumerate(el_tags)}
+    placeholder = torch.as_tensor(el_tags.reshape(shape), dtype=torch.float64).expand(example.shape).clone()
+
+    def hidden_zero(n: fx.Node) -> Any:
+        return _zeros_like(values[n.name])
+
+    _, recorded, _ = _tag_run(gm, info, values, placeholder, hidden_zero, None)
+    parent = np.arange(n_el)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    read = np.zeros(n_el, bool)
+    for node_name, t in recorded.items():
+        kind = info[node_name].kind
+        axis = -1 if kind in ("linear", "lstm", "gru") else 1
+        v = torch.movedim(t, axis, -1).reshape(-1, t.shape[axis]).numpy()
+        for j in range(v.shape[1]):
+            col = np.unique(v[:, j])
+            col = col[col != 0]
+            if not len(col):
+                continue
+            try:
+                els = [tag_to_el[float(x)] for x in col]
+            except KeyError:
+                raise UnsupportedLayerError(
+                    f"cannot tell which inputs feed input {j} of node {node_name!r}: an operation "
+                    "before it combines input values (e.g. a mean over channels); input masking "
+                    "needs the input to reach the layers through slicing, flatten, transpose or cat"
+                ) from None
+            read[els] = True
+            root = find(els[0])
+            for e in els[1:]:
+                r = find(e)
+                if r != root:
+                    parent[max(r, root)] = min(r, root)
+                    root = min(r, root)
+    roots = np.array([find(i) for i in range(n_el)])
+    per_channel = n_el // shape[0]
+    channel_of = np.arange(n_el) // per_channel
+    if mode == "sensors":
+        assert sensors is not None
+        for r in np.unique(roots[read]):
+            names = {sensors[c] for c in np.unique(channel_of[(roots == r) & read])}
+            if len(names) > 1:
+                raise UnsupportedLayerError(
+                    f"inputs=sensors: a layer reads sensors {sorted(names)} in one input feature "
+                    "(e.g. an LSTM over image rows); mask by sensor needs each input feature to "
+                    "come from one sensor: use inputs=features"
+                )
+        order = [s for i, s in enumerate(sensors) if s not in sensors[:i] and read[channel_of == i].any()]
+        key = np.array([order.index(sensors[c]) if read[e] else -1 for e, c in enumerate(channel_of)])
+        names = tuple(order)
+    else:
+        firsts = sorted({int(r) for r in roots[read]})
+        key = np.array([firsts.index(int(r)) if read[e] else -1 for e, r in enumerate(roots)])
+        names = ()
+    n_units = int(key.max()) + 1
+    whole_channels = all(len(set(key[channel_of == c])) == 1 for c in range(shape[0]))
+    unit = ("feature" if len(shape) == 1 else "channel") if whole_channels else "element"
+    index = channel_of if whole_channels else np.arange(n_el)
+    members = tuple(tuple(sorted({int(i) for i in index[key == u]})) for u in range(n_units))
+    if not names:
+        names = tuple(f"{unit} {m[0]}" + (f"-{m[-1]}" if len(m) > 1 else "") for m in members)
+    return InputGroups(mode, key.reshape(shape), unit, members, names)
+
+
+def _check_input_readers(structure: Structure) -> None:
+    """A layer that reads input units reads only input units: its input is gathered as the
+    model's input (a skip connection mixing the input with hidden units would need both)."""
+    n_in = structure.groups[0].size
+    for lay in structure.layers:
+        is_input = (lay.in_ids >= 1) & (lay.in_ids <= n_in)
+        if is_input.any() and not is_input.all():
+            raise UnsupportedLayerError(
+                f"layer {lay.module!r} reads the model's input next to other values (a skip "
+                "connection); input masking needs the layers that read the input to read it alone: "
+                "use inputs=none for this model"
+            )
 
 
 def _param_tags(lay: Layer, example_out: Any, group_tags: dict[int, np.ndarray]) -> Any:
@@ -396,7 +601,13 @@ def info_kind(n: fx.Node) -> str:
     return getattr(n.target, "__name__", "")
 
 
-def _reject_mixing(n: fx.Node, structure: Structure) -> None:
+def _reject_mixing(n: fx.Node, structure: Structure | None) -> None:
+    if structure is None:  # the input-element pass: only input values are nonzero
+        raise UnsupportedLayerError(
+            f"operation {describe(n)} (node {n.name!r}) changes the input values before the first "
+            "layer, where a dropped input must stay exactly zero; with deepiot.inputs set, do "
+            "such preprocessing in the data, or use inputs=none"
+        )
     raise UnsupportedLayerError(
         f"operation {describe(n)} (node {n.name!r}) receives the outputs of prunable units after "
         "their mask, where a pruned unit would no longer be exactly zero; put it before the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,12 +12,18 @@ from torch import nn
 from deepfleet.compressors._cost import cost_model, kept_fraction
 from deepfleet.compressors._deepiot import DeepIoTConfig, SearchResult, search
 from deepfleet.compressors._encoding import Encoding
-from deepfleet.compressors._extract import check_extraction, extract, rnn_layers
+from deepfleet.compressors._extract import (
+    check_extraction,
+    extract,
+    input_masking_problem,
+    rnn_layers,
+)
 from deepfleet.compressors._finetune import weight_names
 from deepfleet.compressors._graph import Structure, analyse
 from deepfleet.compressors._masked import masked_model, rnn_weights
 from deepfleet.compressors.training import TrainConfig, device_of, logits_of, train
 from deepfleet.data import Dataset
+from deepfleet.errors import ConfigError, UnsupportedLayerError
 
 
 @dataclass
@@ -30,6 +37,7 @@ class DeepIoTResult:
     kept_macs: float
     val_accuracy_search: float  # the extracted model before fine-tuning
     history: dict[str, list[float]] = field(default_factory=dict)
+    inputs: dict[str, Any] | None = None  # InputGroups.kept() + sensors_kept, when inputs are masked
 
 
 def deepiot_compress(
@@ -50,7 +58,10 @@ def deepiot_compress(
 
     dev = device_of(base)
     example = torch.as_tensor(data.X_train[:2]).to(dev)
-    structure = analyse(base, example)
+    structure = analyse_inputs(base, data, cfg.inputs, example)
+    problem = input_masking_problem(structure)
+    if problem is not None:
+        raise UnsupportedLayerError(problem)
     masked, state = masked_model(structure)
     cm = cost_model(structure)
     search_teacher = logits_of(base, data.X_train) if cfg.distill > 0 else None
@@ -62,6 +73,10 @@ def deepiot_compress(
     small, hist = train(small, data, finetune, seed=seed, teacher=teacher if teacher is not None else base,
                         desc="fine-tune", progress=progress)
     keep64 = [torch.as_tensor(k, dtype=torch.float64) for k in result.keep]
+    inputs = None
+    if structure.inputs is not None:
+        inputs = structure.inputs.kept(result.keep[0])
+        inputs["sensors_kept"] = kept_sensors(data, inputs)
     return DeepIoTResult(
         model=small,
         structure=structure,
@@ -72,7 +87,33 @@ def deepiot_compress(
         kept_macs=float(kept_fraction(cm, keep64, "macs")),
         val_accuracy_search=val_search,
         history=hist,
+        inputs=inputs,
     )
+
+
+def analyse_inputs(model: nn.Module, data: Dataset, inputs: str, example: torch.Tensor) -> Structure:
+    """:func:`analyse` with the input as a group when ``inputs`` is not ``none``; ConfigError
+    for ``sensors`` on data that names no sensors."""
+    if inputs == "sensors" and data.sensors is None:
+        raise ConfigError(
+            f"deepiot.inputs=sensors needs the data to name each channel's sensor, but {data.name!r} "
+            "names none: add an array 'sensors' (one name per channel) to the .npz, or use "
+            "deepiot.inputs=features"
+        )
+    return analyse(model, example, inputs=inputs, sensors=data.sensors if inputs == "sensors" else None)
+
+
+def kept_sensors(data: Dataset, inputs: dict[str, Any]) -> list[str] | None:
+    """The sensors (in the data's order) behind the kept inputs; None when the data names none."""
+    if data.sensors is None:
+        return None
+    if inputs["unit"] == "element":
+        per = int(np.prod(data.input_shape[1:])) if len(data.input_shape) > 1 else 1
+        channels = {i // per for i in inputs["inputs_kept"]}
+    else:
+        channels = set(inputs["inputs_kept"])
+    return [s for i, s in enumerate(data.sensors) if s not in data.sensors[:i]
+            and any(data.sensors[c] == s for c in channels)]
 
 
 def _count(mod: nn.Module) -> int:
@@ -102,6 +143,20 @@ def _storage(after: nn.Module, module: str, encodings: dict[str, Encoding]) -> d
     return {"nonzero_after": nonzero, "bits_per_weight": round(bits / max(total, 1), 4)}
 
 
+def _gone(model: nn.Module, lay: Any) -> list[dict[str, object]]:
+    """Layer-table rows of a layer that extraction removed (it lost every input)."""
+    before = model.get_submodule(lay.module)
+    if lay.kind in ("lstm", "gru"):
+        return [{"name": f"{lay.module}.l{i}", "kind": lay.kind, "units_before": rb.hidden_size,
+                 "units_after": 0, "pruned": True, "nonzero_after": 0, "bits_per_weight": 32.0,
+                 "params_before": sum(t.numel() for d in range(lay.directions) for t in rnn_weights(rb, ib, d)),
+                 "params_after": 0} for i, (rb, ib) in enumerate(rnn_layers(before))]
+    norms_b = sum(_count(model.get_submodule(n)) for n in lay.norms)
+    return [{"name": lay.module, "kind": lay.kind, "units_before": _out_units(before), "units_after": 0,
+             "params_before": _count(before) + norms_b, "params_after": 0, "pruned": True,
+             "nonzero_after": 0, "bits_per_weight": 32.0}]
+
+
 def layer_table(
     structure: Structure, before: nn.Module, after: nn.Module, *, encodings: dict[str, Encoding] | None = None
 ) -> list[dict[str, object]]:
@@ -115,7 +170,10 @@ def layer_table(
     encodings = encodings or {}
     rows: list[dict[str, object]] = []
     for lay in structure.layers:
-        b, a = before.get_submodule(lay.module), after.get_submodule(lay.module)
+        b, a = before.get_submodule(lay.module), _submodule(after, lay.module)
+        if a is None:  # a dead layer (every input dropped): gone
+            rows.extend(_gone(before, lay))
+            continue
         storage = _storage(after, lay.module, encodings)
         if lay.kind in ("lstm", "gru"):
             for i, ((rb, ib), (ra, ia), g) in enumerate(zip(rnn_layers(b), rnn_layers(a), lay.groups)):

@@ -51,6 +51,7 @@ class DeepIoT(BaseCompressor):
             "search_iterations": res.search.iterations,
             "val_accuracy_search": res.val_accuracy_search,
             "tau": res.search.tau,
+            "inputs": res.inputs,
         }
         return Compressed(model=res.model.eval(), info=info)
 

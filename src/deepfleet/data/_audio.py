@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepfleet.data._dataset import Dataset, fingerprint, stratified_split
+from deepfleet.data._dataset import Dataset, split_standardised
 
 CLASSES = ("silence", "speech_male", "speech_female", "music", "babble", "white_noise",
            "pink_noise", "brown_noise")
@@ -266,24 +266,10 @@ def generate(n: int = N_TOTAL, seed: int = DATA_SEED, difficulty: float = DIFFIC
 
 
 def load_audio() -> Dataset:
-    X, y = generate()
-    train, val, test = stratified_split(y, (N_VAL, N_TEST), DATA_SEED)
-    # Per-band standardisation with training statistics only.
-    mean = X[train].mean(axis=(0, 2), keepdims=True)
-    std = X[train].std(axis=(0, 2), keepdims=True)
-    X = ((X - mean) / std).astype(np.float32)
-    return Dataset(
-        name="audio",
-        X_train=X[train],
-        y_train=y[train],
-        X_val=X[val],
-        y_val=y[val],
-        X_test=X[test],
-        y_test=y[test],
-        num_classes=len(CLASSES),
+    X, y = generate()  # standardised per band
+    return split_standardised(
+        "audio", X, y, (N_VAL, N_TEST), DATA_SEED, per_channel=True, num_classes=len(CLASSES),
         description=(
             f"generated audio (8 kHz): {N_MELS} log-mel bands x {CONTEXT} frames of 10 ms, "
             f"{len(CLASSES)} classes ({', '.join(CLASSES)})"
-        ),
-        fingerprint=fingerprint(X, y),
-    )
+        ))

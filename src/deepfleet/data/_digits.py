@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepfleet.data._dataset import Dataset, fingerprint, stratified_split
+from deepfleet.data._dataset import Dataset, split_standardised
 
 SPLIT_SEED = 0  # the splits are fixed: a run's seed changes the model, never the data
 N_VAL, N_TEST = 200, 500  # 1797 images: 1097 train / 200 val / 500 test
@@ -26,19 +26,6 @@ def load_digits28() -> Dataset:
             torch.from_numpy(images)[:, None], size=(28, 28), mode="bilinear", align_corners=False
         ).numpy()  # (1797, 1, 28, 28)
     y = raw.target.astype(np.int64)
-    train, val, test = stratified_split(y, (N_VAL, N_TEST), SPLIT_SEED)
-    # Standardise with training statistics only.
-    mean, std = float(big[train].mean()), float(big[train].std())
-    X = ((big - mean) / std).astype(np.float32)
-    return Dataset(
-        name="digits",
-        X_train=X[train],
-        y_train=y[train],
-        X_val=X[val],
-        y_val=y[val],
-        X_test=X[test],
-        y_test=y[test],
-        num_classes=10,
-        description="scikit-learn handwritten digits (8x8, real) resized to 28x28",
-        fingerprint=fingerprint(X, y),
-    )
+    return split_standardised(
+        "digits", big, y, (N_VAL, N_TEST), SPLIT_SEED, per_channel=False, num_classes=10,
+        description="scikit-learn handwritten digits (8x8, real) resized to 28x28")

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepfleet.data._dataset import Dataset, fingerprint, stratified_split
+from deepfleet.data._dataset import Dataset, split_standardised
 
 CLASSES = ("sit", "stand", "walk", "stairs_up", "stairs_down", "bike")
+SENSORS = ("accelerometer",) * 3 + ("gyroscope",) * 3  # the sensor behind each channel
 RATE_HZ = 50.0
 T = 64  # 1.28 s windows
 N_USERS, N_DEVICES = 9, 9
@@ -205,47 +206,22 @@ def simulate(
 
 def load_sensing() -> Dataset:
     X, y = generate(difficulty=DIFFICULTY)
-    train, val, test = stratified_split(y, (N_VAL, N_TEST), DATA_SEED)
-    # Per-channel standardisation with training statistics only.
-    mean = X[train].mean(axis=(0, 2), keepdims=True)
-    std = X[train].std(axis=(0, 2), keepdims=True)
-    X = ((X - mean) / std).astype(np.float32)
-    return Dataset(
-        name="sensing",
-        X_train=X[train],
-        y_train=y[train],
-        X_val=X[val],
-        y_val=y[val],
-        X_test=X[test],
-        y_test=y[test],
-        num_classes=len(CLASSES),
+    return split_standardised(
+        "sensing", X, y, (N_VAL, N_TEST), DATA_SEED, per_channel=True, num_classes=len(CLASSES),
         description=(
             "generated multi-sensor activity windows (acc+gyro, 6 channels x 64 steps at 50 Hz, "
             f"{len(CLASSES)} classes, {N_USERS} users, {N_DEVICES} devices)"
         ),
-        fingerprint=fingerprint(X, y),
-    )
+        sensors=SENSORS, sample_hz=RATE_HZ)
 
 
 def load_sensing_user() -> Dataset:
     """The user-identification set: windows of USER_ACTIVITIES labelled by user (9 classes)."""
     X, y = generate_users()
-    train, val, test = stratified_split(y, (N_VAL, N_TEST), DATA_SEED)
-    mean = X[train].mean(axis=(0, 2), keepdims=True)
-    std = X[train].std(axis=(0, 2), keepdims=True)
-    X = ((X - mean) / std).astype(np.float32)
-    return Dataset(
-        name="sensing-user",
-        X_train=X[train],
-        y_train=y[train],
-        X_val=X[val],
-        y_val=y[val],
-        X_test=X[test],
-        y_test=y[test],
-        num_classes=N_USERS,
+    return split_standardised(
+        "sensing-user", X, y, (N_VAL, N_TEST), DATA_SEED, per_channel=True, num_classes=N_USERS,
         description=(
             "generated multi-sensor windows (acc+gyro, 6 channels x 64 steps at 50 Hz) of "
             f"{', '.join(USER_ACTIVITIES)}, labelled by user ({N_USERS} users, {N_DEVICES} devices)"
         ),
-        fingerprint=fingerprint(X, y),
-    )
+        sensors=SENSORS, sample_hz=RATE_HZ)

@@ -82,7 +82,8 @@ from deepfleet.device_agent.system import (
 #        afresh per request by default ("fresh"), timed (init_ms, first_run_ms); peak resident
 #        memory of loading and running it (memory_peak_mb); CPU time of each run beside its
 #        wall time (cpu_p50_ms); a time-based energy estimate from the device's stated power.
-# 0.4.1: the numpy runtime compiles a model's ops at load (weights fused and transposed, run()
+# 0.4.1: the runtime's `gather` op (models that read only the inputs DeepIoT kept); the numpy
+#        runtime compiles a model's ops at load (weights fused and transposed, run()
 #        as generated straight-line code, recurrent input projections batched over time): same
 #        outputs, different timings (compressed deepsense and bilstm several times faster).
 AGENT_VERSION = "0.4.1"

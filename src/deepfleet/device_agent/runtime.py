@@ -749,6 +749,12 @@ def _rnn(a, w):
     return _Rnn(a, w)
 
 
+def _gather(a, w):
+    """The entries ``indices`` of axis ``axis`` (the inputs a compressed model still reads)."""
+    indices, axis = np.asarray(a["indices"], dtype=np.int64), a["axis"]
+    return lambda x: np.take(x, indices, axis=axis)
+
+
 #: op name -> compiler(attrs, weights) -> run(*inputs).
 COMPILERS = {
     "const": _const,
@@ -770,6 +776,7 @@ COMPILERS = {
     "binary": _binary,
     "rnn": _rnn,
     "fake_quant": _fake_quant,
+    "gather": _gather,
 }
 _FUSE_RELU = {"conv": _Conv, "linear": _Linear, "max_pool": _max_pool}  # ops that can apply a ReLU
 

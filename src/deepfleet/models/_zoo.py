@@ -16,7 +16,17 @@ from deepfleet.errors import ModelError
 Shape = tuple[int, ...]
 
 
+def _refuse_flat(name: str, input_shape: Shape, needs: str) -> None:
+    """One clear line for flat (F,) feature vectors given to a model that needs structure."""
+    if len(input_shape) == 1:
+        raise ModelError(
+            f"{name} needs {needs}, but the data gives flat feature vectors of shape "
+            f"{tuple(input_shape)}; use the model 'mlp' (or a module:function model) for (N, F) features"
+        )
+
+
 def _image_shape(name: str, input_shape: Shape, min_side: int) -> tuple[int, int, int]:
+    _refuse_flat(name, input_shape, "images shaped (C, H, W)")
     if len(input_shape) != 3:
         raise ModelError(
             f"{name} needs images shaped (C, H, W), but the data gives samples of shape "
@@ -33,6 +43,7 @@ def _image_shape(name: str, input_shape: Shape, min_side: int) -> tuple[int, int
 
 
 def _sequence_shape(name: str, input_shape: Shape) -> tuple[int, int]:
+    _refuse_flat(name, input_shape, "sequences shaped (C, T) or images (C, H, W)")
     if len(input_shape) == 2:
         return input_shape[0], input_shape[1]
     if len(input_shape) == 3:  # an image read row by row: features C*W, time H
@@ -44,7 +55,8 @@ def _sequence_shape(name: str, input_shape: Shape) -> tuple[int, int]:
 
 
 class MLP(nn.Module):
-    """Flatten, hidden fully connected ReLU layers, classifier: LeNet-300-100 by default."""
+    """Flatten, hidden fully connected ReLU layers, classifier: LeNet-300-100 by default. Takes
+    any sample shape, flat (F,) feature vectors included."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (300, 100)):
         super().__init__()
@@ -142,6 +154,7 @@ class DeepSense(nn.Module):
         self, input_shape: Shape, num_classes: int, sensor_channels: int = 3, width: int = 32
     ):
         super().__init__()
+        _refuse_flat("deepsense", input_shape, "multi-sensor sequences shaped (C, T)")
         if len(input_shape) != 2:
             raise ModelError(
                 f"deepsense needs multi-sensor sequences shaped (C, T), but got {tuple(input_shape)}; "

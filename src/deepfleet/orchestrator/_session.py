@@ -19,7 +19,14 @@ from deepfleet._files import write_json
 from deepfleet.candidate import Candidate
 from deepfleet.orchestrator.fleet import Device, Fleet, load_fleet, local_fleet
 from deepfleet.orchestrator.measure import MeasureSettings
-from deepfleet.search import StudySpec, counts, pareto, predictor_status, trial_record
+from deepfleet.search import (
+    StudySpec,
+    check_sensing,
+    counts,
+    pareto,
+    predictor_status,
+    trial_record,
+)
 from deepfleet.search import check_fleet as check_study_fleet
 
 
@@ -59,6 +66,10 @@ def check_fleet(spec: StudySpec, fleet: Fleet) -> list[Device]:
     for d in fleet.devices:
         kinds.setdefault(d.device_class, {})[d.name] = _energy_kind(d) if needs_energy and d in devices else None
     check_study_fleet(spec, kinds)
+    power: dict[str, dict[str, set[str]]] = {}
+    for d in devices:
+        power.setdefault(d.device_class, {})[d.name] = set(d.sensor_mw)
+    check_sensing(spec, power)
     return devices
 
 

@@ -37,10 +37,12 @@ __all__ = ["CANDIDATES_SCHEMA", "OUTCOMES", "READ_VERSIONS", "candidate_row", "r
 
 # 2: nested columns (layers, objectives, constraints, predictions, trial_params) instead of
 #    *_json text; Candidate's field names.
-CANDIDATES_SCHEMA_VERSION = 2
-# The versions read_candidates returns: the current one, and 1 (upgraded on read, its rows keep
-# schema_version 1); readers check rows against this, not against the current version alone.
-READ_VERSIONS = frozenset({1, CANDIDATES_SCHEMA_VERSION})
+# 3: sensors_kept and inputs_kept (null in older rows: the file lacks the columns).
+CANDIDATES_SCHEMA_VERSION = 3
+# The versions read_candidates returns: the current one, 2 (its new columns null) and 1
+# (upgraded on read); rows keep the version they were written at. Readers check rows against
+# this, not against the current version alone.
+READ_VERSIONS = frozenset({1, 2, CANDIDATES_SCHEMA_VERSION})
 OUTCOMES = ("measured", "infeasible", "predicted_infeasible", "failed", "baseline")
 
 _LAYER = pa.struct([
@@ -64,7 +66,7 @@ _CANDIDATE_TYPES = {
     "accuracy_val": pa.float64(), "accuracy_test": pa.float64(), "accuracy_drop_pp": pa.float64(),
     "params": pa.int64(), "macs": pa.int64(), "bytes": pa.int64(), "kept_params": pa.float64(),
     "layers": pa.list_(_LAYER), "features": pa.map_(pa.string(), pa.float64()), "node": pa.string(),
-    "train_seconds": pa.float64(),
+    "train_seconds": pa.float64(), "sensors_kept": pa.list_(pa.string()), "inputs_kept": pa.list_(pa.int64()),
 }
 assert list(_CANDIDATE_TYPES) == [f.name for f in dataclasses.fields(Candidate)], "one name per field"
 
@@ -175,7 +177,13 @@ def read_candidates(root: str | os.PathLike[str], study: str | None = None) -> p
             for key, value in ds.get_partition_keys(frag.partition_expression).items():
                 if key not in t.column_names:
                     t = t.append_column(key, pa.array([value] * len(t), pa.string()))
-            tables.append(_upgrade_v1(t) if "objectives_json" in t.column_names else t.select(CANDIDATES_SCHEMA.names))
+            if "objectives_json" in t.column_names:
+                tables.append(_upgrade_v1(t))
+                continue
+            for name in CANDIDATES_SCHEMA.names:  # a column newer than the file's version: null
+                if name not in t.column_names:
+                    t = t.append_column(name, pa.nulls(len(t), CANDIDATES_SCHEMA.field(name).type))
+            tables.append(t.select(CANDIDATES_SCHEMA.names))
         table = pa.concat_tables([t.cast(CANDIDATES_SCHEMA) for t in tables]) if tables else CANDIDATES_SCHEMA.empty_table()
         frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int16(): pd.Int16Dtype()}.get,
                                 maps_as_pydicts="strict")
@@ -203,4 +211,6 @@ def candidate_of(row: Mapping[str, Any]) -> Candidate:
         data[k] = int(data[k])
     data["layers"] = tuple(Layer(**lay) for lay in (row["layers"] if row["layers"] is not None else ()))
     data["features"] = dict(row["features"]) if isinstance(row["features"], dict) else {}
+    for k, cast in (("sensors_kept", str), ("inputs_kept", int)):
+        data[k] = None if data[k] is None else tuple(cast(v) for v in data[k])
     return Candidate(**{k: (None if isinstance(v, float) and pd.isna(v) else v) for k, v in data.items()})

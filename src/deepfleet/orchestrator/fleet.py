@@ -29,6 +29,16 @@ as the sandbox's simulated hwmon device: every row measured with it has ``energy
 ``simulated`` and carries the note. ``simulated`` on the device itself says what else is not
 real (an emulated CPU, a shaped link).
 
+``sensors`` gives the power each sensor of the device draws while it samples, in milliwatts,
+from its datasheet (a device's own entries win over those in ``defaults``, sensor by sensor)::
+
+    defaults:
+      sensors: {accelerometer: {mw: 0.2}, gyroscope: {mw: 6.0}}
+
+Sensor names are the data's (its ``sensors`` array). The sensing energy of an inference, kept
+sensors' power times the data's window, is an estimate from these figures
+(:mod:`deepfleet.sensing`), never a measurement.
+
 Everything is validated on load: an unknown key, a wrong type, a duplicate name, a bad port or a
 missing key file raises :class:`~deepfleet.errors.ConfigError` naming the file, the device, the
 key, the bad value and what is accepted. Relative paths are relative to the fleet file.
@@ -59,6 +69,7 @@ __all__ = [
     "EnergySpec",
     "Fleet",
     "PowerSpec",
+    "SensorPower",
     "load_fleet",
     "local_fleet",
 ]
@@ -102,6 +113,14 @@ class PowerSpec:
         return {"active_w": self.active_w, "idle_w": self.idle_w}
 
 
+@dataclass(frozen=True)
+class SensorPower:
+    """A sensor of a device and the power it draws while sampling (mW, from a datasheet)."""
+
+    name: str
+    mw: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class Device:
     """One device of the fleet (plain data: safe to pickle to Ray workers).
@@ -128,11 +147,17 @@ class Device:
     power: PowerSpec | None = None
     tags: tuple[str, ...] = ()
     simulated: str | None = None
+    sensors: tuple[SensorPower, ...] = ()
 
     @property
     def is_local(self) -> bool:
         """True for the built-in device that runs on this machine without SSH."""
         return self.host is None
+
+    @property
+    def sensor_mw(self) -> dict[str, float]:
+        """{sensor name: power in mW} from the fleet file (empty when it gives none)."""
+        return {s.name: s.mw for s in self.sensors}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,7 +213,7 @@ def local_fleet() -> Fleet:
 
 
 _DEVICE_KEYS = ("name", "host", "port", "user", "key", "host_key", "known_hosts", "class",
-                "python", "workdir", "energy", "backends", "power", "tags", "simulated")
+                "python", "workdir", "energy", "backends", "power", "tags", "simulated", "sensors")
 _ENERGY_KEYS = ("source", "path", "command", "sample_hz", "simulated")
 
 
@@ -306,6 +331,27 @@ def _power(where: _Where, value: object) -> PowerSpec | None:
     return PowerSpec(active_w=float(active), idle_w=float(idle))
 
 
+def _sensors(where: _Where, value: object) -> tuple[SensorPower, ...]:
+    """``sensors: {name: {mw: number}}``: each sensor's sampling power in milliwatts."""
+    if value is None:
+        return ()
+    example = "a mapping of sensor names to {mw: power in milliwatts}, e.g. {gyroscope: {mw: 6.0}}"
+    if not isinstance(value, Mapping):
+        raise where.error("sensors", value, example)
+    out = []
+    for name, spec in value.items():
+        key = f"sensors.{name}"
+        if not isinstance(name, str) or not name.strip():
+            raise where.error("sensors", name, "sensor names that are non-empty strings (the data's names)")
+        if not isinstance(spec, Mapping) or set(spec) != {"mw"}:
+            raise where.error(key, spec, "{mw: power in milliwatts while sampling}")
+        mw = spec["mw"]
+        if isinstance(mw, bool) or not isinstance(mw, int | float) or not 0 <= mw < 1e6 or mw != mw:
+            raise where.error(f"{key}.mw", mw, "a power in milliwatts, a number >= 0")
+        out.append(SensorPower(name=name, mw=float(mw)))
+    return tuple(out)
+
+
 def _note(where: _Where, key: str, value: object, default: str) -> str | None:
     """A ``simulated`` value: true gives ``default``, false or nothing gives None."""
     if value is True:
@@ -360,6 +406,7 @@ def _device(where: _Where, raw: Mapping[str, Any], base: Path) -> Device:
         power=_power(where, raw.get("power")),
         tags=tuple(tags),
         simulated=simulated,
+        sensors=_sensors(where, raw.get("sensors")),
     )
 
 
@@ -403,5 +450,8 @@ def load_fleet(path: str | Path) -> Fleet:
                             "a name of letters, digits, '.', '_' or '-' (at most 63 characters)")
         if name in (d.name for d in devices):
             raise top.error(f"devices[{index}].name", name, "a name not used by another device")
-        devices.append(_device(_Where(path, name), {**defaults, **entry}, path.parent))
+        merged = {**defaults, **entry}
+        if isinstance(defaults.get("sensors"), Mapping) and isinstance(entry.get("sensors"), Mapping):
+            merged["sensors"] = {**defaults["sensors"], **entry["sensors"]}  # sensor by sensor
+        devices.append(_device(_Where(path, name), merged, path.parent))
     return Fleet(devices=tuple(devices), path=path)

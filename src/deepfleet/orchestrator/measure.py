@@ -34,6 +34,7 @@ from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device
 from deepfleet.orchestrator.reference import REFERENCE_REQUEST, ReferenceTracker, reference_artifact
 from deepfleet.orchestrator.results import failure_row, measurement_row, write_results
+from deepfleet.sensing import sensing_energy
 
 __all__ = ["MeasureSettings", "Outcome", "measure_many"]
 
@@ -125,11 +126,11 @@ class Outcome:
 
     def summary(self) -> dict[str, Any]:
         """The outcome as plain JSON-ready data, without the row."""
-        return {k: getattr(self, k) for k in (
+        return {**{k: getattr(self, k) for k in (
             "device", "artifact", "artifact_hash", "reference", "ok", "backend", "backend_note",
             "p50_ms", "p90_ms", "p99_ms", "cpu_p50_ms", "init_ms", "memory_peak_mb", "energy_mj",
             "estimated_energy_mj", "time_estimated_energy_mj", "energy_kind", "energy_source",
-            "drift", "rows_written", "error")}
+            "drift", "rows_written", "error")}, "sensing_energy_mj": self.row.get("sensing_energy_mj")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,10 +204,12 @@ def _measure_one(ctx: _Context, session: DeviceSession, art: Artifact, *,
         drift: float | None = ctx.tracker.record(device.name, float(resp["p50_ms"]))
     else:
         drift = ctx.tracker.drift(device.name)
+    sensing = sensing_energy(art.manifest, device.sensor_mw, batch=int(resp.get("batch") or 1),
+                             device=device.name)
     return measurement_row(resp, study=ctx.study, device=device.name,
                            device_class=device.device_class, trial=ctx.trial,
                            reference=reference, simulated=device.simulated,
-                           artifact_bytes=art.bytes, drift=drift)
+                           artifact_bytes=art.bytes, drift=drift, sensing=sensing)
 
 
 def _device_work(ctx: _Context, session: DeviceSession,

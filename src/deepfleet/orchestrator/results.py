@@ -55,11 +55,12 @@ __all__ = [
 #    loading (init_ms, first_run_ms), peak memory (memory_*), CPU time (cpu_p50_ms,
 #    process_cpu_ms) and the time-based energy estimate (time_estimated_energy_mj,
 #    stated_power_w).
+# 4: sensing energy (sensing_energy_mj, sensing_basis; deepfleet.sensing), host side.
 # Files of an older version lack the newer columns: the dataset is read with RESULTS_SCHEMA,
 # which fills a column a file lacks with nulls, then UPGRADES bring old rows' values to the
 # current meaning. A row keeps the schema_version it was written at, so a reader can tell "not
 # recorded" (an older row) from "none" (e.g. no drift reference measured).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ENERGY_KINDS = ("measured", "simulated", "estimated")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -128,6 +129,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("estimated_energy_mj", pa.float64(), True),  # operation-count estimate, always labelled so
     ("time_estimated_energy_mj", pa.float64(), True),  # busy time x stated power; its own kind
     ("stated_power_w", pa.float64(), True),  # the power it used (fleet file: active_w - idle_w)
+    # sensing energy per run: kept sensors' datasheet power x window, an estimate (host side)
+    ("sensing_energy_mj", pa.float64(), True),
+    ("sensing_basis", pa.string(), True),  # how it was estimated, or why there is none
     # device state
     ("temp_before_c", pa.float64(), True),
     ("temp_after_c", pa.float64(), True),
@@ -168,13 +172,18 @@ def _v2_to_v3(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(backend_version=frame["backend_version"].where(~numpy_rows, frame["device_numpy"]))
 
 
+def _v3_to_v4(frame: pd.DataFrame) -> pd.DataFrame:
+    """Version 3 rows: no sensing energy was estimated (sensing_energy_mj, sensing_basis null)."""
+    return frame
+
+
 # The ONE place that knows how to read rows of an older schema version (read_results applies it,
 # so every reader, the report included, gets the same answer). UPGRADES[v] takes rows of version
 # v in RESULTS_SCHEMA columns (read with RESULTS_SCHEMA: a column the file lacks is null) and
 # returns them as version v + 1 means them; rows keep their ``schema_version``. A version with a
 # chain of upgrades up to SCHEMA_VERSION is readable; any other (older, newer, or a file without
 # the column: version 0) is refused with a ResultsError. A SCHEMA_VERSION bump adds its step here.
-UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _upgrade_1, 2: _v2_to_v3}
+UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _upgrade_1, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def readable(version: int) -> bool:
@@ -264,12 +273,14 @@ def measurement_row(
     artifact_bytes: int | None = None,
     model_name: str | None = None,
     drift: float | None = None,
+    sensing: Any = None,
 ) -> dict[str, Any]:
     """One results row from a successful agent ``measure`` response (a dict).
 
     ``simulated`` is the device's own note (e.g. the fleet file's); a simulated energy sensor
     adds its note. ``model_name`` overrides the manifest's ``model``. ``drift`` is the device's
-    reference drift when this was measured (see the column's comment). Raises ResultsError if
+    reference drift when this was measured (see the column's comment). ``sensing`` (a
+    :class:`deepfleet.sensing.SensingEnergy`) fills the sensing columns. Raises ResultsError if
     ``result`` is not a successful measure response.
     """
     if not result.get("ok") or "latencies_ms" not in result:
@@ -331,6 +342,8 @@ def measurement_row(
         "device_python": result.get("python"),
         "device_numpy": result.get("numpy"),
         "drift": drift,
+        "sensing_energy_mj": getattr(sensing, "mj", None),
+        "sensing_basis": getattr(sensing, "basis", None),
         "error": None,
     })
     for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "p50_ci_low_ms",

@@ -35,6 +35,7 @@ from deepfleet.search._spec import (
     StudyMeasure,
     StudySpec,
     check_fleet,
+    check_sensing,
     load_study,
     parse_study,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "Verdict",
     "apply_params",
     "check_fleet",
+    "check_sensing",
     "counts",
     "finished",
     "interrupted",

@@ -172,6 +172,8 @@ def _predict(spec: StudySpec, cand: Candidate, rows: Rows, known: Known,
               if x.device_class in classes}
     out = []
     for metric, cls in sorted(wanted):
+        if metrics.metric(metric).sensing:
+            continue  # it follows the sensors a model keeps, which its MACs and params do not say
         f, _ = fit(spec, rows, known, metric, cls, exclude=cand.artifact_hash)
         if f is not None:
             out.append(Prediction(metric=metric, device_class=cls, value=f.predict(cand.features), error=f.error,

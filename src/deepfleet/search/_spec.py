@@ -311,6 +311,7 @@ def parse_study(raw: Any, source: str = "<dict>") -> StudySpec:
         raise _err(src, "measure.backend", f"got {backend!r}; accepted: {', '.join(BACKEND_CHOICES)} (auto: the "
                    "first of each device's backends in the fleet file that it has installed)")
     _resolve_names(src, raw["model"], raw["data"])
+    _check_inputs(src, space, raw["data"])
     base = raw.get("base") or {}
     bad = set(base) - {"checkpoint", "epochs"}
     if bad:
@@ -351,6 +352,31 @@ def _judging(src: str, raw: Any) -> Judging:
         raise _err(src, "search.audit_rejections", f"got {share}; expected a share in [0, 1] (0.1 measures "
                    "one in ten candidates rejected on a prediction)")
     return Judging(predictor=predictor, audit_rejections=float(share))
+
+
+def _check_inputs(src: str, space: tuple[Param, ...], data: str) -> None:
+    """``deepiot.inputs`` values are input modes, and ``sensors`` needs data that names them."""
+    from deepfleet.compressors._graph import INPUT_MODES
+    from deepfleet.data import sensing_info
+
+    p = next((p for p in space if p.name == "deepiot.inputs"), None)
+    if p is None:
+        return
+    if p.low is not None:
+        raise _err(src, "space.deepiot.inputs", f"a range is not a choice of input modes; give a list of {', '.join(INPUT_MODES)}")
+    values = p.choices if p.choices is not None else (p.value,)
+    bad = [v for v in values if v not in INPUT_MODES]
+    if bad:
+        raise _err(src, "space.deepiot.inputs", f"got {bad[0]!r}; accepted: {', '.join(INPUT_MODES)}")
+    if "sensors" in values:
+        try:
+            info = sensing_info(data)
+        except DeepfleetError as exc:
+            raise _err(src, "data", str(exc)) from None
+        if info.sensors is None:
+            raise _err(src, "space.deepiot.inputs", f"sensors needs the data to name each channel's sensor, but "
+                       f"{data!r} names none; add an array 'sensors' (one name per channel) to the .npz, or "
+                       "offer features instead")
 
 
 def _relative_to(src: str, path: str) -> str:
@@ -397,6 +423,44 @@ def check_fleet(spec: StudySpec, energy: dict[str, dict[str, str | None]]) -> No
             offered = [m for m in ("energy", "energy_simulated", "energy_estimated") if m != x.metric]
             raise ConfigError(f"{spec.source}: {key}: {x.metric} needs {kind} energy on every device of class "
                               f"{x.device_class!r}, but {given} give none; use {' or '.join(offered)}")
+
+
+def check_sensing(spec: StudySpec, power: dict[str, dict[str, set[str]]]) -> None:
+    """For each objective or constraint on sensing energy (``energy_sensing``,
+    ``energy_total``): the data must name its sensors and window, and every device of the
+    class must give the power of every sensor the data names (any model may keep any of them).
+
+    ``power``: {class: {device: names of the sensors its fleet entry gives a power for}}.
+    Raises ConfigError naming the metric's key, the data or the device, and the fix.
+    """
+    from deepfleet.data import sensing_info
+
+    needing = [(i, x) for i, x in enumerate((*spec.objectives, *spec.constraints)) if METRICS[x.metric].sensing]
+    if not needing:
+        return
+    try:
+        info = sensing_info(spec.data)
+    except DeepfleetError as exc:
+        raise _err(spec.source, "data", str(exc)) from None
+    for i, x in needing:
+        key = f"objectives[{i}]" if i < len(spec.objectives) else f"constraints[{i - len(spec.objectives)}]"
+        if info.sensors is None:
+            raise ConfigError(f"{spec.source}: {key}: {x.metric} needs the data to name each channel's sensor, "
+                              f"but {spec.data!r} names none; add an array 'sensors' (one name per channel) "
+                              "to the .npz, or drop the metric")
+        if info.window_s is None:
+            raise ConfigError(f"{spec.source}: {key}: {x.metric} needs the length of one sample's signal, but "
+                              f"{spec.data!r} gives none; add a scalar 'sample_hz' (sequences) or 'window_s' "
+                              "(seconds) to the .npz")
+        wanted = list(dict.fromkeys(info.sensors))
+        for device, have in sorted(power.get(str(x.device_class), {}).items()):
+            lacking = [w for w in wanted if w not in have]
+            if lacking:
+                raise ConfigError(
+                    f"{spec.source}: {key}: {x.metric} needs the power of every sensor of the data "
+                    f"({', '.join(wanted)}) on every device of class {x.device_class!r}, but device "
+                    f"{device!r} gives none for {', '.join(lacking)}; add sensors: "
+                    f"{{{lacking[0]}: {{mw: ...}}}} to its entry (or to defaults:) in the fleet file")
 
 
 def load_study(path: str | Path) -> StudySpec:
