@@ -146,7 +146,9 @@ def _load_checkpoint(model: nn.Module, path: str, spec: str) -> nn.Module:
     return model
 
 
-_QUANTISERS = tuple(n for n, c in REGISTRY.items() if c.stage == "quantise")
+# Methods that take --bits (SparseSep's final codes are no bit width).
+_QUANTISERS = tuple(n for n, c in REGISTRY.items()
+                    if c.stage == "quantise" and "bits" in {f.name for f in dataclasses.fields(c.config_class)})
 
 
 def build_pipeline(

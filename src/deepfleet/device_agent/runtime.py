@@ -22,6 +22,7 @@ from deepfleet.device_agent.format import (
     ArtifactCorrupt,
     check_artifact,
     decode_tensor,
+    sparse_rows,
 )
 
 # ---------------------------------------------------------------------------- operations
@@ -324,6 +325,23 @@ def op_const(inputs, a, w):
     return w["value"]
 
 
+def op_sparse_linear(inputs, a, w):
+    """``x @ W.T + b`` on the last axis for a row-sparse W (rows, k), at the cost of its nonzeros:
+    ``weight`` arrives as :func:`sparse_rows`' (index, values), both (rows, m), so output r is
+    the sum over t of x[..., index[r, t]] * values[r, t] (SparseSep's sparse codes)."""
+    index, values = w["weight"]
+    out = (inputs[0][..., index] * values).sum(-1)  # (..., rows, m) -> (..., rows)
+    if "bias" in w:
+        out = out + w["bias"]
+    return out.astype(np.float32)
+
+
+def op_temperature(inputs, a, w):
+    """Temperature scaling of logits (Guo et al., 2017): ``x / value``; the class ranking is
+    unchanged, the softmax confidence is calibrated (value fitted on the validation split)."""
+    return (inputs[0] / np.float32(a["value"])).astype(np.float32)
+
+
 OPS = {
     "const": op_const,
     "conv": op_conv,
@@ -344,7 +362,17 @@ OPS = {
     "binary": op_binary,
     "rnn": op_rnn,
     "fake_quant": op_fake_quant,
+    "sparse_linear": op_sparse_linear,
+    "temperature": op_temperature,
 }
+
+# Weights an op reads in sparse form, (index, values) from ``sparse_rows``, not decoded dense.
+SPARSE_WEIGHTS = {"sparse_linear": ("weight",)}
+
+
+def _load_weight(op, role, ref, tensors, arrays):
+    reader = sparse_rows if role in SPARSE_WEIGHTS.get(op, ()) else decode_tensor
+    return reader(ref, tensors.get(ref, {}), arrays)
 
 
 # ---------------------------------------------------------------------------- model
@@ -370,7 +398,7 @@ class Model:
             if fn is None:
                 raise ArtifactCorrupt("unknown op %r (node %r): update the agent" % (op["op"], op["name"]))
             weights = {
-                role: decode_tensor(ref, tensors.get(ref, {}), arrays)
+                role: _load_weight(op["op"], role, ref, tensors, arrays)
                 for role, ref in op.get("weights", {}).items()
             }
             n_out = op.get("num_outputs", 1)
