@@ -29,6 +29,7 @@ from torch import nn
 from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
 from deepfleet._onnx import export_onnx
+from deepfleet.calibration import calibration
 from deepfleet.artifact import ArtifactFiles, build_artifact, save_artifact
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
@@ -46,7 +47,7 @@ from deepfleet.compressors._encoding import Encoding
 from deepfleet.compressors._export import Exported, export_graph
 from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._pipeline import layer_table
-from deepfleet.compressors.training import TrainConfig, accuracy, seed_everything, train
+from deepfleet.compressors.training import TrainConfig, accuracy, logits_of, seed_everything, train
 from deepfleet.data import Dataset, load_data
 from deepfleet.errors import ConfigError, ModelError
 from deepfleet.models import build_model
@@ -209,14 +210,15 @@ def _provenance(model: str, data: Dataset, seed: int) -> dict[str, Any]:
 
 
 def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, compressor: dict[str, Any],
-                    val_accuracy: float, encodings: dict[str, Encoding] | None = None
-                    ) -> tuple[Exported, ArtifactFiles]:
-    """Export ``net`` (with its quantised weight ``encodings``) as an artifact in memory, its
+                    val_accuracy: float, encodings: dict[str, Encoding] | None = None,
+                    sparse: frozenset[str] = frozenset()) -> tuple[Exported, ArtifactFiles]:
+    """Export ``net`` (with its quantised weight ``encodings``, and its ``sparse`` (pruned)
+    parameters stored as their nonzeros where smaller) as an artifact in memory, its
     manifest holding the provenance, the ``compressor`` settings, params, MACs and validation
     accuracy, with ``model.onnx`` checked against ``net`` itself on validation samples. Raises
     ExportError when onnxruntime differs from torch beyond tolerance."""
     net = net.cpu().eval()
-    exported = export_graph(net, data.input_shape, encodings or {})
+    exported = export_graph(net, data.input_shape, encodings or {}, sparse=sparse)
     x = data.X_val[:32]
     with torch.no_grad():
         out = net(torch.as_tensor(x))
@@ -229,13 +231,19 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
     return exported, files
 
 
+def val_calibration(net: nn.Module, ds: Dataset) -> dict[str, float]:
+    """ECE, NLL and Brier score of ``net``'s softmax on the validation split (Candidate's fields)."""
+    return calibration(logits_of(net, ds.X_val).numpy(), ds.y_val)
+
+
 def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val: float,
               accuracy_test: float) -> tuple[Exported, Candidate, ArtifactFiles]:
     exported, files = export_artifact(base, model=model, data=ds, seed=seed, compressor={"methods": []},
                                       val_accuracy=accuracy_val)
     cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
                      accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
-                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0)
+                     **val_calibration(base, ds), params=exported.params, macs=exported.macs, bytes=files.bytes,
+                     kept_params=1.0)
     return exported, cand, files
 
 
@@ -313,13 +321,15 @@ def compress_model(
                   "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in compressors],
                   "finetune": dataclasses.asdict(ft_cfg)}
     exp_small, files = export_artifact(small, model=model, data=ds, seed=seed, compressor=compressor,
-                                       val_accuracy=acc["val_accuracy_after"], encodings=result.encodings)
+                                       val_accuracy=acc["val_accuracy_after"], encodings=result.encodings,
+                                       sparse=result.sparse)
     layers = layer_table(structure, original, small, encodings=result.encodings)
+    calib = {"before": val_calibration(original, ds), "after": val_calibration(small, ds)}
     candidate = Candidate(
         model=model, data=ds.name, method="+".join(methods), artifact_hash=files.digest,
         accuracy_val=acc["val_accuracy_after"], accuracy_test=acc["accuracy_after"],
         accuracy_drop_pp=100.0 * (acc["val_accuracy_before"] - acc["val_accuracy_after"]),
-        params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
+        **calib["after"], params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
         kept_params=result.kept_params(params_before), layers=tuple(Layer(**row) for row in layers),  # type: ignore[arg-type]
         node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2))
     deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
@@ -329,7 +339,7 @@ def compress_model(
         "val_accuracy_search": deepiot.get("val_accuracy_search"),
         "extraction_error": deepiot.get("extraction_error"),
         "search_iterations": deepiot.get("search_iterations"),
-        "layers": layers, "steps": result.steps, "base_cached": cached,
+        "layers": layers, "steps": result.steps, "base_cached": cached, "calibration_val": calib,
     }
     if not with_original:
         return Compression(candidate, files, None, None, details)
