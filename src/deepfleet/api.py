@@ -29,8 +29,8 @@ from torch import nn
 from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
 from deepfleet._onnx import export_onnx
-from deepfleet.calibration import calibration
 from deepfleet.artifact import ArtifactFiles, build_artifact, save_artifact
+from deepfleet.calibration import calibration
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
     REGISTRY,
@@ -323,7 +323,7 @@ def compress_model(
     exp_small, files = export_artifact(small, model=model, data=ds, seed=seed, compressor=compressor,
                                        val_accuracy=acc["val_accuracy_after"], encodings=result.encodings,
                                        sparse=result.sparse)
-    layers = layer_table(structure, original, small, encodings=result.encodings)
+    layers = layer_table(structure, original, small, encodings=result.encodings, sparse=result.sparse)
     calib = {"before": val_calibration(original, ds), "after": val_calibration(small, ds)}
     candidate = Candidate(
         model=model, data=ds.name, method="+".join(methods), artifact_hash=files.digest,

@@ -530,7 +530,7 @@ def record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
     return values
 
 
-def _sparse_or(enc: Encoding | None, value: np.ndarray) -> Encoding | None:
+def sparse_or(enc: Encoding | None, value: np.ndarray) -> Encoding | None:
     """``enc`` (None: float32), or the sparse encoding of ``value`` around it when smaller."""
     wrapped = sparse_encoding(value, enc)
     dense = enc.nbytes if enc is not None else value.nbytes
@@ -548,7 +548,7 @@ def _encode(
         source = ex.sources.get(name, "")
         enc = ex.parts.get(name) or encodings.get(source)
         if source in sparse:
-            enc = _sparse_or(enc, value)
+            enc = sparse_or(enc, value)
         if enc is None or enc.kind == "float32":
             tensors[name] = {"encoding": "float32", "shape": list(value.shape)}
             arrays[name] = value
