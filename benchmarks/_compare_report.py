@@ -16,6 +16,16 @@ NAMES = {"deepiot": "DeepIoT", "dns": "DyNS-Ext (dns)", "dns-ff": "DyNS (dns, re
          "sparsesep": "SparseSep", "magnitude": "magnitude (Han et al.)"}
 
 
+# The tables' row order (rows of a part may come from several runs: --labels re-runs some).
+ORDER = ("deepiot", "deepiot+fp8", "deepiot+fp4-nearest", "deepiot+fp4-stochastic", "deepiot+kmeans4", "l1",
+         "magnitude", "dns", "dns-ff", "sparsesep", "dns+kmeans4", "lowrank", "fp8", "fp8+act8", "fp4-nearest",
+         "fp4-stochastic", "kmeans4", "pq", "rq", "binary", "binary-stochastic", "binary+act")
+
+
+def _ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: ORDER.index(r["label"]) if r["label"] in ORDER else len(ORDER))
+
+
 def _pct(x: float, digits: int = 2) -> str:
     return f"{100 * x:.{digits}f} %"
 
@@ -27,6 +37,13 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
     base = rows[0]
     out.append(f"| original (fp32) | 100.00 % | {base['bytes_original']:,} | 100.00 % | {_pct(base['base_test'])} "
                f"| 0.00 | {_pct(base['base_val'])} | | | | |")
+    others = sorted({r["base_test"] for r in rows} - {base["base_test"]})
+    if others:  # rows re-run later (--labels) on a base model trained anew: each Δ is against its own
+        out.insert(0, "Rows from runs on different trained originals (test accuracy "
+                   + ", ".join(_pct(b) for b in [base["base_test"], *others]) + "); each Δ is against the "
+                   "row's own original: " + "; ".join(
+                       f"{_pct(b)}: " + ", ".join(r["label"] for r in rows if r["base_test"] == b)
+                       for b in [base["base_test"], *others]) + ".\n")
     for r in rows:
         out.append(
             f"| {r['label']} | {_pct(r['kept_params'])} | {r['bytes']:,} | {_pct(r['bytes_ratio'], 3)} "
@@ -167,7 +184,7 @@ def write_markdown(results: dict[str, Any], plans: dict[str, Any], *, smoke: boo
                       f"{100 * (b['test'] - a['test']):+.2f} pp while cutting the artifact from "
                       f"{a['bytes']:,} B to {b['bytes']:,} B. The seeds table below gives the mean.", ""]
     for model in MODELS:
-        rows = [r for r in results.get(model, []) if "error" not in r and not _is_rounding(r)]
+        rows = _ordered([r for r in results.get(model, []) if "error" not in r and not _is_rounding(r)])
         errors = [r for r in results.get(model, []) if "error" in r]
         if not rows:
             continue
