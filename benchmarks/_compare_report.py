@@ -9,7 +9,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-LAYER_METHODS = ("deepiot", "deepiot+fp8", "l1", "magnitude", "dns", "lowrank", "fp8", "kmeans4", "pq", "binary")
+LAYER_METHODS = ("deepiot", "deepiot+fp8", "l1", "magnitude", "dns", "dns-ff", "sparsesep", "lowrank", "fp8",
+                 "kmeans4", "pq", "binary")
+MODELS = ("lenet5", "deepsense", "bilstm")
+NAMES = {"deepiot": "DeepIoT", "dns": "DyNS-Ext (dns)", "dns-ff": "DyNS (dns, recurrent off)",
+         "sparsesep": "SparseSep", "magnitude": "magnitude (Han et al.)"}
+
+
+# The tables' row order (rows of a part may come from several runs: --labels re-runs some).
+ORDER = ("deepiot", "deepiot+fp8", "deepiot+fp4-nearest", "deepiot+fp4-stochastic", "deepiot+kmeans4", "l1",
+         "magnitude", "dns", "dns-ff", "sparsesep", "dns+kmeans4", "lowrank", "fp8", "fp8+act8", "fp4-nearest",
+         "fp4-stochastic", "kmeans4", "pq", "rq", "binary", "binary-stochastic", "binary+act")
+
+
+def _ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: ORDER.index(r["label"]) if r["label"] in ORDER else len(ORDER))
 
 
 def _pct(x: float, digits: int = 2) -> str:
@@ -23,6 +37,13 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
     base = rows[0]
     out.append(f"| original (fp32) | 100.00 % | {base['bytes_original']:,} | 100.00 % | {_pct(base['base_test'])} "
                f"| 0.00 | {_pct(base['base_val'])} | | | | |")
+    others = sorted({r["base_test"] for r in rows} - {base["base_test"]})
+    if others:  # rows re-run later (--labels) on a base model trained anew: each Δ is against its own
+        out.insert(0, "Rows from runs on different trained originals (test accuracy "
+                   + ", ".join(_pct(b) for b in [base["base_test"], *others]) + "); each Δ is against the "
+                   "row's own original: " + "; ".join(
+                       f"{_pct(b)}: " + ", ".join(r["label"] for r in rows if r["base_test"] == b)
+                       for b in [base["base_test"], *others]) + ".\n")
     for r in rows:
         out.append(
             f"| {r['label']} | {_pct(r['kept_params'])} | {r['bytes']:,} | {_pct(r['bytes_ratio'], 3)} "
@@ -54,6 +75,30 @@ def _layers(rows: list[dict[str, Any]]) -> list[str]:
     out.append("")
     out.append("Cells: hidden units kept · nonzero parameters kept (of the layer's, BatchNorm folded away by "
                "quantisers) · storage bits per weight. Total: kept parameters · artifact bytes.")
+    return out
+
+
+def _paper(rows: list[dict[str, Any]], model: str) -> list[str]:
+    """DeepIoT against DyNS(-Ext) and SparseSep at the same parameter target, as in the paper."""
+    by_label = {r["label"]: r for r in rows}
+    labels = [lab for lab in NAMES if lab in by_label and not (model == "lenet5" and lab == "dns-ff")]
+    if "deepiot" not in labels or len(labels) < 2:
+        return []
+    out = ["| method | kept params | artifact bytes | of original | MACs | test acc | Δ test (pp) | numpy ms |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for lab in labels:
+        r = by_label[lab]
+        out.append(f"| {NAMES[lab]} | {_pct(r['kept_params'])} | {r['bytes']:,} | {_pct(r['bytes_ratio'], 3)} "
+                   f"| {_pct(r['macs_after'] / r['macs_before'], 1)} | {_pct(r['test'])} "
+                   f"| {100 * (r['test'] - r['base_test']):+.2f} | {r['numpy_ms_batch1']['min']:.3f} |")
+    d = by_label["deepiot"]
+    rivals = [by_label[lab] for lab in ("dns", "dns-ff", "sparsesep") if lab in labels]
+    best = max(rivals, key=lambda r: r["test"]) if rivals else None
+    if best is not None:
+        ahead = d["test"] > best["test"]
+        out += ["", f"DeepIoT {'is ahead of' if ahead else 'does not beat'} the best of DyNS(-Ext) and SparseSep "
+                f"here: {_pct(d['test'])} at {_pct(d['kept_params'])} kept against {NAMES[best['label']]}'s "
+                f"{_pct(best['test'])} at {_pct(best['kept_params'])} (test split, seed {d['seed']})."]
     return out
 
 
@@ -116,8 +161,14 @@ def write_markdown(results: dict[str, Any], plans: dict[str, Any], *, smoke: boo
              "parameters left by pruning (a quantiser stores every weight). Latency: torch on CPU with 1 "
              "thread and the device agent's numpy runtime, batch 1, fastest of >= 30 runs (medians in the JSON), measured "
              f"on a shared {results.get('machine', {}).get('cpu_count', '?')}-core machine while other jobs ran "
-             "(indicative only). Quantised weights run dequantised in both torch and numpy, so they "
-             "do not change latency here.", ""]
+             "(indicative only; the load average at each measurement is in the JSON). Quantised weights run "
+             "dequantised in both torch and numpy, so they do not change latency here. Pruned weights (magnitude, "
+             "dns, dns-ff) are stored sparse (their nonzeros with relative indices: the artifact bytes shrink with "
+             "the pruning) but decoded to dense tensors when the artifact is loaded, so the dense runtimes (torch, "
+             "numpy, onnxruntime) gain no speed from them. SparseSep's fully connected layers run factorised "
+             "in the numpy runtime and onnxruntime (x times the dictionary, then the sparse codes: MACs and numpy "
+             "ms shrink), its recurrent matrices are stored factored and decoded dense; the torch column runs "
+             "its dense product.", ""]
     cli = results.get("cli")
     if cli:
         lines += ["## Headline: `deepfleet compress lenet5 --data digits --method deepiot,fixedpoint --bits 8`", "",
@@ -132,8 +183,8 @@ def write_markdown(results: dict[str, Any], plans: dict[str, Any], *, smoke: boo
                       f"({100 * (a['test'] - a['base_test']):+.2f} pp) and the 8-bit step changes that by "
                       f"{100 * (b['test'] - a['test']):+.2f} pp while cutting the artifact from "
                       f"{a['bytes']:,} B to {b['bytes']:,} B. The seeds table below gives the mean.", ""]
-    for model in ("lenet5", "deepsense"):
-        rows = [r for r in results.get(model, []) if "error" not in r and not _is_rounding(r)]
+    for model in MODELS:
+        rows = _ordered([r for r in results.get(model, []) if "error" not in r and not _is_rounding(r)])
         errors = [r for r in results.get(model, []) if "error" in r]
         if not rows:
             continue
@@ -141,6 +192,10 @@ def write_markdown(results: dict[str, Any], plans: dict[str, Any], *, smoke: boo
         lines += [f"## {model} / {plan['data']} (pruning target {_pct(plan['target'], 0)}, seed {rows[0]['seed']})", ""]
         if plan["deepiot"] or plan["finetune"]:
             lines += [f"Settings changed for time: DeepIoT {plan['deepiot']}, fine-tuning {plan['finetune']}.", ""]
+        paper = _paper(rows, model)
+        if paper:
+            lines += ["DeepIoT against DyNS, DyNS-Ext and SparseSep at the same parameter target (the paper's "
+                      "comparison):", ""] + paper + [""]
         lines += _summary(rows) + [""] + _layers(rows) + [""]
         lines += [f"- **{r['label']}** failed: {r['error']}" for r in errors]
     seeds = _seed_rows(results)

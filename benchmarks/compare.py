@@ -1,7 +1,9 @@
 """Compare the compressors (issue: the field's other compressors and quantisers).
 
-For lenet5 / digits and deepsense / sensing, every method (and DeepIoT followed by the
-quantisers) is run on the same trained base model and measured the same way:
+For lenet5 / digits, deepsense / sensing and bilstm / sensing, every method (and DeepIoT
+followed by the quantisers) is run on the same trained base model and measured the same way
+(``--labels`` runs only some rows and keeps the others from earlier runs; bilstm runs the
+paper's comparison only: DeepIoT, DyNS-Ext, DyNS, SparseSep, magnitude):
 
 * kept parameters (nonzero parameters after / parameters of the original);
 * artifact bytes on disk (graph.json + weights.npz + manifest.json, written exactly as
@@ -9,6 +11,10 @@ quantisers) is run on the same trained base model and measured the same way:
 * test accuracy (reported only: every decision inside a method reads the validation split);
 * torch CPU latency (1 thread, batch 1, median) and the numpy runtime's latency;
 * the numpy runtime against torch on the test split: max relative error, prediction agreement.
+
+DyNS is ``dns`` with ``recurrent`` off (Guo et al.: fully connected and convolution layers only;
+label ``dns-ff``), DyNS-Ext ``dns`` with it on (label ``dns``; the same as DyNS on lenet5).
+SparseSep (``sparsesep``) gets the same parameter target as the others.
 
 Part ``rounding`` repeats DeepIoT, DeepIoT + 8-bit fixed point and DeepIoT + 4-bit fixed point
 over more seeds (the first seed's rows come from the lenet5 part), 4 bits with nearest and
@@ -45,7 +51,12 @@ PLANS: dict[str, dict[str, Any]] = {
     "lenet5": {"data": "digits", "target": 0.01, "deepiot": {}, "finetune": {}},
     "deepsense": {"data": "sensing", "target": 0.06, "deepiot": {"iterations": 1500},
                   "finetune": {"epochs": 10, "patience": 5}},
+    "bilstm": {"data": "sensing", "target": 0.10, "deepiot": {"iterations": 1500},
+               "finetune": {"epochs": 10, "patience": 5}},
 }
+MODELS = tuple(PLANS)
+RECURRENT = ("deepsense", "bilstm")  # models where DyNS and DyNS-Ext differ
+PAPER_ROWS = ("deepiot", "dns", "dns-ff", "sparsesep", "magnitude")  # the DeepIoT paper's comparison
 
 # label -> pipeline of (method, settings); "deepiot" first means: after the shared DeepIoT run.
 FP4 = {f"fp4-{r}-{t}": [("fixedpoint", {"bits": 4, "rounding": r, "training": t})]
@@ -62,6 +73,8 @@ def rows(target: float) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         "l1": [("l1", {"target": target})],
         "magnitude": [("magnitude", {"target": target})],
         "dns": [("dns", {"target": target})],
+        "dns-ff": [("dns", {"target": target, "recurrent": False})],
+        "sparsesep": [("sparsesep", {"target": target})],
         "dns+kmeans4": [("dns", {"target": target}), ("kmeans", {"bits": 4})],
         "lowrank": [("lowrank", {})],
         "fp8": [("fixedpoint", {"bits": 8})],
@@ -143,7 +156,7 @@ def _measure(label: str, common: dict[str, Any], result: Any, *, comps: list[Any
                 "steps": [{"method": c.name, "settings": dataclasses.asdict(c.config)} for c in comps]}
     val = accuracy(small, data.X_val, data.y_val)
     ex, art = export_artifact(small, model=model, data=data, seed=seed, compressor=settings, val_accuracy=val,
-                              encodings=encodings)
+                              encodings=encodings, sparse=result.sparse)
     ex_base, art_base = export_artifact(base, model=model, data=data, seed=seed, compressor={"methods": []},
                                         val_accuracy=accuracy(base, data.X_val, data.y_val))
     nbytes, nbytes_base = art.bytes, art_base.bytes
@@ -170,7 +183,10 @@ def _measure(label: str, common: dict[str, Any], result: Any, *, comps: list[Any
         "runtime_max_rel_err": float(np.abs(out - ref).max() / np.abs(ref).max()),
         "runtime_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
         "torch_ms_batch1": torch_ms, "numpy_ms_batch1": _latency_ms(runtime.run, X[:1]),
-        "layers": layer_table(structure, base, small, encodings=encodings),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],  # the machine is shared: latencies are indicative
+        "layers": layer_table(structure, base, small, encodings=encodings, sparse=result.sparse),
+        "weights_encodings": sorted({t["encoding"] for t in ex.graph["tensors"].values()}),
+        "ops": sorted({o["op"] for o in ex.graph["ops"]}),
         "steps": steps,
         "seconds": round(sum(s["seconds"] for s in steps), 1),
     }
@@ -220,16 +236,21 @@ def _run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows_
 
 
-def _jobs(parts: list[str], seeds: list[int], smoke: bool) -> list[dict[str, Any]]:
+def _jobs(parts: list[str], seeds: list[int], smoke: bool, labels: list[str] | None = None) -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = []
-    for model in ("lenet5", "deepsense"):
+    for model in MODELS:
         if model not in parts:
             continue
         table = rows(PLANS[model]["target"])
+        if model not in RECURRENT:
+            table.pop("dns-ff")
+        if model == "bilstm" or labels:
+            table = {k: v for k, v in table.items() if k in (labels or PAPER_ROWS)}
         chain = {k: v for k, v in table.items() if v[0][0] == "deepiot"}
         if "rounding" in parts and model == "lenet5":
             chain.update({f"deepiot+{k}": [("deepiot", {}), *v] for k, v in FP4.items()})
-        jobs.append({"kind": "chain", "part": model, "model": model, "seed": seeds[0], "labels": chain})
+        if chain:
+            jobs.append({"kind": "chain", "part": model, "model": model, "seed": seeds[0], "labels": chain})
         jobs += [{"kind": "single", "part": model, "model": model, "seed": seeds[0], "label": k, "pipeline": v}
                  for k, v in table.items() if v[0][0] != "deepiot"]
     if "rounding" in parts:  # more seeds of DeepIoT, DeepIoT + 8 bits and the 4-bit study
@@ -244,8 +265,8 @@ def _jobs(parts: list[str], seeds: list[int], smoke: bool) -> list[dict[str, Any
     # the rounding seeds, then the single methods.
     def order(j: dict[str, Any]) -> int:
         if j["kind"] == "chain":
-            return {"lenet5": 0, "deepsense": 1}.get(j["part"], 2)
-        return 3 if j["model"] == "lenet5" else 4
+            return {"lenet5": 0, "deepsense": 1, "bilstm": 2}.get(j["part"], 3)
+        return {"lenet5": 4, "deepsense": 5}.get(j["model"], 6)
 
     return sorted(jobs, key=order)
 
@@ -275,15 +296,21 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--smoke", action="store_true", help="tiny schedules: check that the script runs")
+    ap.add_argument("--labels", default=None,
+                    help="only these rows (comma list, e.g. deepiot,dns,sparsesep); the parts' other rows stay")
     args = ap.parse_args()
     parts = args.parts.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
+    labels = args.labels.split(",") if args.labels else None
     path = args.out / "compare.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    jobs = _jobs(parts, seeds, args.smoke)
+    jobs = _jobs(parts, seeds, args.smoke, labels)
     t0 = time.perf_counter()
     for part in dict.fromkeys(j["part"] for j in jobs):
-        results[part] = []
+        again = {(lab, j["seed"]) for j in jobs if j["part"] == part
+                 for lab in (j["labels"] if j["kind"] == "chain" else [j["label"]])}
+        results[part] = [] if labels is None else [
+            r for r in results.get(part, []) if (r.get("label"), r.get("seed")) not in again]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(_run, j) for j in jobs]
         for fut in as_completed(futures):  # save as results arrive: a killed run keeps them

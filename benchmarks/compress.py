@@ -12,6 +12,9 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 (its 784-input first layer is never masked, so at 3 % it keeps only 8-9 units);
 * ``deepsense`` deepsense / sensing at 6 %, against the same L1 baseline;
 * ``bilstm``    bilstm / sensing at 10 %;
+* ``deepsense-user`` deepsense / sensing-user (DeepSense-UserID) at 2 % (the paper kept 1.13 %),
+                `deepfleet compress`'s DeepIoT schedule (3000 iterations);
+* ``deepear``   deepear / audio (DeepEar's 2.3 M-parameter DNN) at 5 %, the same schedule;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
 * ``timing``    wall time of one ``deepfleet compress lenet5 --data digits`` with an empty cache;
@@ -52,6 +55,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "target+kd-search": ({}, {}),  # the default
     "target+kd-search+kd-finetune": ({}, {"kd_alpha": 0.7}),
 }
+
+# part -> (model, data, kept fraction of the parameters)
+FIGURES = {"deepsense-user": ("deepsense", "sensing-user", 0.02), "deepear": ("deepear", "audio", 0.05)}
 
 
 def _job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +202,10 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
     if part == "mlp-sweep":
         return [{"part": part, "model": "mlp", "data": "digits", "target": t, "seed": s, "method": f"deepiot@{t:.0%}"}
                 for t in (0.04, 0.05, 0.06, 0.08, 0.10) for s in seeds]
+    if part in FIGURES:  # the data sets' own figures: DeepIoT as `deepfleet compress` runs it
+        model, data, target = FIGURES[part]
+        return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "method": "deepiot"}
+                for s in seeds]
     targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
     data, target = targets[part]
     methods = ["deepiot", "l1-uniform"] if part in ("mlp", "deepsense") else ["deepiot"]

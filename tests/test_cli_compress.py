@@ -184,6 +184,28 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: li
          "deepiot.inputs=sensors needs the data to name each channel's sensor, but 'digits' names none"),
         (["mlp", "--data", "digits", "--set", "deepiot.inputs=pixels"],
          "deepiot.inputs must be one of none, features, sensors, but got 'pixels'"),
+        (["mlp", "--data", "digits", "--method", "sparsesep", "--set", "sparsesep.atoms=2"],
+         "sparsesep: atoms must be in (0, 1], but got 2"),
+        (["mlp", "--data", "digits", "--method", "sparsesep", "--set", "sparsesep.sparsity=0"],
+         "sparsesep: sparsity must be in (0, 1], but got 0"),
+        (["mlp", "--data", "digits", "--method", "sparsesep", "--set", "sparsesep.rank=1.5"],
+         "sparsesep: rank must be in (0, 1], but got 1.5"),
+        (["mlp", "--data", "digits", "--method", "lowrank", "--set", "lowrank.params=0"],
+         "lowrank: params must be in (0, 1], but got 0"),
+        (["mlp", "--data", "digits", "--method", "sparsesep", "--target-macs", "0.1"], "give --target-params"),
+        (["mlp", "--data", "digits", "--method", "sparsesep", "--bits", "4"], "--bits applies to the quantisers"),
+        (["mlp", "--data", "digits", "--method", "sparsesep,fixedpoint"],
+         "sparsesep is a factorisation into dictionaries and sparse codes, its codes are final"),
+        (["mlp", "--data", "digits", "--method", "deepiot,temperature", "--set", "temperature.temperature=0"],
+         "temperature: temperature must be a number in [0.05, 20.0] (or null to fit it on the validation split), "
+         "but got 0"),
+        (["mlp", "--data", "digits", "--method", "temperature,fixedpoint"],
+         "method 'fixedpoint' cannot follow 'temperature'"),
+        (["mlp", "--data", "digits", "--method", "rdeepsense", "--set", "rdeepsense.dropout=1"],
+         "rdeepsense: dropout must be a rate in [0, 1), but got 1"),
+        (["mlp", "--data", "digits", "--method", "dns", "--set", "dns.recurrent=maybe"],
+         "dns: recurrent must be true or false, but got 'maybe'"),
+        (["mlp", "--data", "sensing-users"], "unknown data set 'sensing-users' given as data; use one of digits"),
     ],
 )
 def test_bad_pipelines_and_settings_fail_in_process_before_any_work(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -198,6 +220,39 @@ def test_bad_pipelines_and_settings_fail_in_process_before_any_work(tmp_path: Pa
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("deepfleet: error:") and needle in lines[0], res.stderr
     assert not out.exists()
+
+
+def test_calibrated_pipeline_reports_calibration_and_deploys_the_temperature_op(tmp_path: Path, digits) -> None:
+    proc = run_cli("compress", "mlp", "--data", "digits", "--quick", "--json", "--out", str(tmp_path),
+                   "--method", "deepiot,fixedpoint,temperature", "--bits", "8")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["methods"] == ["deepiot", "fixedpoint", "temperature"]
+    step = r["steps"][-1]["info"]
+    assert step["fitted"] and step["val_after"]["nll"] <= step["val_before"]["nll"]
+    for when in ("before", "after"):
+        assert set(r["calibration_val"][when]) == {"ece", "nll", "brier"}
+    assert r["calibration_val"]["after"]["nll"] == pytest.approx(step["val_after"]["nll"], rel=1e-5)
+    graph = json.loads((Path(r["artifact"]) / "graph.json").read_text())
+    assert graph["ops"][-1]["op"] == "temperature" and graph["ops"][-1]["attrs"]["value"] == step["temperature"]
+    assert {t["encoding"] for t in graph["tensors"].values()} >= {"fixed"}  # the 8-bit codes survive
+    pred = load_model(r["artifact"]).run(digits.X_test).argmax(1)
+    assert abs(float((pred == digits.y_test).mean()) - r["accuracy_after"]) < 1e-9
+    onnx = run_onnx((Path(r["artifact"]) / "model.onnx").read_bytes(), digits.X_test[:64])[0]
+    assert (onnx.argmax(1) == pred[:64]).all()
+
+
+def test_magnitude_artifact_bytes_shrink_with_what_was_pruned(tmp_path: Path, digits) -> None:
+    proc = run_cli("compress", "mlp", "--data", "digits", "--quick", "--json", "--out", str(tmp_path),
+                   "--method", "magnitude", "--target-params", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["kept_params"] == pytest.approx(0.05, abs=0.002)
+    assert r["bytes_after"] < 0.1 * r["bytes_before"]  # ~5 bytes per kept weight, not 4 per weight
+    graph = json.loads((Path(r["artifact"]) / "graph.json").read_text())
+    assert {t["encoding"] for n, t in graph["tensors"].items() if n.endswith(".weight")} == {"sparse"}
+    pred = load_model(r["artifact"]).run(digits.X_test).argmax(1)  # decoded exactly
+    assert abs(float((pred == digits.y_test).mean()) - r["accuracy_after"]) < 1e-9
 
 
 def unsupported_model(input_shape, num_classes):

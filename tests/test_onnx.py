@@ -43,7 +43,8 @@ from tests.conftest import ZOO_SHAPES, quick_context, random_keep, randomize_bat
 # The zoo at its smallest inputs: every layer kind, a fraction of the work.
 SMALL_SHAPES = {"mlp": (1, 8, 8), "lenet5": (1, 16, 16), "vgg": (3, 8, 8), "bilstm": (6, 6),
                 "deepsense": (6, 6), "deepear": (8, 4)}
-PIPELINES = ["deepiot+fixedpoint", "l1+lowrank+magnitude+fixedpoint", "dns+kmeans"]
+PIPELINES = ["deepiot+fixedpoint", "l1+lowrank+magnitude+fixedpoint", "dns+kmeans",
+             "rdeepsense+magnitude+fixedpoint+temperature", "deepiot+sparsesep+temperature"]
 
 
 def _data(shape: tuple[int, ...], n: int = 48) -> Dataset:
@@ -161,7 +162,7 @@ def test_oracle_every_zoo_model_and_method(methods: str, small_zoo) -> None:
     err, out, ref, om = _oracle(small, encodings, data)
     assert err < 1e-5, f"{name} / {methods}: onnxruntime differs from torch by {err:.2e}"
     assert (out.argmax(1) == ref.argmax(1)).all()
-    quantised = methods.split("+")[-1] in ("fixedpoint", "kmeans", "pq", "rq", "binary")
+    quantised = any(m in ("fixedpoint", "kmeans", "pq", "rq", "binary", "sparsesep") for m in methods.split("+"))
     # fixed point at QUICK's 6 bits, codebooks and bits: the decoded weights
     assert om.info["weights"] == ("decoded float32" if quantised else "float32")
 

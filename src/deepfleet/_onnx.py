@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from deepfleet.device_agent.format import decode_tensor
+from deepfleet.device_agent.format import decode_tensor, sparse_rows
 from deepfleet.device_agent.runtime import Model
 from deepfleet.errors import ExportError
 
@@ -416,13 +416,33 @@ def _gather(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
     b.node("Gather", [xs[0], idx], out, axis=int(a["axis"]))
 
 
+def _sparse_linear(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
+    """The row-sparse product at the cost of the nonzeros, as the runtime computes it: Gather
+    the inputs each output reads ((..., rows, m)), Mul by the values, ReduceSum the last axis."""
+    w = op["weights"]
+    spec = c.graph.get("tensors", {}).get(w["weight"], {})
+    index, values = sparse_rows(w["weight"], spec, c.arrays)
+    b.decoded_weights += spec.get("encoding", "float32") != "float32"
+    picked = b.node("Gather", [xs[0], b.const(w["weight"] + ".index", index, np.int64)], axis=-1)
+    prod = b.node("Mul", [picked, b.const(w["weight"] + ".values", values)])
+    if "bias" not in w:
+        b.node("ReduceSum", [prod, b.ints([-1])], out, keepdims=0)
+        return
+    b.node("Add", [b.node("ReduceSum", [prod, b.ints([-1])], keepdims=0), _weight(b, c, w["bias"])], out)
+
+
+def _temperature(b: _Builder, c: _Ctx, op: dict, xs: list[str], out: str) -> None:
+    value = float(op["attrs"]["value"])
+    b.node("Div", [xs[0], b.const(f"f32({value!r})", value)], out)
+
+
 #: One converter per op of the device runtime's ``OPS`` table (a test keeps them equal).
 CONVERTERS = {
     "const": _const, "conv": _conv, "linear": _linear, "affine": _affine, "max_pool": _max_pool,
     "avg_pool": _avg_pool, "adaptive_pool": _adaptive_pool, "act": _act, "reshape": _reshape,
     "permute": _permute, "getitem": _getitem, "cat": _cat, "stack": _stack, "reduce": _reduce,
     "squeeze": _squeeze, "unsqueeze": _unsqueeze, "binary": _binary, "rnn": _rnn,
-    "fake_quant": _fake_quant, "gather": _gather,
+    "fake_quant": _fake_quant, "gather": _gather, "sparse_linear": _sparse_linear, "temperature": _temperature,
 }
 
 

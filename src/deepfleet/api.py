@@ -30,6 +30,7 @@ from deepfleet import __version__
 from deepfleet._files import cache_dir, write_json
 from deepfleet._onnx import export_onnx
 from deepfleet.artifact import ONNX_FILE, ArtifactFiles, build_artifact, save_artifact
+from deepfleet.calibration import calibration
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
     REGISTRY,
@@ -50,6 +51,7 @@ from deepfleet.compressors.training import (
     TrainConfig,
     accuracy,
     fit_budget,
+    logits_of,
     macs_per_sample,
     seed_everything,
     train,
@@ -163,7 +165,9 @@ def _load_checkpoint(model: nn.Module, path: str, spec: str) -> nn.Module:
     return model
 
 
-_QUANTISERS = tuple(n for n, c in REGISTRY.items() if c.stage == "quantise")
+# Methods that take --bits (SparseSep's final codes are no bit width).
+_QUANTISERS = tuple(n for n, c in REGISTRY.items()
+                    if c.stage == "quantise" and "bits" in {f.name for f in dataclasses.fields(c.config_class)})
 
 
 def build_pipeline(
@@ -240,14 +244,16 @@ def sensing_fields(data: Dataset, inputs: dict[str, Any] | None = None) -> dict[
 
 def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, compressor: dict[str, Any],
                     val_accuracy: float, encodings: dict[str, Encoding] | None = None,
-                    inputs: dict[str, Any] | None = None) -> tuple[Exported, ArtifactFiles]:
-    """Export ``net`` (with its quantised weight ``encodings``) as an artifact in memory, its
-    manifest holding the provenance, the ``compressor`` settings, params, MACs, validation
-    accuracy and the sensing keys (:func:`sensing_fields`, from DeepIoT's ``inputs`` info),
-    with ``model.onnx`` checked against ``net`` itself on validation samples. Raises
+                    inputs: dict[str, Any] | None = None, sparse: frozenset[str] = frozenset()
+                    ) -> tuple[Exported, ArtifactFiles]:
+    """Export ``net`` (with its quantised weight ``encodings``, and its ``sparse`` (pruned)
+    parameters stored as their nonzeros where smaller) as an artifact in memory, its manifest
+    holding the provenance, the ``compressor`` settings, params, MACs, validation accuracy and
+    the sensing keys (:func:`sensing_fields`, from DeepIoT's ``inputs`` info), with
+    ``model.onnx`` checked against ``net`` itself on validation samples. Raises
     ExportError when onnxruntime differs from torch beyond tolerance."""
     net = net.cpu().eval()
-    exported = export_graph(net, data.input_shape, encodings or {})
+    exported = export_graph(net, data.input_shape, encodings or {}, sparse=sparse)
     x = data.X_val[:32]
     with torch.no_grad():
         out = net(torch.as_tensor(x))
@@ -264,6 +270,11 @@ def _features(files: ArtifactFiles) -> dict[str, float]:
     return onnx_features(files.files[ONNX_FILE]) if ONNX_FILE in files.files else {}
 
 
+def val_calibration(net: nn.Module, ds: Dataset) -> dict[str, float]:
+    """ECE, NLL and Brier score of ``net``'s softmax on the validation split (Candidate's fields)."""
+    return calibration(logits_of(net, ds.X_val).numpy(), ds.y_val)
+
+
 def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val: float,
               accuracy_test: float) -> tuple[Exported, Candidate, ArtifactFiles]:
     exported, files = export_artifact(base, model=model, data=ds, seed=seed, compressor={"methods": []},
@@ -271,8 +282,9 @@ def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val:
     sensors = sensing_fields(ds)["sensors_kept"]
     cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
                      accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
-                     params=exported.params, macs=exported.macs, bytes=files.bytes, kept_params=1.0,
-                     features=_features(files), sensors_kept=None if sensors is None else tuple(sensors))
+                     **val_calibration(base, ds), params=exported.params, macs=exported.macs,
+                     bytes=files.bytes, kept_params=1.0, features=_features(files),
+                     sensors_kept=None if sensors is None else tuple(sensors))
     return exported, cand, files
 
 
@@ -362,19 +374,19 @@ def compress_model(
     inputs = deepiot.get("inputs")
     exp_small, files = export_artifact(small, model=model, data=ds, seed=seed, compressor=compressor,
                                        val_accuracy=acc["val_accuracy_after"], encodings=result.encodings,
-                                       inputs=inputs)
+                                       inputs=inputs, sparse=result.sparse)
     sensing = sensing_fields(ds, inputs)
-    layers = layer_table(structure, original, small, encodings=result.encodings)
+    layers = layer_table(structure, original, small, encodings=result.encodings, sparse=result.sparse)
+    calib = {"before": val_calibration(original, ds), "after": val_calibration(small, ds)}
     candidate = Candidate(
         model=model, data=ds.name, method="+".join(methods), artifact_hash=files.digest,
         accuracy_val=acc["val_accuracy_after"], accuracy_test=acc["accuracy_after"],
         accuracy_drop_pp=100.0 * (acc["val_accuracy_before"] - acc["val_accuracy_after"]),
-        params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
+        **calib["after"], params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
         kept_params=result.kept_params(params_before), layers=tuple(Layer(**row) for row in layers),  # type: ignore[arg-type]
         features=_features(files), node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2),
         sensors_kept=None if sensing["sensors_kept"] is None else tuple(sensing["sensors_kept"]),
         inputs_kept=None if sensing["inputs_kept"] is None else tuple(sensing["inputs_kept"]))
-    deepiot: dict[str, Any] = next((s["info"] for s in result.steps if s["method"] == "deepiot"), {})
     details: dict[str, Any] = {
         "seed": seed, "device": str(dev), "methods": methods, "target": target, "metric": metric, **acc,
         "params_before": params_before, "params_after": sum(p.numel() for p in small.parameters()),
@@ -382,8 +394,7 @@ def compress_model(
         "extraction_error": deepiot.get("extraction_error"),
         "search_iterations": deepiot.get("search_iterations"),
         "layers": layers, "steps": result.steps, "base_cached": cached, "base_seconds": round(t_base, 2),
-        **sensing,
-        "inputs": inputs,
+        "calibration_val": calib, **sensing, "inputs": inputs,
     }
     if not with_original:
         return Compression(candidate, files, None, None, details)

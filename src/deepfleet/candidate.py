@@ -37,7 +37,10 @@ class Candidate:
 
     Accuracies are fractions; ``accuracy_val`` (validation split) is the one decisions use,
     ``accuracy_test`` is reported and never used to choose. ``accuracy_drop_pp`` is the
-    validation drop against the original in percentage points. ``params``/``macs`` count the
+    validation drop against the original in percentage points. ``ece`` (expected calibration
+    error, a fraction), ``nll`` (nats) and ``brier`` are the softmax's calibration on the
+    validation split (:mod:`deepfleet.calibration`; None for records made before they
+    existed). ``params``/``macs`` count the
     dense model, ``bytes`` the artifact on disk, ``kept_params`` parameters left by pruning as a
     fraction of the original's. ``node`` and ``train_seconds`` say where and how long it was
     compressed (None for the original). ``features`` are the predictor's features of its
@@ -54,6 +57,9 @@ class Candidate:
     accuracy_val: float
     accuracy_test: float
     accuracy_drop_pp: float
+    ece: float | None = None
+    nll: float | None = None
+    brier: float | None = None
     params: int
     macs: int
     bytes: int

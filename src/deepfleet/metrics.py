@@ -3,8 +3,9 @@ combine. The search's objectives and constraints, the predictor and the report a
 
 Two families:
 
-* **candidate metrics** (``accuracy``, ``accuracy_drop_pp``, ``bytes``, ``params``, ``macs``)
-  are known once a model is compressed: a field of :class:`deepfleet.candidate.Candidate`;
+* **candidate metrics** (``accuracy``, ``accuracy_drop_pp``, ``ece``, ``nll``, ``brier``,
+  ``bytes``, ``params``, ``macs``) are known once a model is compressed: a field of
+  :class:`deepfleet.candidate.Candidate`;
 * **device metrics** (latency, CPU time, loading, memory, energy) are measured on devices: a
   column of the results rows (:mod:`deepfleet.orchestrator.results`).
 
@@ -96,6 +97,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric(name="accuracy_drop_pp", direction="minimize", unit="pp", source="candidate",
            field="accuracy_drop_pp",
            description="percentage points of validation accuracy below the original"),
+    Metric(name="ece", direction="minimize", unit="", source="candidate", field="ece",
+           description="expected calibration error of the softmax on the validation split "
+                       "(15 confidence bins; fraction)"),
+    Metric(name="nll", direction="minimize", unit="nats", source="candidate", field="nll",
+           description="negative log likelihood of the true class on the validation split"),
+    Metric(name="brier", direction="minimize", unit="", source="candidate", field="brier",
+           description="Brier score (squared error of the softmax) on the validation split"),
     Metric(name="bytes", direction="minimize", unit="B", source="candidate", field="bytes",
            description="artifact bytes"),
     Metric(name="params", direction="minimize", unit="", source="candidate", field="params",

@@ -24,7 +24,7 @@ from deepfleet.compressors._graph import analyse
 from deepfleet.compressors._masked import masked_model
 from deepfleet.data import Dataset
 from deepfleet.device_agent.backends import BACKEND_CLASSES, BACKEND_FILES
-from deepfleet.device_agent.runtime import op_gather
+from deepfleet.device_agent.runtime import OPS
 from deepfleet.errors import ConfigError, UnsupportedLayerError
 from deepfleet.models import build_model
 from tests.conftest import quick_context, randomize_batchnorm
@@ -179,7 +179,7 @@ def test_gather_op_matches_torch_index_select() -> None:
     x = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
     for axis, idx in ((1, [4, 0, 2]), (2, [6]), (-1, [1, 3])):
         want = torch.index_select(torch.from_numpy(x), axis, torch.tensor(idx)).numpy()
-        got = op_gather([x], {"axis": axis, "indices": idx}, {})
+        got = OPS["gather"]([x], {"axis": axis, "indices": idx}, {})
         np.testing.assert_array_equal(got, want)
 
 

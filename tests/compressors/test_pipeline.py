@@ -34,6 +34,9 @@ QUICK = {
     "pq": {"bits": 3, "dim": 2},
     "rq": {"bits": 3, "dim": 2},
     "binary": {},
+    "sparsesep": {"target": 0.3, "iterations": 2},
+    "rdeepsense": {"dropout": 0.2, "samples": 3},
+    "temperature": {},
 }
 
 
@@ -88,7 +91,7 @@ def test_pipeline_order_rules(methods: str, needle: str | None) -> None:
     with pytest.raises(ConfigError) as err:
         parse_methods(methods)
     assert needle in str(err.value)
-    assert "structural methods (deepiot, l1, lowrank)" in str(err.value) or "accepted" in str(err.value) \
+    assert "structural methods (deepiot, l1, lowrank, rdeepsense)" in str(err.value) or "accepted" in str(err.value) \
         or "use one of" in str(err.value) or "comma list" in str(err.value)
 
 

@@ -137,3 +137,23 @@ def test_kept_inputs_and_sensors_round_trip_and_older_files_read_them_as_null(tm
     by_trial = {int(r["trial"]): candidate_of(r) for _, r in df.iterrows()}
     assert by_trial[1] == masked and by_trial[1].sensors_kept == ("accelerometer",)
     assert by_trial[0].sensors_kept is None and by_trial[0].inputs_kept is None
+
+
+def test_calibration_fields_round_trip_and_version_2_files_read_them_as_null(tmp_path: Path) -> None:
+    from deepfleet.orchestrator.candidates import CANDIDATES_SCHEMA, candidate_of
+
+    cand = Candidate(**{**CAND.to_dict(), "layers": CAND.layers, "ece": 0.031, "nll": 0.22, "brier": 0.09})
+    write_candidates(tmp_path, [candidate_row(study="new", kind="candidate", outcome="measured", trial=0,
+                                              candidate=cand)])
+    assert candidate_of(read_candidates(tmp_path, study="new").loc[0]) == cand
+    # a version-2 file, written before the calibration columns existed
+    row = candidate_row(study="old", kind="candidate", outcome="measured", trial=0, candidate=CAND)
+    v2_schema = pa.schema([f for f in CANDIDATES_SCHEMA if f.name not in ("ece", "nll", "brier")])
+    v2 = pa.Table.from_pylist([{**{k: v for k, v in row.items() if k in v2_schema.names}, "schema_version": 2}],
+                              schema=v2_schema)
+    (tmp_path / "study=old").mkdir()
+    pq.write_table(v2.drop_columns(["study"]), tmp_path / "study=old" / "part-0.parquet")
+    old = read_candidates(tmp_path, study="old").loc[0]
+    assert old["schema_version"] == 2 and old["method"] == CAND.method
+    assert all(old[k] is None or old[k] != old[k] for k in ("ece", "nll", "brier"))  # null
+    assert candidate_of(old).ece is None and candidate_of(old).accuracy_val == CAND.accuracy_val

@@ -32,8 +32,9 @@ def parse_settings(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.argument("model")
 @click.option("--data", "data", required=True, help=f"Data set: {', '.join(data_names())}, or a path to an .npz file.")
 @click.option("--method", "method", default="deepiot", show_default=True,
-              help="Compression method, or a comma list applied in order: deepiot, l1, lowrank, "
-                   "magnitude, dns, fixedpoint, kmeans, pq, rq, binary (e.g. deepiot,fixedpoint).")
+              help="Compression method, or a comma list applied in order: deepiot, l1, lowrank, rdeepsense, "
+                   "magnitude, dns, fixedpoint, kmeans, pq, rq, binary, sparsesep, temperature "
+                   "(e.g. deepiot,fixedpoint,temperature).")
 @click.option("--bits", type=int, default=None,
               help="Bits of the quantisers in the pipeline (fixedpoint 2-16, kmeans/pq/rq 1-8 per index, binary 1).")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default=None,

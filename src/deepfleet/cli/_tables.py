@@ -47,6 +47,9 @@ def compress_table(r: dict[str, Any]) -> str:
         f"test accuracy    {100 * r['accuracy_before']:.2f} % -> {100 * r['accuracy_after']:.2f} %"
         f"   ({100 * (r['accuracy_after'] - r['accuracy_before']):+.2f} pp)",
         f"artifact bytes   {r['bytes_before']:,} -> {r['bytes_after']:,}",
+        *([f"calibration      ECE {100 * c['before']['ece']:.2f} -> {100 * c['after']['ece']:.2f} pp, "
+           f"NLL {c['before']['nll']:.3f} -> {c['after']['nll']:.3f} (validation split)"]
+          if (c := r.get("calibration_val")) else []),
         f"artifact         {r['artifact']}",
         f"original         {r['artifact_original']}",
         f"took             {r['seconds']:.1f} s",

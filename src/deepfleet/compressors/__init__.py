@@ -9,6 +9,13 @@ encodings, in the artifact format the device runtime reads.
 from __future__ import annotations
 
 from deepfleet.compressors._binary import Binary, BinaryConfig, SignActivation
+from deepfleet.compressors._calibrate import (
+    RDeepSense,
+    RDeepSenseConfig,
+    Temperature,
+    TemperatureConfig,
+    TemperatureScale,
+)
 from deepfleet.compressors._codebook import (
     KMeans,
     KMeansConfig,
@@ -32,6 +39,7 @@ from deepfleet.compressors._registry import (
     parse_methods,
 )
 from deepfleet.compressors._sparse import DNS, DNSConfig, Magnitude, MagnitudeConfig
+from deepfleet.compressors._sparsesep import SparseSep, SparseSepConfig
 from deepfleet.compressors._structured import L1, DeepIoT, L1Config
 from deepfleet.compressors.base import STAGES, BaseCompressor, Compressed, Context, Options
 
@@ -74,4 +82,11 @@ __all__ = [
     "Binary",
     "BinaryConfig",
     "SignActivation",
+    "SparseSep",
+    "SparseSepConfig",
+    "Temperature",
+    "TemperatureConfig",
+    "TemperatureScale",
+    "RDeepSense",
+    "RDeepSenseConfig",
 ]

@@ -18,13 +18,17 @@ from deepfleet.data import Dataset
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineResult:
-    """The final model, the encodings of its quantised weights, and one record per step
+    """The final model, the encodings of its quantised weights, the parameters pruned by a
+    sparsity method (``sparse``: the exporter stores their nonzeros), and one record per step
     (``method``, ``stage``, ``info``, ``seconds``, and the ``params`` and ``nonzero``
-    parameters of the model it returned; plain data)."""
+    parameters of the model it returned; plain data). ``nonzero`` counts what the step's
+    encodings store where they store fewer values than the weights have (SparseSep's atoms
+    and nonzero codes), else the nonzero weights."""
 
     model: nn.Module
     encodings: dict[str, Encoding] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    sparse: frozenset[str] = frozenset()
 
     @property
     def methods(self) -> list[str]:
@@ -32,11 +36,22 @@ class PipelineResult:
 
     def kept_params(self, params_before: int) -> float:
         """Parameters kept by pruning, as a fraction of ``params_before``: the nonzero parameters
-        before quantisation (a weight a quantiser rounds to zero is stored, not pruned)."""
-        pruned = [s for s in self.steps if s["stage"] != "quantise"]
+        before quantisation (a weight a quantiser rounds to zero is stored, not pruned), or what
+        a factorising step (SparseSep) stores. Calibration keeps them all."""
+        pruned = [s for s in self.steps if s["stage"] not in ("quantise", "calibrate") or s.get("factored")]
         if not pruned:
             return self.steps[-1]["params"] / params_before if self.steps else 1.0
         return pruned[-1]["nonzero"] / params_before
+
+
+def stored_params(model: nn.Module, encodings: dict[str, Encoding]) -> int:
+    """Parameters ``model`` keeps: per parameter, what its encoding stores when that is fewer
+    values than the tensor has (:attr:`Encoding.stored`), else its nonzero values."""
+    total = 0
+    for name, p in model.named_parameters():
+        enc = encodings.get(name)
+        total += enc.stored if enc is not None and enc.stored is not None else int((p != 0).sum())
+    return total
 
 
 def run_pipeline(
@@ -51,12 +66,17 @@ def run_pipeline(
     if ctx.teacher is None:
         ctx = dataclasses.replace(ctx, teacher=model)
     current, encodings, steps = model, {}, []
+    sparse: frozenset[str] = frozenset()
     for comp in compressors:
         t0 = time.perf_counter()
         out = comp.compress(current, data, ctx)
-        current, encodings = out.model, out.encodings
+        # A calibration changes no weight: the encodings before it still hold.
+        encodings = {**encodings, **out.encodings} if comp.stage == "calibrate" else out.encodings
+        current, sparse = out.model, sparse | out.sparse
         steps.append({"method": comp.name, "stage": comp.stage, "info": out.info,
                       "seconds": round(time.perf_counter() - t0, 2),
                       "params": sum(p.numel() for p in current.parameters()),
-                      "nonzero": sum(int((p != 0).sum()) for p in current.parameters())})
-    return PipelineResult(model=current.eval(), encodings=encodings, steps=steps)
+                      "nonzero": stored_params(current, encodings),
+                      "factored": any(e.stored is not None for e in out.encodings.values())})
+    names = {n for n, _ in current.named_parameters()}
+    return PipelineResult(model=current.eval(), encodings=encodings, steps=steps, sparse=sparse & names)

@@ -10,10 +10,17 @@ Weights are float32 unless a quantiser gave an :class:`Encoding` for the paramet
 name in the model): then the artifact stores the encoding's codes, and the exporter checks that
 they decode to exactly the model's weights. BatchNorm is never folded into encoded weights
 (that would change them); quantisers fold it in torch before quantising.
+
+A Linear whose weight has a ``factored`` encoding (SparseSep: W = codes @ atoms) becomes two ops,
+``linear`` with the atoms and ``sparse_linear`` with the sparse codes, so that the runtimes
+compute at the factored cost. Parameters named in ``sparse`` (pruned by a sparsity method) are
+stored in the ``sparse`` encoding (their nonzeros and relative indices, wrapping a quantiser's
+elementwise codes) whenever that is smaller than the dense form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors._encoding import Encoding, sparse_encoding
 from deepfleet.compressors._extract import StackedRNN, rnn_layers
 from deepfleet.compressors._masked import rnn_weights
 from deepfleet.compressors._ops import classify, describe, trace
@@ -68,6 +75,8 @@ class _Exporter:
         self.arrays: dict[str, np.ndarray] = {}
         self.env: dict[str, Any] = {}
         self.macs = 0
+        self.parts: dict[str, Encoding] = {}  # artifact weight -> a part of a split encoding
+        self.consumed: set[str] = set()  # parameters whose encoding was split into parts
 
     # -- helpers
     def weight(self, name: str, value: np.ndarray | torch.Tensor) -> str:
@@ -163,8 +172,29 @@ class _Exporter:
         return node.args, dict(node.kwargs)
 
     # parametric layers
+    def _factored_linear(self, node: fx.Node, mod: nn.Linear, enc: Encoding) -> None:
+        """x @ atoms.T (``linear``), then the sparse codes (``sparse_linear``) with the bias."""
+        atoms, codes = enc.parts["atoms"], enc.parts["codes"]
+        a = self.weight(f"{node.name}.atoms", atoms.decode())
+        c = self.weight(f"{node.name}.codes", codes.decode())
+        self.parts.update({a: atoms, c: codes})
+        self.consumed.add(self.param_names[id(mod.weight)])
+        w = {"weight": c}
+        if mod.bias is not None:
+            w["bias"] = self.weight(f"{node.name}.bias", mod.bias)
+        x = self.tensor_ref(node.args[0], node)
+        positions = int(self.v1[node.name].numel() // _B1) // mod.out_features
+        nonzero = int(codes.stored if codes.stored is not None else np.count_nonzero(self.arrays[c]))
+        self.macs += positions * (atoms.shape[0] * mod.in_features + nonzero)
+        z = self.emit(f"{node.name}__atoms", "linear", [x], weights={"weight": a})
+        self.env[node.name] = self.emit(node.name, "sparse_linear", [z], weights=w)
+
     def op_linear(self, node: fx.Node) -> None:
         mod = self.modules[str(node.target)]
+        enc = self.encodings.get(self.param_names.get(id(mod.weight), ""))
+        if enc is not None and enc.kind == "factored":
+            self._factored_linear(node, mod, enc)
+            return
         w = {"weight": self.weight(f"{node.name}.weight", mod.weight)}
         if mod.bias is not None:
             w["bias"] = self.weight(f"{node.name}.bias", mod.bias)
@@ -310,6 +340,11 @@ class _Exporter:
         x = self.tensor_ref(node.args[0], node)
         attrs = {"bits": int(mod.bits), "frac_bits": int(mod.frac_bits), "signed": bool(mod.signed)}
         self.env[node.name] = self.emit(node.name, "fake_quant", [x], attrs)
+
+    def op_temperature(self, node: fx.Node) -> None:
+        mod = self.modules[str(node.target)]
+        x = self.tensor_ref(node.args[0], node)
+        self.env[node.name] = self.emit(node.name, "temperature", [x], {"value": float(mod.value)})
 
     def op_identity(self, node: fx.Node) -> None:
         self.env[node.name] = self.env[node.args[0].name]  # type: ignore[union-attr]
@@ -501,23 +536,33 @@ def record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
     return values
 
 
+def sparse_or(enc: Encoding | None, value: np.ndarray) -> Encoding | None:
+    """``enc`` (None: float32), or the sparse encoding of ``value`` around it when smaller."""
+    wrapped = sparse_encoding(value, enc)
+    dense = enc.nbytes if enc is not None else value.nbytes
+    return wrapped if wrapped is not None and wrapped.nbytes < dense else enc
+
+
 def _encode(
-    ex: _Exporter, names: set[str], encodings: dict[str, Encoding]
+    ex: _Exporter, names: set[str], encodings: dict[str, Encoding], sparse: Collection[str] = ()
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The ``tensors`` entries and npz arrays of the referenced weights, encoded where asked."""
     tensors: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for name in sorted(names):
         value = ex.arrays[name]
-        enc = encodings.get(ex.sources.get(name, ""))
-        if enc is None:
+        source = ex.sources.get(name, "")
+        enc = ex.parts.get(name) or encodings.get(source)
+        if source in sparse:
+            enc = sparse_or(enc, value)
+        if enc is None or enc.kind == "float32":
             tensors[name] = {"encoding": "float32", "shape": list(value.shape)}
             arrays[name] = value
             continue
         decoded = enc.decode()
         if decoded.shape != value.shape or not np.array_equal(decoded, value):
             raise ModelError(
-                f"weight {ex.sources[name]!r} differs from its {enc.kind} encoding (max |diff| "
+                f"weight {ex.sources.get(name, name)!r} differs from its {enc.kind} encoding (max |diff| "
                 f"{float(np.abs(decoded.reshape(value.shape) - value).max()) if decoded.size == value.size else 'shape'}); "
                 "the model was changed after quantisation: quantise it again"
             )
@@ -527,13 +572,15 @@ def _encode(
 
 
 def export_graph(
-    model: nn.Module, input_shape: tuple[int, ...], encodings: dict[str, Encoding] | None = None
+    model: nn.Module, input_shape: tuple[int, ...], encodings: dict[str, Encoding] | None = None,
+    *, sparse: Collection[str] = (),
 ) -> Exported:
     """Export ``model`` (eval mode) for samples of ``input_shape``; raise UnsupportedLayerError.
 
     ``encodings`` (parameter name -> Encoding, from a quantiser) store those weights encoded;
     each must decode to exactly the parameter's value (ModelError otherwise). Names that are
     not weights of an exported op raise ModelError too, so no encoding is silently dropped.
+    ``sparse`` names parameters (pruned ones) to store as their nonzeros where that is smaller.
     """
     model = model.eval()
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
@@ -548,10 +595,11 @@ def export_graph(
     used = {i.split(":")[0] for o in ex.ops for i in o["inputs"]} | {o.split(":")[0] for o in outputs}
     ops = [o for o in ex.ops if o["name"] in used]
     referenced = {r for o in ops for r in o.get("weights", {}).values()}
-    missing = sorted(set(encodings) - {ex.sources[r] for r in referenced if r in ex.sources})
+    exported = {ex.sources[r] for r in referenced if r in ex.sources} | ex.consumed
+    missing = sorted(set(encodings) - exported)
     if missing:
         raise ModelError(f"encodings given for {missing}, which are not weights of the exported graph")
-    tensors, arrays = _encode(ex, referenced, encodings)
+    tensors, arrays = _encode(ex, referenced, encodings, sparse)
     graph = {
         "format": GRAPH_FORMAT,
         "version": GRAPH_VERSION,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from deepfleet.compressors._cost import cost_model, kept_fraction
 from deepfleet.compressors._deepiot import DeepIoTConfig, SearchResult, search
 from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors._export import sparse_or
 from deepfleet.compressors._extract import (
     check_extraction,
     extract,
@@ -128,18 +130,28 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 
 
 def _out_units(mod: nn.Module) -> int:
-    if isinstance(mod, nn.Sequential):  # a low-rank pair: the second layer's outputs
-        return _out_units(mod[-1])
-    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)  # type: ignore[arg-type]
+    if isinstance(mod, nn.Linear):
+        return int(mod.out_features)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return int(mod.out_channels)
+    # a low-rank or separable pair (a Sequential, or its container once traced): the second's outputs
+    return _out_units(list(mod.children())[-1])
+
+
+def _kept(name: str, p: torch.Tensor, encodings: dict[str, Encoding]) -> int:
+    """Values parameter ``name`` keeps: what its encoding stores when fewer (SparseSep's atoms
+    and codes, a sparse tensor's nonzeros), else its nonzero values."""
+    enc = encodings.get(name)
+    return enc.stored if enc is not None and enc.stored is not None else int((p != 0).sum())
 
 
 def _storage(after: nn.Module, module: str, encodings: dict[str, Encoding]) -> dict[str, object]:
-    """Nonzero weights and storage bits per weight of the weight matrices under ``module``."""
+    """Kept weights and storage bits per weight of the weight matrices under ``module``."""
     names = [n for n in weight_names(after) if n.startswith(module + ".")]
     params = dict(after.named_parameters())
     total = sum(params[n].numel() for n in names)
     bits = sum((encodings[n].bits if n in encodings else 32.0) * params[n].numel() for n in names)
-    nonzero = sum(int((p != 0).sum()) for n, p in params.items() if n.startswith(module + "."))
+    nonzero = sum(_kept(n, p, encodings) for n, p in params.items() if n.startswith(module + "."))
     return {"nonzero_after": nonzero, "bits_per_weight": round(bits / max(total, 1), 4)}
 
 
@@ -157,17 +169,33 @@ def _gone(model: nn.Module, lay: Any) -> list[dict[str, object]]:
              "nonzero_after": 0, "bits_per_weight": 32.0}]
 
 
+def _with_sparse(after: nn.Module, encodings: dict[str, Encoding], sparse: Collection[str]) -> dict[str, Encoding]:
+    """``encodings`` plus the sparse storage the exporter gives the ``sparse`` parameters."""
+    out = dict(encodings)
+    for name, p in after.named_parameters():
+        if name in sparse:
+            value = p.detach().cpu().numpy().astype(np.float32)
+            enc = sparse_or(encodings.get(name), value)
+            if enc is not None:
+                out[name] = enc
+    return out
+
+
 def layer_table(
-    structure: Structure, before: nn.Module, after: nn.Module, *, encodings: dict[str, Encoding] | None = None
+    structure: Structure, before: nn.Module, after: nn.Module, *, encodings: dict[str, Encoding] | None = None,
+    sparse: Collection[str] = (),
 ) -> list[dict[str, object]]:
     """Per layer (each recurrent layer on its own): units and parameters before and after,
-    nonzero parameters after (the layer's own, BatchNorm excluded), and storage bits per
-    weight of its weight matrices (32 unless ``encodings`` say less).
+    nonzero parameters after (the layer's own, BatchNorm excluded; what an encoding stores when
+    it stores fewer values, such as SparseSep's atoms and codes), and storage bits per weight of
+    its weight matrices (32 unless ``encodings``, or the sparse storage of the ``sparse``
+    parameters, say less).
 
     Parameters of a layer include the BatchNorm of its chain (none once folded into the layer);
-    a layer factorised into a low-rank pair counts both halves.
+    a layer factorised into a low-rank or separable pair counts both halves.
     """
-    encodings = encodings or {}
+    encodings = _with_sparse(after, encodings or {}, sparse)
+    names_of = {id(p): n for n, p in after.named_parameters()}
     rows: list[dict[str, object]] = []
     for lay in structure.layers:
         b, a = before.get_submodule(lay.module), _submodule(after, lay.module)
@@ -180,7 +208,7 @@ def layer_table(
                 D = 2 if rb.bidirectional else 1
                 pb = sum(t.numel() for d in range(D) for t in rnn_weights(rb, ib, d))
                 pa = sum(t.numel() for d in range(D) for t in rnn_weights(ra, ia, d))
-                nz = sum(int((t != 0).sum()) for d in range(D) for t in rnn_weights(ra, ia, d))
+                nz = sum(_kept(names_of.get(id(t), ""), t, encodings) for d in range(D) for t in rnn_weights(ra, ia, d))
                 rows.append({"name": f"{lay.module}.l{i}",
                              "kind": lay.kind, "units_before": rb.hidden_size,
                              "units_after": ra.hidden_size, "params_before": pb, "params_after": pa,

@@ -7,17 +7,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from deepfleet.compressors._binary import Binary
+from deepfleet.compressors._calibrate import RDeepSense, Temperature
 from deepfleet.compressors._codebook import KMeans, ProductQuantiser, ResidualQuantiser
 from deepfleet.compressors._fixedpoint import FixedPoint
 from deepfleet.compressors._lowrank import LowRank
 from deepfleet.compressors._sparse import DNS, Magnitude
+from deepfleet.compressors._sparsesep import SparseSep
 from deepfleet.compressors._structured import L1, DeepIoT
 from deepfleet.compressors.base import STAGES, BaseCompressor
 from deepfleet.errors import ConfigError
 
 REGISTRY: dict[str, type[BaseCompressor]] = {
     c.name: c
-    for c in (DeepIoT, L1, LowRank, Magnitude, DNS, FixedPoint, KMeans, ProductQuantiser, ResidualQuantiser, Binary)
+    for c in (DeepIoT, L1, LowRank, RDeepSense, Magnitude, DNS, FixedPoint, KMeans, ProductQuantiser,
+              ResidualQuantiser, Binary, SparseSep, Temperature)
 }
 
 
@@ -31,7 +34,9 @@ def _by_stage(stage: str) -> str:
 
 ORDER = (
     f"structural methods ({_by_stage('structure')}), then sparsity ({_by_stage('sparsity')}), "
-    f"then at most one quantiser ({_by_stage('quantise')}), e.g. deepiot,fixedpoint"
+    f"then at most one method with final codes, a quantiser or SparseSep ({_by_stage('quantise')}), "
+    f"then at most one calibration "
+    f"({_by_stage('calibrate')}), e.g. deepiot,fixedpoint,temperature"
 )
 
 
@@ -71,18 +76,24 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 def check_pipeline(names: Sequence[str]) -> None:
     """Raise ConfigError unless ``names`` is a pipeline that can work: see :data:`ORDER`.
 
-    A quantiser's codes are final (nothing after it may change float weights), structural
-    methods retrain and reshape float weights (so they come before sparsity, whose zeros later
-    steps must keep), and a quantiser after a sparsity method must keep exact zeros.
+    A quantiser's codes are final (nothing after it may change float weights, only a
+    calibration, which changes none), structural methods retrain and reshape float weights (so
+    they come before sparsity, whose zeros later steps must keep), and a quantiser after a
+    sparsity method must keep exact zeros. A calibration comes last.
     """
     if not names:
         raise ConfigError(f"give at least one compression method; accepted: {', '.join(REGISTRY)}")
     classes = [compressor_class(n) for n in names]
     for prev, cur in zip(classes, classes[1:]):
-        if prev.stage == "quantise":
+        if prev.stage == "calibrate":
             raise ConfigError(
                 f"method {cur.name!r} cannot follow {prev.name!r} in {','.join(names)!r}: {prev.name} "
-                f"is a quantiser, its codes are final and {cur.name} would need float weights; "
+                f"calibrates the finished model and comes last; a pipeline runs {ORDER}"
+            )
+        if prev.stage == "quantise" and cur.stage != "calibrate":
+            raise ConfigError(
+                f"method {cur.name!r} cannot follow {prev.name!r} in {','.join(names)!r}: {prev.name} "
+                f"is {prev.label}, its codes are final and {cur.name} would need float weights; "
                 f"a pipeline runs {ORDER}"
             )
         if STAGES.index(cur.stage) < STAGES.index(prev.stage):

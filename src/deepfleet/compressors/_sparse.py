@@ -10,9 +10,20 @@
   the masked weights, but the gradient updates every weight (straight-through), so a cut weight
   can grow back. The deployed mask keeps at most the target fraction (the largest |w| of the
   surviving weights).
+* DyNS-Ext (DeepIoT's name for DNS on recurrent layers) is ``dns`` with ``recurrent`` on (the
+  default): the input-to-hidden and hidden-to-hidden matrices of every LSTM/GRU layer and
+  direction are cut and spliced like the others, each element by its own |w| against the one
+  threshold; the recurrence runs on the masked matrices (torch.func substitutes them inside
+  nn.LSTM/nn.GRU). ``recurrent: false`` is Guo et al.'s DNS, which knew fully connected and
+  convolution layers only: recurrent matrices stay dense and count in full. A setting rather
+  than a method of its own: the algorithm is the same, only the set of matrices differs, and a
+  study can search it as ``dns.recurrent``.
 
-The tensors stay dense (the artifact stores the zeros), so neither shrinks the artifact or the
-dense runtime's work: kept params count the nonzero weights. Biases and norms are not pruned.
+Kept params count the nonzero weights; the target is a fraction of the pruned matrices. The
+artifact stores each pruned tensor as its nonzeros with relative indices (the ``sparse``
+encoding) when that is smaller, so bytes shrink with the pruning; runtimes decode it to the
+dense tensor when loading, so the dense runtimes' work does not shrink. Biases and norms are not
+pruned.
 """
 
 from __future__ import annotations
@@ -79,12 +90,22 @@ class MaskedWeights(Reparam):
         return {n: w * self.mask[n] for n, w in self.w.items()}
 
 
+def recurrent_weight_names(model: nn.Module) -> list[str]:
+    """The weight matrices of the model's LSTM/GRU layers (input-to-hidden and hidden-to-hidden,
+    every layer and direction)."""
+    names = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, (nn.LSTM, nn.GRU)):
+            prefix = f"{mname}." if mname else ""
+            names += [prefix + n for n, _ in mod.named_parameters(recurse=False) if n.startswith("weight")]
+    return names
+
+
 class SurgeryWeights(MaskedWeights):
     """Dynamic network surgery: the mask follows the weights (cut and splice with a margin)."""
 
-    def __init__(self, model: nn.Module, cfg: DNSConfig, total_steps: int):
+    def __init__(self, model: nn.Module, cfg: DNSConfig, total_steps: int, names: list[str]):
         params = dict(model.named_parameters())
-        names = weight_names(model)
         super().__init__(model, {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, True)
         self.cfg, self.total, self.step = cfg, total_steps, 0
 
@@ -134,10 +155,13 @@ class DNSConfig:
     margin: float = 0.1  # relative half-width of the band between cutting and splicing
     anneal: float = 0.5  # fraction of the training steps spent descending to the target
     update_every: int = 5  # steps between mask updates
+    recurrent: bool = True  # also LSTM/GRU matrices (DyNS-Ext); false: Linear and Conv only
     epochs: int | None = None
     lr: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recurrent, bool):
+            raise ConfigError(f"dns: recurrent must be true or false, but got {self.recurrent!r}")
         check_fraction("dns", "target", self.target)
         check_fraction("dns", "margin", self.margin, closed_low=True)
         check_fraction("dns", "anneal", self.anneal, closed_low=True)
@@ -193,7 +217,7 @@ class Magnitude(_WeightPruner):
                                 teacher=ctx.teacher, desc=f"magnitude {i}/{cfg.steps}", progress=ctx.progress)
         layers, kept = _layers(model, names)
         info = {"settings": dataclasses.asdict(cfg), "layers": layers, "kept_weights": kept}
-        return Compressed(model=model, info=info)
+        return Compressed(model=model, info=info, sparse=frozenset(names))
 
 
 class DNS(_WeightPruner):
@@ -210,9 +234,12 @@ class DNS(_WeightPruner):
         # no early stop before the schedule reaches the target
         train_cfg = dataclasses.replace(train_cfg, patience=max(train_cfg.patience, train_cfg.epochs))
         steps = train_cfg.epochs * math.ceil(len(data.y_train) / train_cfg.batch_size)
-        reparam = SurgeryWeights(model, cfg, steps)
+        skip = set() if cfg.recurrent else set(recurrent_weight_names(model))
+        names = [n for n in weight_names(model) if n not in skip]
+        reparam = SurgeryWeights(model, cfg, steps, names)
         model, _ = finetune(model, data, train_cfg, reparam=reparam, seed=ctx.seed, teacher=ctx.teacher,
                             desc="dns", progress=ctx.progress)
-        layers, kept = _layers(model, weight_names(model))
-        info = {"settings": dataclasses.asdict(cfg), "layers": layers, "kept_weights": kept}
-        return Compressed(model=model, info=info)
+        layers, kept = _layers(model, names)
+        info = {"settings": dataclasses.asdict(cfg), "layers": layers, "kept_weights": kept,
+                "dense_recurrent": sorted(skip)}
+        return Compressed(model=model, info=info, sparse=frozenset(names))

@@ -6,7 +6,9 @@ compressed torch model, plain-data info, and for quantisers the weight :class:`E
 exporter must use. Compressors chain into pipelines (:func:`deepfleet.compressors.run_pipeline`)
 in the order their :attr:`BaseCompressor.stage` allows: structural methods first (they change
 shapes and retrain float weights), then sparsity (zeros that later steps must keep), then at
-most one quantiser (its codes are final: nothing after it can change float weights).
+most one quantiser (its codes are final: nothing after it can change float weights; SparseSep's
+dictionaries and sparse codes are final codes too), then at most one calibration (it changes no
+weight: temperature scaling adds one op after the logits).
 
 This module may not import Ray, Optuna or anything that talks to devices.
 """
@@ -27,7 +29,7 @@ from deepfleet.data import Dataset
 __all__ = ["STAGES", "BaseCompressor", "Compressed", "Context", "Options"]
 
 # Pipeline order: a method's stage may not be lower than the stage of any method before it.
-STAGES = ("structure", "sparsity", "quantise")
+STAGES = ("structure", "sparsity", "quantise", "calibrate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,12 +67,14 @@ class Compressed:
     ``model`` runs in torch with exactly the weights the device will use (quantised weights
     hold their decoded values); ``info`` is plain JSON data (``layers``: per-layer details,
     ``settings``, method-specific figures); ``encodings`` maps parameter names of ``model``
-    to the encoding the exporter must store them in (empty for float weights).
+    to the encoding the exporter must store them in (empty for float weights); ``sparse``
+    names the parameters a sparsity method pruned (the exporter stores their nonzeros).
     """
 
     model: nn.Module
     info: dict[str, Any]
     encodings: dict[str, Encoding] = field(default_factory=dict)
+    sparse: frozenset[str] = frozenset()
 
 
 class BaseCompressor(abc.ABC):
@@ -85,6 +89,7 @@ class BaseCompressor(abc.ABC):
     stage: ClassVar[str]
     config_class: ClassVar[type]
     keeps_zeros: ClassVar[bool] = False
+    label: ClassVar[str] = "a quantiser"  # what a final-codes method is, in error messages
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()

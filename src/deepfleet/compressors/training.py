@@ -248,13 +248,15 @@ def train(
     desc: str = "train",
     progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict[str, list[float]]]:
     """Train ``model`` in place on ``data``; return it loaded with its best-validation weights
     (best by ``cfg.select``).
 
     With ``teacher`` and ``cfg.kd_alpha > 0`` the loss adds distillation from the teacher's
-    outputs (computed once, the teacher is not trained). History holds per-epoch train loss and
-    validation accuracy.
+    outputs (computed once, the teacher is not trained); ``loss_fn(logits, labels)`` (a batch
+    mean) replaces that loss when given. History holds per-epoch train loss and validation
+    accuracy.
     """
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
     if cfg.epochs <= 0:
@@ -274,7 +276,8 @@ def train(
         for idx in batches(len(y), cfg.batch_size, gen):
             xb, yb = X[idx].to(dev), y[idx].to(dev)
             tb = teacher_logits[idx].to(dev) if teacher_logits is not None else None
-            loss = distillation_loss(model(xb), yb, tb, cfg)
+            out = model(xb)
+            loss = loss_fn(out, yb) if loss_fn is not None else distillation_loss(out, yb, tb, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

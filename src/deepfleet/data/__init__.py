@@ -84,7 +84,7 @@ def check_data(spec: str) -> None:
 
 
 def _unknown(spec: str) -> str:
-    return (f"unknown data set {spec!r}; use one of {', '.join(_BUILTIN)} or a path to an .npz file "
+    return (f"unknown data set {spec!r} given as data; use one of {', '.join(_BUILTIN)} or a path to an .npz file "
             "holding X_train, y_train, X_test, y_test (and optionally X_val, y_val)")
 
 

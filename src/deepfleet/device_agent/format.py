@@ -13,6 +13,8 @@ libraries. The numpy runtime that executes a graph is ``runtime.py``. The human-
   :class:`DigestMismatch` (content does not match the directory's name), both
   :class:`ArtifactCorrupt`;
 * weights: :func:`decode_tensor` gives the float32 value of an encoded tensor (:data:`ENCODINGS`);
+  :func:`sparse_rows` the nonzeros of a matrix row by row (the ``sparse_linear`` op computes with
+  them, never with the dense matrix);
 * manifest: :func:`compressor_label` reads a manifest's ``compressor`` entry as one label.
 """
 
@@ -120,7 +122,7 @@ def check_artifact(directory, verify=True):
 
 
 # The weight encodings decode_tensor understands (the tests decode one of each).
-ENCODINGS = ("float32", "fixed", "scaled", "codebook", "pq", "rq", "binary")
+ENCODINGS = ("float32", "fixed", "scaled", "codebook", "pq", "rq", "binary", "sparse", "factored")
 
 
 def _ints(spec, arrays, key, *, count, signed):
@@ -155,9 +157,19 @@ def decode_tensor(name, spec, arrays):
       subvector position, ``indices`` (rows, S) picks an entry of each;
     * ``rq``       residual quantisation: the flattened tensor split into subvectors of ``dim``
       (zero-padded); the sum over stages t of ``codebooks[t][indices[t]]``, stage by stage;
-    * ``binary``   ``+scale`` where a bit is 1, ``-scale`` where it is 0 (packed bits).
+    * ``binary``   ``+scale`` where a bit is 1, ``-scale`` where it is 0 (packed bits);
+    * ``sparse``   the nonzeros in row-major order with relative indices (Deep Compression):
+      ``values`` is the nested entry of a 1-D tensor of ``nnz`` values (float32, or any
+      elementwise encoding), ``index`` ``count`` unsigned codes of ``index_bits`` bits
+      (see :func:`_sparse_positions`); every other element is 0;
+    * ``factored`` a matrix (rows, cols) as ``codes @ atoms``: ``atoms`` the nested entry of a
+      (k, cols) dictionary, ``codes`` of a (rows, k) matrix (usually ``sparse``); row r is the
+      sum, in the stored order of its nonzero codes, of code * atom (see :func:`sparse_rows`),
+      elementwise float32 operations, so every platform decodes the same bits.
 
-    Raises ArtifactCorrupt for an encoding not in :data:`ENCODINGS`.
+    Nested entries are decoded under the name ``name.role`` (a nested float32 tensor is the
+    array ``name.values``, ``name.atoms``, ...). Raises ArtifactCorrupt for an encoding not in
+    :data:`ENCODINGS`.
     """
     enc = spec.get("encoding", "float32")
     if enc == "float32":
@@ -193,7 +205,63 @@ def decode_tensor(name, spec, arrays):
         bits = np.unpackbits(arrays[spec["bits"]].reshape(-1), count=n).astype(bool)
         scale = np.float32(spec["scale"])
         return np.where(bits, scale, -scale).astype(np.float32).reshape(shape)
+    if enc == "sparse":
+        out = np.zeros(n, np.float32)
+        out[_sparse_positions(spec, arrays)] = decode_tensor(name + ".values", spec["values"], arrays)
+        return out.reshape(shape)
+    if enc == "factored":
+        atoms = decode_tensor(name + ".atoms", spec["atoms"], arrays)  # (k, cols)
+        index, values = sparse_rows(name + ".codes", spec["codes"], arrays)  # (rows, m)
+        out = np.zeros((index.shape[0], atoms.shape[1]), np.float32)
+        for t in range(index.shape[1]):  # in the codes' order: the same sum on every platform
+            out += values[:, t:t + 1] * atoms[index[:, t]]
+        return out.reshape(shape)
     raise ArtifactCorrupt("weight %r has unknown encoding %r: update the agent" % (name, enc))
+
+
+def _sparse_positions(spec, arrays):
+    """The flat (row-major) positions of a ``sparse`` tensor's stored values, ascending.
+
+    Relative indices: starting before position 0, a code c >= 1 moves c positions on and stores
+    the next value there; a code 0 moves 2^index_bits - 1 positions on and stores nothing (a gap
+    longer than a code can say). So a gap of g costs (g - 1) // (2^b - 1) + 1 codes.
+    """
+    codes = _ints(spec, arrays, "index", count=int(spec["count"]), signed=False)
+    skip = codes == 0
+    steps = np.where(skip, (1 << int(spec["index_bits"])) - 1, codes)
+    return (np.cumsum(steps) - 1)[~skip]
+
+
+def sparse_rows(name, spec, arrays):
+    """A matrix's nonzeros row by row: ``(index, values)``, both (rows, m), m the most nonzeros
+    of any row (at least 1); row r's nonzeros are ``values[r, t]`` at columns ``index[r, t]``,
+    in ascending column order, padded with column 0 and value 0.
+
+    Reads the positions of a ``sparse`` entry directly (never the dense matrix); any other
+    encoding is decoded and its nonzeros taken. Raises ArtifactCorrupt for a tensor that is not
+    2-D or an unknown encoding.
+    """
+    shape = [int(d) for d in spec.get("shape", np.shape(arrays.get(name, ())))]
+    if len(shape) != 2:
+        raise ArtifactCorrupt("weight %r: a row-sparse matrix must be 2-D, not of shape %s" % (name, shape))
+    rows, cols = shape
+    if spec.get("encoding") == "sparse":
+        pos = _sparse_positions(spec, arrays)
+        vals = decode_tensor(name + ".values", spec["values"], arrays)
+    else:
+        flat = decode_tensor(name, spec, arrays).reshape(-1)
+        pos = np.flatnonzero(flat)
+        vals = flat[pos]
+    row = pos // max(cols, 1)
+    counts = np.bincount(row, minlength=rows)
+    width = max(1, int(counts.max()) if counts.size else 1)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    slot = np.arange(pos.size) - starts[row]  # rank of each nonzero within its row
+    index = np.zeros((rows, width), np.int64)
+    values = np.zeros((rows, width), np.float32)
+    index[row, slot] = pos - row * cols
+    values[row, slot] = vals
+    return index, values
 
 
 # ---------------------------------------------------------------------------- manifest

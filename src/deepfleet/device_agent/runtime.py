@@ -30,6 +30,7 @@ from deepfleet.device_agent.format import (
     ArtifactCorrupt,
     check_artifact,
     decode_tensor,
+    sparse_rows,
 )
 
 # ---------------------------------------------------------------------------- operations
@@ -755,6 +756,28 @@ def _gather(a, w):
     return lambda x: np.take(x, indices, axis=axis)
 
 
+def _sparse_linear(a, w):
+    """``x @ W.T + b`` on the last axis for a row-sparse W (rows, k), at the cost of its nonzeros:
+    ``weight`` arrives as :func:`sparse_rows`' (index, values), both (rows, m), so output r is
+    the sum over t of x[..., index[r, t]] * values[r, t] (SparseSep's sparse codes)."""
+    index, values = w["weight"]
+    bias = w.get("bias")
+
+    def run(x):
+        out = (x[..., index] * values).sum(-1)  # (..., rows, m) -> (..., rows)
+        if bias is not None:
+            out += bias
+        return out.astype(_F32, copy=False)
+    return run
+
+
+def _temperature(a, w):
+    """Temperature scaling of logits (Guo et al., 2017): ``x / value``; the class ranking is
+    unchanged, the softmax confidence is calibrated (value fitted on the validation split)."""
+    value = _F32(a["value"])
+    return lambda x: (x / value).astype(_F32, copy=False)
+
+
 #: op name -> compiler(attrs, weights) -> run(*inputs).
 COMPILERS = {
     "const": _const,
@@ -777,6 +800,8 @@ COMPILERS = {
     "rnn": _rnn,
     "fake_quant": _fake_quant,
     "gather": _gather,
+    "sparse_linear": _sparse_linear,
+    "temperature": _temperature,
 }
 _FUSE_RELU = {"conv": _Conv, "linear": _Linear, "max_pool": _max_pool}  # ops that can apply a ReLU
 
@@ -793,6 +818,14 @@ def _reference(name, compiler):
 #: call, compiled for it (the per-op reference interface; Model compiles once instead).
 OPS = {name: _reference(name, c) for name, c in COMPILERS.items()}
 op_conv, op_max_pool, op_avg_pool, op_rnn = OPS["conv"], OPS["max_pool"], OPS["avg_pool"], OPS["rnn"]
+
+# Weights an op reads in sparse form, (index, values) from ``sparse_rows``, not decoded dense.
+SPARSE_WEIGHTS = {"sparse_linear": ("weight",)}
+
+
+def _load_weight(op, role, ref, tensors, arrays):
+    reader = sparse_rows if role in SPARSE_WEIGHTS.get(op, ()) else decode_tensor
+    return reader(ref, tensors.get(ref, {}), arrays)
 
 
 # ---------------------------------------------------------------------------- model
@@ -825,7 +858,7 @@ class Model:
             if fn is None:
                 raise ArtifactCorrupt("unknown op %r (node %r): update the agent" % (op["op"], op["name"]))
             weights = {
-                role: decode_tensor(ref, tensors.get(ref, {}), arrays)
+                role: _load_weight(op["op"], role, ref, tensors, arrays)
                 for role, ref in op.get("weights", {}).items()
             }
             n_out = op.get("num_outputs", 1)

@@ -37,9 +37,10 @@ __all__ = ["CANDIDATES_SCHEMA", "OUTCOMES", "READ_VERSIONS", "candidate_row", "r
 
 # 2: nested columns (layers, objectives, constraints, predictions, trial_params) instead of
 #    *_json text; Candidate's field names.
-# 3: sensors_kept and inputs_kept (null in older rows: the file lacks the columns).
+# 3: sensors_kept and inputs_kept; the calibration columns ece, nll, brier (null in older rows:
+#    the file lacks the columns).
 CANDIDATES_SCHEMA_VERSION = 3
-# The versions read_candidates returns: the current one, 2 (its new columns null) and 1
+# The versions read_candidates returns: the current one, 2 (its missing columns null) and 1
 # (upgraded on read); rows keep the version they were written at. Readers check rows against
 # this, not against the current version alone.
 READ_VERSIONS = frozenset({1, 2, CANDIDATES_SCHEMA_VERSION})
@@ -64,6 +65,7 @@ _PREDICTION = pa.struct([pa.field("metric", pa.string()), pa.field("device_class
 _CANDIDATE_TYPES = {
     "model": pa.string(), "data": pa.string(), "method": pa.string(), "artifact_hash": pa.string(),
     "accuracy_val": pa.float64(), "accuracy_test": pa.float64(), "accuracy_drop_pp": pa.float64(),
+    "ece": pa.float64(), "nll": pa.float64(), "brier": pa.float64(),
     "params": pa.int64(), "macs": pa.int64(), "bytes": pa.int64(), "kept_params": pa.float64(),
     "layers": pa.list_(_LAYER), "features": pa.map_(pa.string(), pa.float64()), "node": pa.string(),
     "train_seconds": pa.float64(), "sensors_kept": pa.list_(pa.string()), "inputs_kept": pa.list_(pa.int64()),
@@ -162,6 +164,14 @@ def _upgrade_v1(table: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
 
 
+def _with_new_columns(table: pa.Table) -> pa.Table:
+    """A version >= 2 table with the columns added since its version (null) and in schema order."""
+    for f in CANDIDATES_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(len(table), f.type))
+    return table.select(CANDIDATES_SCHEMA.names)
+
+
 def read_candidates(root: str | os.PathLike[str], study: str | None = None) -> pd.DataFrame:
     """Candidate rows under ``root`` (of ``study``), oldest first; raises ResultsError if absent.
 
@@ -177,13 +187,7 @@ def read_candidates(root: str | os.PathLike[str], study: str | None = None) -> p
             for key, value in ds.get_partition_keys(frag.partition_expression).items():
                 if key not in t.column_names:
                     t = t.append_column(key, pa.array([value] * len(t), pa.string()))
-            if "objectives_json" in t.column_names:
-                tables.append(_upgrade_v1(t))
-                continue
-            for name in CANDIDATES_SCHEMA.names:  # a column newer than the file's version: null
-                if name not in t.column_names:
-                    t = t.append_column(name, pa.nulls(len(t), CANDIDATES_SCHEMA.field(name).type))
-            tables.append(t.select(CANDIDATES_SCHEMA.names))
+            tables.append(_upgrade_v1(t) if "objectives_json" in t.column_names else _with_new_columns(t))
         table = pa.concat_tables([t.cast(CANDIDATES_SCHEMA) for t in tables]) if tables else CANDIDATES_SCHEMA.empty_table()
         frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int16(): pd.Int16Dtype()}.get,
                                 maps_as_pydicts="strict")
