@@ -284,7 +284,7 @@ def _not_a_run(root: Path) -> None:
     (_empty, [], r"results dataset at .*results is empty \(no Parquet files\)"),
     (_not_a_run, [], r"is neither a run directory \(with results/\) nor a results dataset"),
     (_old_schema, [], r"holds rows of schema version 0 \(e\.g\. .*part-.*\.parquet\);"
-                      rf" this deepfleet reads versions 1, 2, {SCHEMA_VERSION} and knows no upgrade"),
+                      rf" this deepfleet reads versions {', '.join(map(str, range(1, SCHEMA_VERSION + 1)))} and knows no upgrade"),
     (_old_file_layout, [], r"schema version 0 \(e\.g\. .*part-old\.parquet\)"),
     (_newer_schema, [], rf"schema version {SCHEMA_VERSION + 1} .*newer .* upgrade deepfleet"),
     (_two_studies, [], r"hold 2 studies \(alpha, beta\); choose one with --study"),
