@@ -51,6 +51,6 @@ def test_a_device_without_a_litert_interpreter_answers_backend_unavailable(
     assert r["ok"] is False and r["kind"] == "backend_unavailable"
     assert "backend 'litert'" in r["error"] and "ai_edge_litert" in r["error"]
     assert "pip install ai-edge-litert" in r["error"] and "tflite-runtime==2.14" in r["error"]
-    assert "'onnxruntime' or 'numpy'" in r["error"]  # the other fix
+    assert "backend 'onnxruntime'" in r["error"] and "backend 'numpy'" in r["error"]  # other fixes
     auto = _measure(agent, art, backends=["litert", "numpy"])  # auto passes over it, saying why
     assert auto["ok"] and auto["backend"] == "numpy" and "litert not installed" in auto["backend_note"]

@@ -11,7 +11,6 @@ requests.
 
 import abc
 import collections
-import importlib
 import importlib.util
 import json
 import os
@@ -133,30 +132,32 @@ def _backend_file(directory, backend):
     return path
 
 
-def _import_backend(module):
+def _import_backend(module, backend=None, fix=None):
+    """The runtime ``module`` (a dotted name gives the submodule itself), imported only here and
+    only when a request asks for its backend; AgentError ``backend_unavailable`` naming the fix
+    (default: pip install the module) when it cannot be imported."""
     try:
-        return __import__(module)  # only here, only when a request asks for this backend
+        return __import__(module, fromlist=["__name__"])
     except Exception as exc:  # ImportError, or a broken install failing on import
         raise AgentError("backend_unavailable", "backend %r cannot be imported on this device "
-                         "(%s: %s): install %s on the device (e.g. pip install %s), or measure "
-                         "with backend 'numpy' (or 'auto')"
-                         % (module, type(exc).__name__, exc, module, module)) from None
+                         "(%s: %s): %s, or measure with backend 'numpy' (or 'auto')"
+                         % (backend or module, type(exc).__name__, exc,
+                            fix or "install %s on the device (e.g. pip install %s)" % (module, module))
+                         ) from None
 
 
 def import_litert():
     """(interpreter module, its distribution's name and version): the first of
     :data:`LITERT_MODULES` that imports; AgentError ``backend_unavailable`` when none does."""
-    failures = []
-    for module, dist in LITERT_MODULES:
-        try:
-            found = importlib.import_module(module)
-        except Exception as exc:  # ImportError, or tflite-runtime built for numpy 1 under numpy 2
-            failures.append("%s: %s: %s" % (module, type(exc).__name__, exc))
-            continue
-        return found, dist, _dist_version(dist)
-    raise AgentError("backend_unavailable", "backend 'litert' cannot be imported on this device "
-                     "(%s): %s on the device, or measure with backend 'onnxruntime' or 'numpy' "
-                     "(or 'auto')" % ("; ".join(failures), LITERT_FIX))
+    # Constant names: the import rules (tests/test_import_rules.py) list every optional runtime.
+    try:
+        return _import_backend("ai_edge_litert.interpreter"), "ai-edge-litert", _dist_version("ai-edge-litert")
+    except AgentError:  # e.g. an armv7l board: only tflite-runtime exists there
+        pass
+    fix = ("ai_edge_litert.interpreter does not import either; %s on the device (or measure with "
+           "backend 'onnxruntime' where it is installed)" % LITERT_FIX)
+    return (_import_backend("tflite_runtime.interpreter", "litert", fix), "tflite-runtime",
+            _dist_version("tflite-runtime"))
 
 
 def import_runtime(name):
