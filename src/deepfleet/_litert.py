@@ -76,15 +76,16 @@ def export_tflite(net: Any, input_shape: tuple[int, ...], *, x: np.ndarray,
     Raises ExportError naming the maximum error, or the converter's failure and the fix."""
     import importlib.metadata as md
 
-    import litert_torch
     import torch
 
     sample = (torch.zeros((1, *input_shape), dtype=torch.float32),)
-    captured = io.StringIO()  # the converter's progress lines: not the CLI's output
+    captured = io.StringIO()  # the converter's import notes and progress lines: not the CLI's
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            import litert_torch
+
             data = bytes(litert_torch.convert(net.cpu().eval(), sample).model_content())
     except Exception as exc:  # the converter raises many kinds: one clear error
         raise ExportError(
