@@ -1,4 +1,5 @@
-"""Benchmark of the device runtimes (issue 13): numpy, onnxruntime and torch on ONE pinned core.
+"""Benchmark of the device runtimes (issue 13): numpy, onnxruntime, torch and (with the extra
+deepfleet[litert]) LiteRT on ONE pinned core.
 Prints and saves JSON (``results/runtimes.json``; each part is merged in under its own key).
 
 Every latency is the p50 of the agent's own ``measure`` (in-process, the backend named
@@ -10,7 +11,8 @@ Parts (``--parts``, comma list):
 
 * ``compress``  make the compressions the other parts measure (cached; ``_runtime_cases.py``);
 * ``latency``   lenet5, mlp, deepsense, bilstm: DeepIoT at the README's targets and the original,
-                batch 1 and 64, p50 on numpy / onnxruntime / torch, the compressed/original ratio
+                batch 1 and 64, p50 on numpy / onnxruntime / torch / litert (when the artifacts
+                have model.tflite: batch 64 is 64 one-sample calls), the compressed/original ratio
                 per runtime, and the compute floor 2 x MACs / this core's fp32 GEMM peak (numpy
                 BLAS, one thread) with each runtime's multiple of it;
 * ``int8``      DeepIoT + 8-bit fixed point with 8-bit activations (an int8 QDQ model.onnx) and
@@ -24,7 +26,7 @@ Parts (``--parts``, comma list):
                 agent does not report peak memory yet).
 
     PYTHONPATH=src python benchmarks/runtimes.py [--parts compress,latency,int8,ranking,memory]
-        [--cpu N] [--rounds 3] [--workers 2] [--candidates 40] [--smoke]
+        [--cpu N] [--rounds 3] [--workers 2] [--candidates 40] [--models lenet5,...] [--smoke]
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ import _runtime_cases as cases  # noqa: E402
 from _results import save_case  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "runtimes.json"
-RUNTIMES = ("numpy", "onnxruntime", "torch")
+RUNTIMES = ("numpy", "onnxruntime", "torch", "litert")
+OWN_FILES = {"torch": "model.ts", "litert": "model.tflite"}  # timed only where the artifact has it
 BATCHES = (1, 64)
 PARTS = ("compress", "latency", "int8", "ranking", "memory")
 
@@ -113,15 +116,15 @@ def gemm_peak_gflops(cpu: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- parts
 
 
-def part_latency(meter: Meter, rounds: int, peak: dict[str, Any]) -> dict[str, Any]:
-    summaries = cases.ensure([cases.zoo_spec(m) for m in cases.ZOO], 1)
+def part_latency(meter: Meter, rounds: int, peak: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    summaries = cases.ensure([cases.zoo_spec(m) for m in models], 1)
     cells, info = [], {}
-    for model, s in zip(cases.ZOO, summaries):
+    for model, s in zip(models, summaries):
         for variant, key in (("original", "artifact_original"), ("compressed", "artifact")):
             manifest = json.loads((Path(s[key]) / "manifest.json").read_text())
             info[(model, variant)] = (s[key], manifest["macs"], manifest.get("val_accuracy"))
-            torch_ok = (Path(s[key]) / "model.ts").exists()
-            cells += [(s[key], rt, b) for b in BATCHES for rt in RUNTIMES if rt != "torch" or torch_ok]
+            has = {rt: (Path(s[key]) / f).exists() for rt, f in OWN_FILES.items()}
+            cells += [(s[key], rt, b) for b in BATCHES for rt in RUNTIMES if has.get(rt, True)]
     got = interleaved(meter, cells, rounds)
     gflops = peak["gflops"]
     rows, ratios = [], {}
@@ -136,7 +139,7 @@ def part_latency(meter: Meter, rounds: int, peak: dict[str, Any]) -> dict[str, A
                              "macs": macs, "val_accuracy": val, "floor_ms": round(floor_ms, 5),
                              "floor_multiple": round(m["p50_ms"] / floor_ms, 1)})
     p50 = {(r["model"], r["variant"], r["batch"], r["runtime"]): r["p50_ms"] for r in rows}
-    for model in cases.ZOO:
+    for model in models:
         for b in BATCHES:
             for rt in RUNTIMES:
                 if (model, "original", b, rt) in p50 and (model, "compressed", b, rt) in p50:
@@ -145,22 +148,24 @@ def part_latency(meter: Meter, rounds: int, peak: dict[str, Any]) -> dict[str, A
     checks = {
         "numpy_over_onnxruntime_compressed_batch1": {
             m: round(p50[(m, "compressed", 1, "numpy")] / p50[(m, "compressed", 1, "onnxruntime")], 2)
-            for m in cases.ZOO},
+            for m in models},
         "ratio_gap_numpy_vs_onnxruntime": {
-            m: {k: round(v["numpy"] - v["onnxruntime"], 3) for k, v in ratios[m].items()} for m in cases.ZOO},
-        "lenet5_ratio_onnxruntime_batch64": ratios["lenet5"]["batch64"]["onnxruntime"],
-        "lenet5_ratio_onnxruntime_batch1": ratios["lenet5"]["batch1"]["onnxruntime"],
+            m: {k: round(v["numpy"] - v["onnxruntime"], 3) for k, v in ratios[m].items()} for m in models},
     }
+    if "lenet5" in models:
+        checks["lenet5_ratio_onnxruntime_batch64"] = ratios["lenet5"]["batch64"]["onnxruntime"]
+        checks["lenet5_ratio_onnxruntime_batch1"] = ratios["lenet5"]["batch1"]["onnxruntime"]
     checks["numpy_within_3x_onnxruntime"] = all(
-        checks["numpy_over_onnxruntime_compressed_batch1"][m] <= 3 for m in ("deepsense", "bilstm"))
+        checks["numpy_over_onnxruntime_compressed_batch1"][m] <= 3 for m in ("deepsense", "bilstm") if m in models)
     checks["ratios_within_0.1"] = all(abs(g) <= 0.1 for v in checks["ratio_gap_numpy_vs_onnxruntime"].values()
                                       for g in v.values())
-    profiles = {m: _numpy_profile(info[(m, "compressed")][0], 1, meter.cpu) for m in ("deepsense", "bilstm")}
+    profiles = {m: _numpy_profile(info[(m, "compressed")][0], 1, meter.cpu)
+                for m in ("deepsense", "bilstm") if m in models}
     return {"peak": peak, "rounds": rounds, "rows": rows, "ratios": ratios, "checks": checks,
             "numpy_profile_compressed_batch1": profiles,
             "compressions": {m: {k: s.get(k) for k in ("kept_params", "accuracy_before", "accuracy_after",
                                                         "artifact", "artifact_original")}
-                             for m, s in zip(cases.ZOO, summaries)}}
+                             for m, s in zip(models, summaries)}}
 
 
 def _numpy_profile(artifact: str, batch: int, cpu: int, runs: int = 200) -> dict[str, Any]:
@@ -293,8 +298,7 @@ def status(key):  # kB, from /proc: this process's own memory since its exec
 spec = importlib.util.spec_from_file_location("agent", agent_path)  # the shipped file
 agent = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(agent)
-if backend != "numpy":
-    __import__(backend)
+agent.import_runtime(backend)  # the runtime's own memory is not the model's
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from here
 inst = agent.ModelCache().get(artifact, backend)[0]
@@ -317,7 +321,7 @@ def part_memory() -> dict[str, Any]:
     for model, s in zip(cases.ZOO, summaries):
         for variant, key in (("original", "artifact_original"), ("compressed", "artifact")):
             for rt in RUNTIMES:
-                if rt == "torch" and not (Path(s[key]) / "model.ts").exists():
+                if rt in OWN_FILES and not (Path(s[key]) / OWN_FILES[rt]).exists():
                     continue
                 r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, agent_path, rt, s[key]],
                                    capture_output=True, text=True, check=True, env=os.environ)
@@ -350,6 +354,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="quick compressions, short timings, results in a temporary file: "
                              "checks that the benchmark runs")
+    parser.add_argument("--models", default=",".join(cases.ZOO),
+                        help="comma list of the latency part's models (default: all of " + ", ".join(cases.ZOO) + ")")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -360,6 +366,9 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s) {unknown}; accepted: {', '.join(PARTS)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - set(cases.ZOO):
+        parser.error(f"--models {args.models!r}: give a comma list from {', '.join(cases.ZOO)}")
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
     if "compress" in parts:
         specs = ([cases.zoo_spec(m) for m in cases.ZOO] + [cases.int8_spec(m) for m in cases.ZOO]
@@ -374,7 +383,7 @@ def main() -> None:
         print(f"{part}: load {_load()}", flush=True)
         if part == "latency":
             assert meter is not None
-            result = part_latency(meter, args.rounds, gemm_peak_gflops(cpu))
+            result = part_latency(meter, args.rounds, gemm_peak_gflops(cpu), models)
         elif part == "int8":
             assert meter is not None
             result = part_int8(meter, args.rounds)

@@ -223,6 +223,38 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     return write_artifact(tmp_path_factory.mktemp("artifacts"), ex.graph, ex.arrays, manifest)
 
 
+LITERT_SKIP = "the LiteRT converter (litert-torch) is not installed: pip install 'deepfleet[litert]'"
+
+
+def tiny_tflite() -> bytes | None:
+    """:func:`tiny_model` as a checked batch-1 model.tflite, or None without the extra."""
+    from deepfleet import _litert
+
+    if not _litert.available():
+        return None
+    x = np.random.default_rng(0).standard_normal((4, *TINY_SHAPE), dtype=np.float32)
+    model = tiny_model()
+    with torch.no_grad():
+        expected = [model(torch.as_tensor(x)).numpy()]
+    return _litert.export_tflite(model, TINY_SHAPE, x=x, expected=expected).data
+
+
+@pytest.fixture(scope="session")
+def tiny_litert_artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """:func:`tiny_model` as an artifact with model.tflite declared in its manifest (skipped
+    without the extra ``deepfleet[litert]``). Do not modify it: copy it to corrupt it."""
+    from deepfleet._litert import TfliteModel
+
+    data = tiny_tflite()
+    if data is None:
+        pytest.skip(LITERT_SKIP)
+    ex = export_graph(tiny_model(), TINY_SHAPE)
+    manifest = {"model": "tiny", "params": ex.params, "macs": ex.macs,
+                "input_shape": list(TINY_SHAPE), "compressor": {"method": "none"}}
+    return write_artifact(tmp_path_factory.mktemp("litert"), ex.graph, ex.arrays, manifest,
+                          tflite=TfliteModel(data, {"batch": 1}))
+
+
 @pytest.fixture(scope="session")
 def agent_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one file shipped to devices, built once for the session (``bundle.agent_file``)."""

@@ -32,14 +32,15 @@ AGENT = "deepfleet.device_agent"
 AGENT_MODULES = {f"{AGENT}.{name}" for name in bundle.AGENT_MODULES}
 LIBRARIES = {f"{AGENT}.{name}" for name in bundle.LIBRARIES}
 HOST_FACING = {f"{AGENT}.{name}" for name in ("format", "runtime", "protocol", "bundle", "powersim")}
-OPTIONAL_RUNTIMES = {"onnxruntime", "torch"}  # imported on request only, by _import_backend
+# imported on request only, by _import_backend (LiteRT: whichever interpreter is installed)
+OPTIONAL_RUNTIMES = {"onnxruntime", "torch", "ai_edge_litert.interpreter", "tflite_runtime.interpreter"}
 NO_RAY_OR_SSH = ("deepfleet.orchestrator", "deepfleet.sandbox", "ray", "paramiko")
 
 RULE_1 = ("deepfleet.compressors and deepfleet.search never import deepfleet.orchestrator, "
           "deepfleet.sandbox, ray or paramiko (DESIGN §3)")
 RULE_2 = ("the device program and its libraries import only the standard library, numpy and the "
           "libraries built into the shipped file (bundle.LIBRARIES); optional runtimes only via "
-          "backends._import_backend('onnxruntime' | 'torch')")
+          "backends._import_backend('onnxruntime' | 'torch' | a LiteRT interpreter)")
 RULE_3 = ("host code never imports the device program: use deepfleet.device_agent.format, "
           ".runtime, .protocol (or .bundle for the shipped file)")
 

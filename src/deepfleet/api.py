@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepfleet import __version__
+from deepfleet import __version__, _litert
 from deepfleet._files import cache_dir, write_json
 from deepfleet._onnx import export_onnx
 from deepfleet.artifact import ONNX_FILE, ArtifactFiles, build_artifact, save_artifact
@@ -250,8 +250,9 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
     parameters stored as their nonzeros where smaller) as an artifact in memory, its manifest
     holding the provenance, the ``compressor`` settings, params, MACs, validation accuracy and
     the sensing keys (:func:`sensing_fields`, from DeepIoT's ``inputs`` info), with
-    ``model.onnx`` checked against ``net`` itself on validation samples. Raises
-    ExportError when onnxruntime differs from torch beyond tolerance."""
+    ``model.onnx`` checked against ``net`` itself on validation samples, and ``model.tflite``
+    (batch 1, checked the same way) when the extra ``deepfleet[litert]`` is installed. Raises
+    ExportError when onnxruntime or LiteRT differs from torch beyond tolerance."""
     net = net.cpu().eval()
     exported = export_graph(net, data.input_shape, encodings or {}, sparse=sparse)
     x = data.X_val[:32]
@@ -259,10 +260,13 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
         out = net(torch.as_tensor(x))
     expected = [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
     onnx = export_onnx(exported.graph, exported.arrays, x=x, expected=expected, against="torch")
+    tflite = None
+    if _litert.available():  # optional: without the extra, artifacts are as before
+        tflite = _litert.export_tflite(net, tuple(data.input_shape), x=x, expected=expected)
     files = build_artifact(exported.graph, exported.arrays, {
         **_provenance(model, data, seed), "compressor": compressor, "params": exported.params,
         "macs": exported.macs, "val_accuracy": val_accuracy, **sensing_fields(data, inputs),
-    }, onnx=onnx)
+    }, onnx=onnx, tflite=tflite)
     return exported, files
 
 

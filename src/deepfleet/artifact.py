@@ -3,7 +3,8 @@
 An artifact is a directory named by the sha256 of its content holding ``graph.json``,
 ``weights.npz`` and ``manifest.json``, and beside them ``model.onnx`` (the same graph for
 onnxruntime, see ``deepfleet._onnx``) whose sha256 the manifest holds, so the artifact hash
-covers it too. The format itself (the hash, the checks, the tensor encodings) is the library
+covers it too; likewise ``model.tflite`` (LiteRT, batch 1, see ``deepfleet._litert``) when the
+converter is installed. The format itself (the hash, the checks, the tensor encodings) is the library
 ``deepfleet.device_agent.format``, shared with the device agent; this module builds and writes
 artifacts and turns the library's check failures into :class:`ArtifactError`. Files are written
 deterministically (sorted JSON keys, a stored zip with fixed timestamps, ONNX built field by
@@ -29,6 +30,7 @@ import numpy as np
 from deepfleet.device_agent.format import (
     ARTIFACT_FILES,
     BACKEND_FILES,
+    MANIFEST_KEYS,
     ArtifactIncomplete,
     DigestMismatch,
     artifact_digest,
@@ -39,9 +41,13 @@ from deepfleet.device_agent.format import (
 from deepfleet.errors import ArtifactError
 
 if TYPE_CHECKING:
+    from deepfleet._litert import TfliteModel
     from deepfleet._onnx import OnnxModel
 
 ONNX_FILE = BACKEND_FILES["onnxruntime"]  # "model.onnx", where the agent's backend reads it
+TFLITE_FILE = BACKEND_FILES["litert"]  # "model.tflite"
+# Backend files an artifact may carry, with the manifest key that holds each one's sha256.
+DECLARED_FILES = {BACKEND_FILES[backend]: key for backend, key in MANIFEST_KEYS.items()}
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: no wall clock in the content
 
@@ -59,8 +65,9 @@ class Artifact:
 
 
 def artifact_files(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """The files an artifact directory ships: the three, and model.onnx when it has one."""
-    return ARTIFACT_FILES + ((ONNX_FILE,) if (Path(path) / ONNX_FILE).is_file() else ())
+    """The files an artifact directory ships: the three, and model.onnx / model.tflite when it
+    has them."""
+    return ARTIFACT_FILES + tuple(f for f in DECLARED_FILES if (Path(path) / f).is_file())
 
 
 def _dump_json(obj: Any) -> bytes:
@@ -96,21 +103,22 @@ class ArtifactFiles:
 
     @property
     def bytes(self) -> int:
-        """Bytes of the three artifact files (what the numpy runtime needs; ``model.onnx`` is
-        the same model for another runtime and not counted)."""
+        """Bytes of the three artifact files (what the numpy runtime needs; ``model.onnx`` and
+        ``model.tflite`` are the same model for other runtimes and not counted)."""
         return sum(len(self.files[f]) for f in ARTIFACT_FILES)
 
 
 def build_artifact(graph: dict[str, Any], arrays: dict[str, np.ndarray], manifest: dict[str, Any], *,
-                   onnx: OnnxModel | bool = True) -> ArtifactFiles:
+                   onnx: OnnxModel | bool = True, tflite: TfliteModel | None = None) -> ArtifactFiles:
     """The artifact's files and digest, in memory.
 
     ``manifest`` gains ``weights_bytes`` (size of weights.npz); it must hold plain JSON data.
     ``onnx``: True converts the graph to ``model.onnx``, checked against the numpy runtime
     (``deepfleet._onnx.export_onnx``); an ``OnnxModel`` is written as given (its caller checked
     it, against torch); False writes none (a graph that cannot run). With one, the manifest
-    gains ``onnx``: file, sha256, opset, and what its weights and activations are. Raises
-    ExportError when the conversion or its check fails.
+    gains ``onnx``: file, sha256, opset, and what its weights and activations are. ``tflite``
+    (a checked ``deepfleet._litert.TfliteModel``) is written as ``model.tflite`` and declared
+    the same way under ``tflite``. Raises ExportError when the conversion or its check fails.
     """
     if onnx is True:
         from deepfleet._onnx import export_onnx
@@ -122,6 +130,10 @@ def build_artifact(graph: dict[str, Any], arrays: dict[str, np.ndarray], manifes
     if onnx:
         files[ONNX_FILE] = onnx.data
         manifest["onnx"] = {"file": ONNX_FILE, "sha256": hashlib.sha256(onnx.data).hexdigest(), **onnx.info}
+    if tflite is not None:
+        files[TFLITE_FILE] = tflite.data
+        manifest["tflite"] = {"file": TFLITE_FILE, "sha256": hashlib.sha256(tflite.data).hexdigest(),
+                              **tflite.info}
     files["manifest.json"] = _dump_json(manifest)
     digest = digest_of({name: hashlib.sha256(files[name]).hexdigest() for name in ARTIFACT_FILES})
     return ArtifactFiles(digest, files)
@@ -148,10 +160,10 @@ def save_artifact(root: str | os.PathLike[str], artifact: ArtifactFiles) -> Arti
 
 def write_artifact(
     root: str | os.PathLike[str], graph: dict[str, Any], arrays: dict[str, np.ndarray],
-    manifest: dict[str, Any], *, onnx: OnnxModel | bool = True,
+    manifest: dict[str, Any], *, onnx: OnnxModel | bool = True, tflite: TfliteModel | None = None,
 ) -> Artifact:
     """:func:`build_artifact` then :func:`save_artifact`."""
-    return save_artifact(root, build_artifact(graph, arrays, manifest, onnx=onnx))
+    return save_artifact(root, build_artifact(graph, arrays, manifest, onnx=onnx, tflite=tflite))
 
 
 def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artifact:
@@ -180,10 +192,11 @@ def open_artifact(path: str | os.PathLike[str], *, verify: bool = True) -> Artif
     if not verify:
         digest = artifact_digest(str(p))  # Artifact.digest is always the content's hash
     manifest = json.loads((p / "manifest.json").read_text())
-    onnx = manifest.get("onnx")
-    if verify and onnx and (not (p / ONNX_FILE).is_file() or file_digest(str(p / ONNX_FILE)) != onnx["sha256"]):
-        raise ArtifactError(
-            f"artifact {p} is corrupt: its {ONNX_FILE} is missing or does not match the sha256 in "
-            "its manifest; export it again"
-        )
+    for name, key in DECLARED_FILES.items() if verify else ():
+        declared = manifest.get(key)
+        if declared and (not (p / name).is_file() or file_digest(str(p / name)) != declared["sha256"]):
+            raise ArtifactError(
+                f"artifact {p} is corrupt: its {name} is missing or does not match the sha256 in "
+                "its manifest; export it again"
+            )
     return Artifact(p, digest, manifest)

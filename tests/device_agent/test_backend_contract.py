@@ -1,7 +1,7 @@
 """The Backend contract: every runtime the agent measures in passes the same tests.
 
-One parametrized fixture gives each implementation (numpy, onnxruntime, torch) loaded from the
-same artifact; a runtime that cannot be imported here is skipped with the reason. The numpy
+One parametrized fixture gives each implementation (numpy, onnxruntime, torch, litert) loaded
+from the same artifact; a runtime that cannot be imported here is skipped with the reason. The numpy
 runtime (the format's reference) is the oracle for the outputs.
 """
 
@@ -21,7 +21,7 @@ from deepfleet.device_agent.backends import BACKEND_CLASSES, BACKEND_FILES, Back
 from deepfleet.device_agent.format import ArtifactCorrupt
 from deepfleet.device_agent.protocol import BACKENDS, AgentError
 from deepfleet.device_agent.runtime import load_model
-from tests.conftest import TINY_SHAPE, tiny_model
+from tests.conftest import LITERT_SKIP, TINY_SHAPE, tiny_model, tiny_tflite
 
 # The torch backend loads TorchScript (deprecated in torch 2.13): what small devices' torch runs.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 @pytest.fixture(scope="module")
 def runtimes_artifact(tiny_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny artifact with every backend's own file next to it (same hash):
-    model.onnx is the artifact's own (its sha256 is in the manifest), model.ts is traced."""
+    model.onnx is the artifact's own (its sha256 is in the manifest), model.ts is traced,
+    model.tflite converted (when the extra deepfleet[litert] is installed)."""
     art = tmp_path_factory.mktemp("runtimes") / tiny_artifact.path.name
     shutil.copytree(tiny_artifact.path, art)
     model = tiny_model()
@@ -38,6 +39,9 @@ def runtimes_artifact(tiny_artifact: Artifact, tmp_path_factory: pytest.TempPath
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is what small devices load
         warnings.simplefilter("ignore")
         torch.jit.trace(model, example).save(str(art / BACKEND_FILES["torch"]))
+    tflite = tiny_tflite()
+    if tflite is not None:
+        (art / BACKEND_FILES["litert"]).write_bytes(tflite)
     return art
 
 
@@ -45,8 +49,10 @@ def runtimes_artifact(tiny_artifact: Artifact, tmp_path_factory: pytest.TempPath
 def backend(request: pytest.FixtureRequest, runtimes_artifact: Path) -> Backend:
     """Each implementation of Backend, loaded from :func:`runtimes_artifact`."""
     name = request.param
+    if name == "litert" and not (runtimes_artifact / BACKEND_FILES["litert"]).is_file():
+        pytest.skip(LITERT_SKIP)
     try:
-        __import__(name)
+        __import__({"litert": "ai_edge_litert"}.get(name, name))
     except Exception as exc:  # ImportError, or a broken install failing on import
         pytest.skip(f"backend {name!r}: `import {name}` fails here ({type(exc).__name__}: {exc})")
     return BACKEND_CLASSES[name](str(runtimes_artifact))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from deepfleet.cli._fleet import fleet_option, select_devices
+from deepfleet.device_agent.protocol import BACKEND_CHOICES
 
 if TYPE_CHECKING:
     from deepfleet.orchestrator.measure import Outcome
@@ -80,7 +81,7 @@ def _line(o: Outcome) -> str:
               help="Samples per run.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of the runtime on the device (default: as found).")
-@click.option("--backend", type=click.Choice(["auto", "numpy", "onnxruntime", "torch"]), default="auto",
+@click.option("--backend", type=click.Choice(list(BACKEND_CHOICES)), default="auto",
               show_default=True,
               help="The runtime: auto = the first of the device's `backends:` (fleet file; default "
                    "onnxruntime, numpy) that is installed there and that the artifact has a file "

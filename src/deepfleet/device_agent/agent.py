@@ -86,7 +86,10 @@ from deepfleet.device_agent.system import (
 #        runtime compiles a model's ops at load (weights fused and transposed, run()
 #        as generated straight-line code, recurrent input projections batched over time): same
 #        outputs, different timings (compressed deepsense and bilstm several times faster).
-AGENT_VERSION = "0.4.1"
+# 0.5.0: backend "litert": model.tflite (batch 1) on ai_edge_litert's or tflite_runtime's
+#        interpreter, one thread unless asked; a larger batch runs sample by sample and
+#        backend_note says so; hello lists litert when an interpreter is installed.
+AGENT_VERSION = "0.5.0"
 EXACT_CI_LIMIT = 5000  # above this many runs the median CI uses the normal approximation
 
 
@@ -288,8 +291,8 @@ def measure(req, cache):
     Response fields, besides ok/op/id/agent_ms: agent_version, protocol, machine, python, numpy,
     artifact, artifact_hash, model_cached, load_ms (hash check + load), verify_ms, backend (the
     runtime that ran), backend_requested, backend_version, provider, backend_note (why "auto"
-    passed over a preferred runtime; null otherwise), backend_file_sha256 (of model.onnx /
-    model.ts when one ran), init_ms (the runtime building its model from the files),
+    passed over a preferred runtime, how a batch runs when it is not one call of the runtime;
+    null otherwise), backend_file_sha256 (of model.onnx / model.ts / model.tflite when one ran), init_ms (the runtime building its model from the files),
     first_run_ms (the first inference of the fresh model), memory_peak_mb (peak resident memory
     of loading and running the model, above the process's resident memory before: MiB),
     memory_init_mb (the same up to the end of loading), memory_baseline_mb (the process before
@@ -408,7 +411,8 @@ def measure(req, cache):
         "backend_requested": spec["backend"],
         "backend_version": backend.version,
         "provider": backend.provider,
-        "backend_note": backend_note,
+        "backend_note": "; ".join(n for n in (backend_note, backend.batch_note(spec["batch"])) if n)
+        or None,
         "backend_file_sha256": backend.file_sha256,
         "init_ms": finite(backend.init_ms, 3) if memory is not None else None,
         "first_run_ms": finite(first_run_ms, 3),

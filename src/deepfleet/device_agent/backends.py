@@ -3,9 +3,10 @@ gets (:func:`choose_backend`: ``auto`` walks the device's preference), and the c
 artifacts.
 
 Python >= 3.8, standard library + numpy + the agent's libraries; inlined into the one file
-shipped to devices (see ``bundle.py``). Host code does not import it. onnxruntime and torch are
-optional: they are imported only through :func:`_import_backend`, and only when a request asks
-for them (or ``auto`` picks them), so a device without them still serves numpy requests.
+shipped to devices (see ``bundle.py``). Host code does not import it. onnxruntime, torch and
+LiteRT are optional: they are imported only through :func:`import_runtime`, and only when a
+request asks for them (or ``auto`` picks them), so a device without them still serves numpy
+requests.
 """
 
 import abc
@@ -13,6 +14,7 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from deepfleet.device_agent.format import (
     ARTIFACT_FILES,
     BACKEND_FILES,
+    MANIFEST_KEYS,
     ArtifactCorrupt,
     ArtifactIncomplete,
     DigestMismatch,
@@ -31,6 +34,13 @@ from deepfleet.device_agent.runtime import load_model
 from deepfleet.device_agent.system import blas_control, blas_threads, set_blas_threads
 
 MODEL_CACHE_SIZE = 4  # models kept loaded: enough to alternate A/B, bounded for 512 MB boards
+# LiteRT's Python interpreters, in order of preference, with their distributions: ai-edge-litert
+# (x86_64, aarch64 with glibc >= 2.27) and the last standalone runtime, tflite-runtime (2.14 has
+# armv7l wheels for glibc >= 2.34 and needs numpy < 2; 2.13 for glibc >= 2.17).
+LITERT_MODULES = (("ai_edge_litert.interpreter", "ai-edge-litert"),
+                  ("tflite_runtime.interpreter", "tflite-runtime"))
+LITERT_FIX = ("install ai-edge-litert (x86_64, aarch64: pip install ai-edge-litert) or tflite-runtime "
+              "(armv7l: pip install 'tflite-runtime==2.14.*' 'numpy<2')")
 
 
 class Backend(abc.ABC):
@@ -54,7 +64,9 @@ class Backend(abc.ABC):
     * ``numpy_outputs(result)`` gives ``run``'s outputs as a list of float32 arrays, in the
       graph's output order, equal to the numpy runtime's within float tolerance;
     * ``threads()`` and ``set_threads(n)`` return (threads in effect or None, note): a runtime
-      that cannot report its threads says so in the note and never pretends.
+      that cannot report its threads says so in the note and never pretends;
+    * ``batch_note(batch)`` says how a batch runs when that is not one call of the runtime
+      (None otherwise): it goes into the response's backend_note.
     """
 
     name = None
@@ -74,6 +86,9 @@ class Backend(abc.ABC):
     def numpy_outputs(self, result):
         items = result if isinstance(result, (tuple, list)) else [result]
         return [np.asarray(r) for r in items]
+
+    def batch_note(self, batch):
+        return None
 
     @abc.abstractmethod
     def threads(self):
@@ -117,14 +132,32 @@ def _backend_file(directory, backend):
     return path
 
 
-def _import_backend(module):
+def _import_backend(module, backend=None, fix=None):
+    """The runtime ``module`` (a dotted name gives the submodule itself), imported only here and
+    only when a request asks for its backend; AgentError ``backend_unavailable`` naming the fix
+    (default: pip install the module) when it cannot be imported."""
     try:
-        return __import__(module)  # only here, only when a request asks for this backend
+        return __import__(module, fromlist=["__name__"])
     except Exception as exc:  # ImportError, or a broken install failing on import
         raise AgentError("backend_unavailable", "backend %r cannot be imported on this device "
-                         "(%s: %s): install %s on the device (e.g. pip install %s), or measure "
-                         "with backend 'numpy' (or 'auto')"
-                         % (module, type(exc).__name__, exc, module, module)) from None
+                         "(%s: %s): %s, or measure with backend 'numpy' (or 'auto')"
+                         % (backend or module, type(exc).__name__, exc,
+                            fix or "install %s on the device (e.g. pip install %s)" % (module, module))
+                         ) from None
+
+
+def import_litert():
+    """(interpreter module, its distribution's name and version): the first of
+    :data:`LITERT_MODULES` that imports; AgentError ``backend_unavailable`` when none does."""
+    # Constant names: the import rules (tests/test_import_rules.py) list every optional runtime.
+    try:
+        return _import_backend("ai_edge_litert.interpreter"), "ai-edge-litert", _dist_version("ai-edge-litert")
+    except AgentError:  # e.g. an armv7l board: only tflite-runtime exists there
+        pass
+    fix = ("ai_edge_litert.interpreter does not import either; %s on the device (or measure with "
+           "backend 'onnxruntime' where it is installed)" % LITERT_FIX)
+    return (_import_backend("tflite_runtime.interpreter", "litert", fix), "tflite-runtime",
+            _dist_version("tflite-runtime"))
 
 
 def import_runtime(name):
@@ -134,7 +167,18 @@ def import_runtime(name):
         return _import_backend("onnxruntime")
     if name == "torch":
         return _import_backend("torch")
+    if name == "litert":
+        return import_litert()[0]
     return np
+
+
+def _dist_version(dist):
+    try:
+        import importlib.metadata as md  # Python >= 3.8
+
+        return md.version(dist)
+    except Exception:  # metadata missing: the module may still import
+        return None
 
 
 def _module_version(module):
@@ -194,13 +238,7 @@ class OnnxBackend(Backend):
         self.ort = _import_backend("onnxruntime")
         self.version = _module_version(self.ort)
         self.file_sha256 = file_digest(self.path)
-        with open(os.path.join(directory, "manifest.json")) as f:
-            expected = (json.load(f).get("onnx") or {}).get("sha256")
-        if expected is not None and expected != self.file_sha256:  # the artifact hash covers it
-            raise ArtifactCorrupt("artifact %s is corrupt: its %s (%s) hashes to %s, not the sha256 "
-                                  "in its manifest; upload it again"
-                                  % (directory, BACKEND_FILES["onnxruntime"], self.path,
-                                     self.file_sha256[:12] + "..."))
+        _check_declared(directory, self.name, self.path, self.file_sha256)
         self.input_shape = _graph_input_shape(directory)
         self._threads = None
         t0 = time.perf_counter()
@@ -232,21 +270,127 @@ class OnnxBackend(Backend):
         return self.threads()
 
 
-BACKEND_CLASSES = {"numpy": NumpyBackend, "torch": TorchBackend, "onnxruntime": OnnxBackend}
+def _check_declared(directory, backend, path, sha256):
+    """ArtifactCorrupt when the manifest declares the backend's file with another sha256 (the
+    artifact hash covers a declared file through the manifest)."""
+    with open(os.path.join(directory, "manifest.json")) as f:
+        expected = (json.load(f).get(MANIFEST_KEYS[backend]) or {}).get("sha256")
+    if expected is not None and expected != sha256:
+        raise ArtifactCorrupt("artifact %s is corrupt: its %s (%s) hashes to %s, not the sha256 "
+                              "in its manifest; upload it again"
+                              % (directory, BACKEND_FILES[backend], path, sha256[:12] + "..."))
+
+
+def _output_order(details):
+    """LiteRT's output details in the model's output order: litert-torch names them
+    ``serving_default_output_<i>_output``; other names keep the interpreter's order."""
+    def key(item):
+        found = re.search(r"output_(\d+)", item[1].get("name", ""))
+        return (int(found.group(1)) if found else -1, item[0])
+    return [d["index"] for _, d in sorted(enumerate(details), key=key)]
+
+
+class LiteRTBackend(Backend):
+    """``model.tflite`` next to the artifact on LiteRT's interpreter (ai_edge_litert's, else
+    tflite_runtime's; ``provider`` names the module, ``version`` its distribution's version).
+
+    The file has batch 1 (``deepfleet._litert``): a batch of B runs as B invocations, one sample
+    each, and ``batch_note`` says so. Resizing the input to B was measured and refused: on
+    litert-torch 0.10 files XNNPACK fails to reshape, and without XNNPACK recurrent models keep
+    a batch-1 output (wrong results, no error). One thread unless the request asks for more
+    (LiteRT's own default is implementation-chosen), fixed when the interpreter is built.
+    """
+
+    name = "litert"
+
+    def __init__(self, directory, threads=None):
+        self.path = _backend_file(directory, "litert")
+        self.module, dist, self.version = import_litert()
+        self.provider = self.module.__name__ + " (CPU)"
+        self.file_sha256 = file_digest(self.path)
+        _check_declared(directory, self.name, self.path, self.file_sha256)
+        self.input_shape = _graph_input_shape(directory)
+        t0 = time.perf_counter()
+        self._open(1 if threads is None else int(threads))
+        self.init_ms = (time.perf_counter() - t0) * 1e3
+
+    def _open(self, n):
+        try:
+            interpreter = self.module.Interpreter(model_path=self.path, num_threads=n)
+            interpreter.allocate_tensors()
+            details = interpreter.get_input_details()
+        except Exception as exc:  # ValueError (not a flatbuffer) or RuntimeError (bad model)
+            raise ArtifactCorrupt("artifact %s is corrupt: its %s (%s) cannot be loaded by LiteRT "
+                                  "(%s: %s); upload it again"
+                                  % (os.path.dirname(self.path), BACKEND_FILES["litert"], self.path,
+                                     type(exc).__name__, exc)) from None
+        shape = tuple(int(v) for v in details[0]["shape"])
+        if len(details) != 1 or shape != (1,) + tuple(self.input_shape):
+            raise ArtifactCorrupt("artifact %s is corrupt: its %s (%s) takes %s, not one input of "
+                                  "shape %s; export it again"
+                                  % (os.path.dirname(self.path), BACKEND_FILES["litert"], self.path,
+                                     [list(d["shape"]) for d in details],
+                                     [1] + list(self.input_shape)))
+        self.interpreter = interpreter
+        self.input_index = details[0]["index"]
+        self.output_indices = _output_order(interpreter.get_output_details())
+        self._threads = n
+
+    def prepare(self, x):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return [x[i:i + 1] for i in range(len(x))]  # contiguous one-sample views, no copy
+
+    def run(self, prepared):
+        it = self.interpreter
+        rows = []
+        for sample in prepared:
+            it.set_tensor(self.input_index, sample)
+            it.invoke()
+            rows.append([it.get_tensor(o) for o in self.output_indices])  # copies
+        return rows
+
+    def numpy_outputs(self, result):
+        return [np.concatenate([row[k] for row in result]) for k in range(len(self.output_indices))]
+
+    def batch_note(self, batch):
+        if batch == 1:
+            return None
+        return ("litert: model.tflite has batch 1; the batch of %d runs as %d invocations of one "
+                "sample (latency is for the whole batch)" % (batch, batch))
+
+    def threads(self):
+        return self._threads, "as configured (LiteRT cannot report it back)"
+
+    def set_threads(self, n):
+        if n != self._threads:
+            self._open(int(n))  # LiteRT fixes its threads when the interpreter is built
+        return self.threads()
+
+
+BACKEND_CLASSES = {"numpy": NumpyBackend, "torch": TorchBackend, "onnxruntime": OnnxBackend,
+                   "litert": LiteRTBackend}
+
+
+def _module_installed(name):
+    """True when top-level module ``name`` is found (not imported)."""
+    return importlib.util.find_spec(name) is not None
 
 
 def installed(name):
     """True when backend ``name``'s runtime is installed (found, not imported)."""
-    return name == "numpy" or importlib.util.find_spec(name) is not None
+    if name == "litert":
+        return any(_module_installed(m.split(".")[0]) for m, _ in LITERT_MODULES)
+    return name == "numpy" or _module_installed(name)
 
 
 def artifact_has(directory, manifest, name):
     """True when the artifact offers backend ``name``: numpy always (its three files); another
     runtime when its file is there or the manifest declares it (``manifest["onnx"]`` for
-    model.onnx: then a missing file is a damaged upload, reported when it is loaded)."""
+    model.onnx, ``manifest["tflite"]`` for model.tflite: then a missing file is a damaged
+    upload, reported when it is loaded)."""
     if name == "numpy":
         return True
-    if name == "onnxruntime" and manifest.get("onnx"):
+    if name in MANIFEST_KEYS and manifest.get(MANIFEST_KEYS[name]):
         return True
     return os.path.isfile(os.path.join(directory, BACKEND_FILES[name]))
 
@@ -286,14 +430,14 @@ def available_backends():
     names = ["numpy"]
     versions = {"numpy": np.__version__}
     for name in ("onnxruntime", "torch"):
-        if importlib.util.find_spec(name) is not None:
+        if _module_installed(name):
             names.append(name)
-            try:
-                import importlib.metadata as md  # Python >= 3.8
-
-                versions[name] = md.version(name)
-            except Exception:  # metadata missing: the module may still import
-                versions[name] = None
+            versions[name] = _dist_version(name)
+    for module, dist in LITERT_MODULES:  # the interpreter "litert" would import
+        if _module_installed(module.split(".")[0]):
+            names.append("litert")
+            versions["litert"] = _dist_version(dist)
+            break
     return names, versions
 
 

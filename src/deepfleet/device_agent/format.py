@@ -28,8 +28,11 @@ GRAPH_FORMAT = "deepfleet-graph"
 GRAPH_VERSION = 1
 ARTIFACT_FILES = ("graph.json", "weights.npz", "manifest.json")
 # Files for other runtimes next to the three (DESIGN §5). The artifact hash covers them through
-# the manifest, which holds their sha256 (``manifest["onnx"]["sha256"]`` for model.onnx).
-BACKEND_FILES = {"onnxruntime": "model.onnx", "torch": "model.ts"}
+# the manifest, which holds their sha256 (``manifest["onnx"]["sha256"]`` for model.onnx,
+# ``manifest["tflite"]["sha256"]`` for model.tflite, LiteRT's flatbuffer at batch 1).
+BACKEND_FILES = {"onnxruntime": "model.onnx", "torch": "model.ts", "litert": "model.tflite"}
+# The manifest key that declares a backend's file (the file's sha256 is there).
+MANIFEST_KEYS = {"onnxruntime": "onnx", "litert": "tflite"}
 
 
 # ---------------------------------------------------------------------------- identity

@@ -38,7 +38,7 @@ import shlex
 #   {"op": "measure", "artifact": DIR (required, already on the device),
 #       "warmup" [5], "min_runs" [10], "max_runs" [10000], "min_seconds" [1.0],
 #       "max_seconds" [30.0], "batch" [1], "threads" [null = leave as found], "backend"
-#       ["auto" | "numpy" | "onnxruntime" | "torch"], "backends" [["onnxruntime", "numpy"]: the
+#       ["auto" | "numpy" | "onnxruntime" | "torch" | "litert"], "backends" [["onnxruntime", "numpy"]: the
 #       device's preference, which "auto" walks: the first one installed here whose file the
 #       artifact has], "fresh" [true: load the model afresh, timed, ignoring a cached instance;
 #       false: use a cached instance when there is one], "ci_target" [0.02, null = stop at the
@@ -68,7 +68,7 @@ import shlex
 # a few ms of CPU per sample: keep sample_hz low (<= 10) with a command meter.
 
 PROTOCOL_VERSION = 1
-BACKENDS = ("numpy", "onnxruntime", "torch")
+BACKENDS = ("numpy", "onnxruntime", "torch", "litert")
 
 # The operation-count energy estimate every measure response carries (DESIGN §6: the seed's energy
 # table, 32-bit float operations at 45 nm as used by the DeepIoT paper, in pJ):
