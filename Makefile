@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # ~1.2 GB); its tests are skipped without it. torch stays pinned while the extra resolves.
 EXTRAS ?= test
 
-.PHONY: demo test lint venv system-deps
+.PHONY: demo test test-litert lint venv system-deps
 
 $(BIN)/deepfleet: pyproject.toml constraints-torch.txt
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,16 @@ demo: venv
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q
+
+# The LiteRT extra in its own environment (it pins typing_extensions below what the test
+# extra's selenium needs in the main one, and converting every artifact would slow the suite):
+# the tests that need the converter or the interpreter, which skip in the main environment.
+LITERT_TESTS := tests/test_litert.py tests/device_agent/test_litert_backend.py \
+	tests/device_agent/test_backend_contract.py
+
+test-litert: system-deps
+	$(MAKE) venv VENV=.venv-litert EXTRAS=test,litert
+	.venv-litert/bin/python -m pytest -q $(LITERT_TESTS)
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

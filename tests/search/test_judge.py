@@ -20,7 +20,7 @@ from deepfleet.search import (
     parse_study,
     prediction_errors,
 )
-from deepfleet.search._predictor import fit_class, training_points
+from deepfleet.search._predictor import DEFAULT_PREDICTOR, fit_class, training_points
 
 SPEC = parse_study({
     "name": "s", "model": "mlp", "data": "digits", "classes": ["a", "b"],
@@ -88,7 +88,7 @@ def test_a_clear_predicted_violation_costs_no_device_time() -> None:
     v = judge(SPEC, big, rows, known(linear_rows()))
     assert isinstance(v, PredictedInfeasible) and v.prediction is not None
     assert v.prediction.value == pytest.approx(20.5, rel=0.02) and v.prediction.error < 0.01
-    assert v.prediction.predictor == "kernel" and v.prediction.source == "own" and v.prediction.points == 12
+    assert v.prediction.predictor == DEFAULT_PREDICTOR and v.prediction.source == "own" and v.prediction.points == 12
     assert v.source == "predicted" and "latency_p50 on b" in (v.reason or "")
     assert v.label == "latency_p50@b<=10" and v.classes == ("b",)  # what an audit would measure
     # within the margin: measured instead
@@ -128,11 +128,22 @@ def test_energy_on_a_class_without_sensors_is_refused_on_load() -> None:
 def test_predictor_recovers_a_linear_cost_and_needs_enough_points() -> None:
     rows = linear_rows(12)
     pts = training_points(rows, "b", "latency_p50", {h: c.features for h, c in known(rows).items()})
-    for kind in ("linear", "kernel"):
+    for kind in ("linear", "kernel", "hybrid"):
         f = fit_class(kind, pts)
         assert f is not None and f.error < 0.01 and f.within10 == 1.0 and f.source == "own"
         assert f.predict(features(5e5, 5e4)) == pytest.approx(1.5, rel=0.01)
     assert fit_class("kernel", pts[:3]) is None  # too few points to trust, nothing to borrow
+
+
+def test_the_hybrid_learns_what_the_kernel_sum_misses() -> None:
+    """A cache cliff: past 2 M MACs each MAC costs 2.5x. One cost per MAC (the kernel sum)
+    cannot follow it; the hybrid's trees correct the kernel's prediction where the points are."""
+    pts = [{**features(m, m / 10), "batch": 1.0, "value": 0.2 + 1e-6 * m * (1.0 if m < 2e6 else 2.5)}
+           for m in np.linspace(1e5, 4e6, 40)]
+    kernel, hybrid = fit_class("kernel", pts), fit_class("hybrid", pts)
+    assert kernel is not None and hybrid is not None
+    assert kernel.within10 < 0.7 and hybrid.within10 >= 0.9 and hybrid.error < kernel.error / 5
+    assert hybrid.predict(features(3e6, 3e5)) == pytest.approx(0.2 + 7.5, rel=0.05)
 
 
 def test_a_new_class_borrows_from_the_measured_ones() -> None:

@@ -119,7 +119,7 @@ def test_base_keys_are_checked_and_relative_to_the_study_file(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("search", "needle"), [
-    ({"predictor": "oracle"}, "search.predictor: got 'oracle'; accepted: linear, kernel, forest"),
+    ({"predictor": "oracle"}, "search.predictor: got 'oracle'; accepted: linear, kernel, forest, hybrid"),
     ({"audit_rejections": 1.5}, "search.audit_rejections: got 1.5; expected a share in [0, 1]"),
     ({"audit": 0.1}, "search.audit: unknown; accepted: predictor, audit_rejections"),
 ])

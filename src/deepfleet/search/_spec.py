@@ -29,7 +29,7 @@ import yaml
 from deepfleet.device_agent.protocol import BACKEND_CHOICES
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.metrics import METRICS
-from deepfleet.search._predictor import PREDICTORS
+from deepfleet.search._predictor import DEFAULT_PREDICTOR, PREDICTORS
 
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 _TOP = {
@@ -112,7 +112,7 @@ class Judging:
     ``audit_rejections``: the share of candidates rejected on a prediction that are measured
     anyway, to count false rejections (0: never, 1: every one)."""
 
-    predictor: str = "kernel"
+    predictor: str = DEFAULT_PREDICTOR
     audit_rejections: float = 0.1
 
 
