@@ -102,6 +102,24 @@ def test_the_reference_model_is_the_same_everywhere_and_runs_like_an_mlp(tmp_pat
     np.testing.assert_allclose(load_model(str(b.path)).run(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("backend", "reference_backend"), [
+    ("numpy", "numpy"), ("onnxruntime", "onnxruntime"), ("torch", None), ("litert", None), ("auto", "auto")])
+def test_the_reference_runs_in_the_candidates_runtime_when_it_has_its_file(
+        tmp_path: Path, backend: str, reference_backend: str | None) -> None:
+    """--backend torch or litert used to fail every reference with artifact_missing (the fixed
+    reference has graph.json and model.onnx only): it then runs in the device's own choice."""
+    from deepfleet.device_agent.format import BACKEND_FILES
+    from deepfleet.orchestrator.reference import REFERENCE_BACKENDS
+
+    ref = MeasureSettings(request={"backend": backend, "threads": 1}).reference()
+    assert ref.get("backend") == reference_backend and ref["threads"] == 1
+    # the constant says what the artifact has: a backend's file exactly when it is listed
+    path = reference_artifact(tmp_path).path
+    assert "numpy" in REFERENCE_BACKENDS and (path / "graph.json").is_file()
+    for name, file in BACKEND_FILES.items():
+        assert (path / file).is_file() == (name in REFERENCE_BACKENDS), name
+
+
 def test_sessions_given_by_the_caller_are_reused_and_left_open(
         local_device: Device, tiny_artifact: Artifact, tmp_path: Path) -> None:
     sessions: dict[str, DeviceSession] = {}

@@ -32,7 +32,12 @@ from deepfleet.device_agent.protocol import AgentError, parse_measure
 from deepfleet.errors import ConfigError, DeepfleetError
 from deepfleet.orchestrator.device import DeviceSession
 from deepfleet.orchestrator.fleet import Device
-from deepfleet.orchestrator.reference import REFERENCE_REQUEST, ReferenceTracker, reference_artifact
+from deepfleet.orchestrator.reference import (
+    REFERENCE_BACKENDS,
+    REFERENCE_REQUEST,
+    ReferenceTracker,
+    reference_artifact,
+)
 from deepfleet.orchestrator.results import failure_row, measurement_row, write_results
 from deepfleet.sensing import sensing_energy
 
@@ -83,6 +88,8 @@ class MeasureSettings:
     def reference(self) -> dict[str, Any]:
         """The agent request for the reference model (without ``artifact``)."""
         shared = {k: self.request[k] for k in _SHARED_WITH_REFERENCE if k in self.request}
+        if shared.get("backend", "auto") not in ("auto", *REFERENCE_BACKENDS):
+            del shared["backend"]  # the reference has no file for it (REFERENCE_BACKENDS)
         return {**REFERENCE_REQUEST, **shared, **self.reference_request}
 
 

@@ -28,7 +28,8 @@ from deepfleet.artifact import Artifact, open_artifact, write_artifact
 from deepfleet.device_agent.format import GRAPH_FORMAT, GRAPH_VERSION
 from deepfleet.errors import ArtifactError
 
-__all__ = ["REFERENCE_DIGEST", "REFERENCE_REQUEST", "ReferenceTracker", "reference_artifact"]
+__all__ = ["REFERENCE_BACKENDS", "REFERENCE_DIGEST", "REFERENCE_REQUEST", "ReferenceTracker",
+           "reference_artifact"]
 
 _SIZES = (64, 128, 128, 10)
 _VERSION = 1  # bump when the model changes: old and new reference p50s are not comparable
@@ -43,6 +44,13 @@ REFERENCE_REQUEST: dict[str, Any] = {
     "warmup": 20, "min_runs": 50, "min_seconds": 0.3, "max_seconds": 3.0, "ci_target": 0.02,
     "batch": 1, "energy": {"source": "none"}, "fresh": False,
 }
+
+
+#: The runtimes the reference artifact has files for (graph.json: numpy; model.onnx:
+#: onnxruntime). Its hash is fixed, so it never gains a TorchScript or LiteRT file: a run
+#: measuring candidates in another runtime measures the reference in the device's own choice
+#: (backend auto), the same at every reference of the run, which is what drift compares.
+REFERENCE_BACKENDS = ("numpy", "onnxruntime")
 
 
 def _weights(rows: int, cols: int, salt: int) -> np.ndarray:
