@@ -185,7 +185,9 @@ def evaluate(out: Path) -> dict[str, Any]:
                     order = pts[:]
                     rng.shuffle(order)
                     curve[str(n)] = _score(kind, order[:n], order[n:])
-            others = {f"{d}/{b}": p for (d, b), p in points.items() if (d, b) != (device, backend)}
+            # as the judge borrows: from the classes measured in the same runtime when there are such
+            others = {f"{d}/{b}": p for (d, b), p in points.items() if d != device and b == backend} or {
+                f"{d}/{b}": p for (d, b), p in points.items() if (d, b) != (device, backend)}
             cold = None
             if others:
                 order = pts[:]

@@ -160,6 +160,34 @@ def test_a_new_class_borrows_from_the_measured_ones() -> None:
     assert fit_class("kernel", own[:1], others) is None  # one own point cannot fix scale and offset
 
 
+def test_a_new_class_borrows_from_its_runtime_and_keeps_the_better_of_own_and_borrowed() -> None:
+    """Class c (onnxruntime) has 6 artifacts: enough for a fit of its own, but a jumpy one (a
+    cache cliff it has seen once); b, also onnxruntime, measured the same artifacts 2.5x faster;
+    n ran numpy, whose cost has another shape. c borrows from b alone, and borrowing wins."""
+    from deepfleet.search._judge import fit
+
+    macs = np.linspace(1e5, 2e6, 12)
+    cost = [0.5 + 2e-6 * m * (1.0 if m < 1.5e6 else 3.0) for m in macs]
+    b = [row("b1", "b", v, artifact=f"o{i}", macs=int(m), params=int(m / 10)) | {"backend": "onnxruntime"}
+         for i, (m, v) in enumerate(zip(macs, cost))]
+    n = [row("n1", "n", 40 * v ** 2, artifact=f"o{i}", macs=int(m), params=int(m / 10)) | {"backend": "numpy"}
+         for i, (m, v) in enumerate(zip(macs, cost))]
+    c = [row("c1", "c", 2.5 * v, artifact=f"o{i}", macs=int(m), params=int(m / 10)) | {"backend": "onnxruntime"}
+         for i, (m, v) in list(enumerate(zip(macs, cost)))[::2]]
+    rows = b + n + c
+    f, own = fit(SPEC, rows, known(rows), "latency_p50", "c")
+    assert own == 6 and f is not None and f.source.startswith("borrowed from b (")
+    assert f.error < 0.02 and f.predict(features(macs[1], macs[1] / 10)) == pytest.approx(2.5 * cost[1], rel=0.03)
+    # with a class of its own runtime to borrow from gone, it borrows from the numpy one or fits alone
+    f_other, _ = fit(SPEC, n + c, known(n + c), "latency_p50", "c")
+    assert f_other is not None and f_other.error > f.error
+    # a class whose own points follow a line that b's cliff does not: its own fit wins
+    d = [row("d1", "d", 0.3 + 1e-6 * m, artifact=f"o{i}", macs=int(m), params=int(m / 10)) | {"backend": "onnxruntime"}
+         for i, m in list(enumerate(macs))[::2]]
+    f_d, _ = fit(SPEC, b + d, known(b + d), "latency_p50", "d")
+    assert f_d is not None and f_d.source == "own" and f_d.error < 0.01
+
+
 def test_a_class_measured_in_different_runtimes_fails_the_trial_with_devices_and_fix() -> None:
     rows = [row("a1", "a", 1.0) | {"backend": "onnxruntime"}, row("a2", "a", 9.0) | {"backend": "numpy"},
             row("b1", "b", 5.0) | {"backend": "onnxruntime"}]

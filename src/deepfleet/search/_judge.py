@@ -153,13 +153,18 @@ def fit(spec: StudySpec, rows: Rows, known: Known, metric: str, device_class: st
     artifact but ``exclude`` (borrowing from the other classes while the class has few), and
     how many artifacts of the class it could use."""
     features = {h: c.features for h, c in known.items() if c.features and h != exclude}
-    points = {}
+    points, backends = {}, {}
     for cls in sorted({str(r["device_class"]) for r in rows}):
-        pts = predictor.training_points(rows, cls, metric, features, _backend(rows, cls))
+        backends[cls] = _backend(rows, cls)
+        pts = predictor.training_points(rows, cls, metric, features, backends[cls])
         if pts:
             points[cls] = pts
     own = points.pop(device_class, [])
-    return predictor.fit_class(spec.judging.predictor, own, points), len(own)
+    # borrow from classes measured in the same runtime when there are such: another runtime's
+    # costs differ by op kind, not by one scale (benchmarks/predictor.py: cold-start Spearman
+    # 0.99 borrowing from the same runtime, 0.84 with a numpy class pooled in)
+    same = {c: p for c, p in points.items() if backends[c] == backends.get(device_class)}
+    return predictor.fit_class(spec.judging.predictor, own, same or points), len(own)
 
 
 def _predict(spec: StudySpec, cand: Candidate, rows: Rows, known: Known,

@@ -22,8 +22,9 @@ class value, :func:`deepfleet.metrics.class_value`):
 **Cold start** (a class with fewer than :data:`MIN_OWN` measured artifacts): the class borrows
 from the classes already measured, as HELP does from other devices: the same model fitted on the
 other classes' points gives a base prediction, and a scale and offset fitted on this class's own
-points (at least 2) map it to this class. With fewer own points there is no fit, hence no
-rejection on prediction.
+points (at least 2) map it to this class. Once the class has :data:`MIN_POINTS` points of its
+own, a model fitted on them alone competes, and the one with the lower held-out error is used.
+With fewer own points and nothing to borrow there is no fit, hence no rejection on prediction.
 
 Every fit carries its held-out error (median relative error over k-fold predictions of its own
 points, :data:`FOLDS` folds) and the share within 10 %; the judge rejects a candidate only when
@@ -48,7 +49,10 @@ __all__ = ["DEFAULT_PREDICTOR", "MIN_OWN", "MIN_POINTS", "PREDICTORS", "Fit", "P
            "margin_for", "training_points"]
 
 MIN_POINTS = 4  # below this a model is too easy to fool: no fit, no rejection
-MIN_OWN = 10  # below this a class borrows from the others (cold start)
+# below this a class may borrow from the others (cold start): 10 own points fit worse than a
+# scale and offset on another class's model (benchmarks/predictor.py, sandbox x86 class from 10
+# measurements: Spearman 0.89 own, 0.99 borrowed)
+MIN_OWN = 30
 FOLDS = 5
 Features = Mapping[str, float]
 
@@ -207,17 +211,30 @@ def _held_out(kind: str, points: Sequence[Mapping[str, float]]) -> tuple[float, 
 
 def fit_class(kind: str, own: Sequence[Mapping[str, float]],
               others: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> Fit | None:
-    """Fit predictor ``kind`` for one class from its ``own`` points, borrowing from ``others``
-    ({class: points}) when it has fewer than :data:`MIN_OWN`; None when neither is enough."""
+    """Fit predictor ``kind`` for one class from its ``own`` points, or, while it has fewer than
+    :data:`MIN_OWN`, borrow from ``others`` ({class: points}) when that gives the lower held-out
+    error; None when neither is possible."""
     distinct = {tuple(sorted((k, v) for k, v in p.items() if k != "value")) for p in own}
-    if len(distinct) >= MIN_OWN or (len(distinct) >= MIN_POINTS and not others):
-        y = np.array([p["value"] for p in own])
-        model = PREDICTORS[kind]().fit(own, y)
-        error, within = _held_out(kind, own)
-        return Fit(lambda f: model.predict([f])[0], kind, len(own), error, within, "own")
+    alone = _own_fit(kind, own) if len(distinct) >= MIN_POINTS else None
     pooled = [p for pts in (others or {}).values() for p in pts]
-    if len(distinct) < 2 or len(pooled) < MIN_POINTS:
-        return None
+    if len(distinct) >= MIN_OWN or len(distinct) < 2 or len(pooled) < MIN_POINTS:
+        return alone
+    borrowed = _borrowed_fit(kind, own, others or {})
+    return alone if alone is not None and alone.error <= borrowed.error else borrowed
+
+
+def _own_fit(kind: str, own: Sequence[Mapping[str, float]]) -> Fit:
+    y = np.array([p["value"] for p in own])
+    model = PREDICTORS[kind]().fit(own, y)
+    error, within = _held_out(kind, own)
+    return Fit(lambda f: model.predict([f])[0], kind, len(own), error, within, "own")
+
+
+def _borrowed_fit(kind: str, own: Sequence[Mapping[str, float]],
+                  others: Mapping[str, Sequence[Mapping[str, float]]]) -> Fit:
+    """The model fitted on the ``others``' points pooled, mapped to this class by a scale and
+    offset fitted on its ``own`` points, with their leave-one-out error."""
+    pooled = [p for pts in others.values() for p in pts]
     base = PREDICTORS[kind]().fit(pooled, np.array([p["value"] for p in pooled]))
     x = base.predict(own)
     y = np.array([p["value"] for p in own])
@@ -229,7 +246,7 @@ def fit_class(kind: str, own: Sequence[Mapping[str, float]],
         keep = np.arange(len(own)) != i
         (ai, bi), _ = nnls(A[keep], y[keep])
         rel.append(abs(ai * x[i] + bi - y[i]) / y[i])
-    src = f"borrowed from {', '.join(sorted(others or {}))} (scale and offset on {len(own)} own points)"
+    src = f"borrowed from {', '.join(sorted(others))} (scale and offset on {len(own)} own points)"
     return Fit(lambda f: a * base.predict([f])[0] + b, kind, len(own), float(statistics.median(rel)),
                float(np.mean(np.array(rel) <= 0.10)), src)
 
