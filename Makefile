@@ -33,7 +33,7 @@ test: venv system-deps
 # extra's selenium needs in the main one, and converting every artifact would slow the suite):
 # the tests that need the converter or the interpreter, which skip in the main environment.
 LITERT_TESTS := tests/test_litert.py tests/device_agent/test_litert_backend.py \
-	tests/device_agent/test_backend_contract.py
+	tests/device_agent/test_backend_contract.py tests/test_calibration.py
 
 test-litert: system-deps
 	$(MAKE) venv VENV=.venv-litert EXTRAS=test,litert
