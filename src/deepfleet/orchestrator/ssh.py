@@ -397,7 +397,12 @@ class SSHProcess(RemoteProcess):
             if chan.recv_ready():
                 return bytes(chan.recv(65536))
             if chan.eof_received or chan.closed:
-                return b""
+                # Paramiko's reader thread may have queued the last output and the EOF after
+                # the checks above: the channel's data precedes its EOF, so read what is
+                # buffered now (on a loaded machine the exit reason on stderr was lost).
+                while chan.recv_stderr_ready():
+                    self._keep_stderr(chan.recv_stderr(65536))
+                return bytes(chan.recv(65536)) if chan.recv_ready() else b""
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
