@@ -169,7 +169,10 @@ def test_memory_of_a_model_does_not_depend_on_what_was_measured_before(
     a = _measure(first, lenet5_artifact.path, backend="onnxruntime", threads=1)
     _measure(first, tiny_artifact.path, backend="onnxruntime", threads=1)
     b = _measure(first, lenet5_artifact.path, backend="onnxruntime", threads=1)
-    assert a["memory_peak_mb"] == pytest.approx(b["memory_peak_mb"], abs=1.0)
+    # The bug this guards against makes the first figure the larger, by onnxruntime's one-time
+    # set-up; the same model's figure otherwise varies by a few MiB, upward after another model
+    # ran (4.5 then 6.9 MiB in a fresh clone's test run): a one-sided check.
+    assert 0 < a["memory_peak_mb"] <= b["memory_peak_mb"] + 1.0
 
 
 _FALLBACK = """

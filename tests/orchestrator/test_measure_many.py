@@ -208,10 +208,17 @@ def test_ctrl_c_lets_each_device_finish_its_measurement_and_start_no_other(
     root = tmp_path / "results"
     timer = threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,))
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        timer.start()  # inside the block: the interrupt can only land where it is expected
-        measure_many([local_device], [tiny_artifact.path] * 20, results_root=root,
-                     settings=MeasureSettings(request=slow, reference_every=0))
+    # Ctrl-C as a terminal delivers it: Python's own handler (a library started earlier in the
+    # session may have left another; once in CI the interrupt never surfaced)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            timer.start()  # inside the block: the interrupt can only land where it is expected
+            measure_many([local_device], [tiny_artifact.path] * 20, results_root=root,
+                         settings=MeasureSettings(request=slow, reference_every=0))
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 10  # 20 x 0.5 s were asked for
     df = read_results(root)
     assert 1 <= len(df) < 20 and df["error"].isna().all() and (df["runs"] > 0).all()
