@@ -110,24 +110,29 @@ class KernelSum(_NonNegative):
         return [1.0, *per_kind, f["params"]]
 
 
+# The trees' features: totals, the batch, and each op kind's work, activations and op count.
+_TREE_COLUMNS = ("macs", "params", "act_kb", "ops", "batch",
+                 *(f"{k}_{q}" for k in KINDS for q in ("macs", "act_kb", "ops")))
+
+
+def _log_features(X: Sequence[Features]) -> np.ndarray:
+    """The trees' design matrix: log(1 + feature) of :data:`_TREE_COLUMNS` (batch 1 when absent)."""
+    return np.log1p(np.array([[max(f.get(c, 1.0 if c == "batch" else 0.0), 0.0) for c in _TREE_COLUMNS]
+                              for f in X]))
+
+
 class Forest(Predictor):
     name = "forest"
-    COLUMNS: ClassVar[tuple[str, ...]] = ("macs", "params", "act_kb", "ops", "batch",
-                                          *(f"{k}_{q}" for k in KINDS for q in ("macs", "act_kb", "ops")))
-
-    def _design(self, X: Sequence[Features]) -> np.ndarray:
-        return np.log1p(np.array([[max(f.get(c, 1.0 if c == "batch" else 0.0), 0.0) for c in self.COLUMNS]
-                                  for f in X]))
 
     def fit(self, X: Sequence[Features], y: np.ndarray) -> Predictor:
         from sklearn.ensemble import ExtraTreesRegressor
 
         self.model = ExtraTreesRegressor(n_estimators=60, random_state=0, n_jobs=1)
-        self.model.fit(self._design(X), np.log(np.maximum(np.asarray(y, dtype=float), 1e-9)))
+        self.model.fit(_log_features(X), np.log(np.maximum(np.asarray(y, dtype=float), 1e-9)))
         return self
 
     def predict(self, X: Sequence[Features]) -> np.ndarray:
-        return np.exp(self.model.predict(self._design(X)))
+        return np.exp(self.model.predict(_log_features(X)))
 
 
 class Hybrid(Predictor):
@@ -142,14 +147,14 @@ class Hybrid(Predictor):
         y = np.maximum(np.asarray(y, dtype=float), 1e-9)
         self.kernel = KernelSum().fit(X, y)
         self.trees = ExtraTreesRegressor(n_estimators=self.TREES, max_features=0.5, random_state=0, n_jobs=1)
-        self.trees.fit(Forest()._design(X), np.log(y / self._base(X)))
+        self.trees.fit(_log_features(X), np.log(y / self._base(X)))
         return self
 
     def _base(self, X: Sequence[Features]) -> np.ndarray:
         return np.maximum(self.kernel.predict(X), 1e-9)
 
     def predict(self, X: Sequence[Features]) -> np.ndarray:
-        return self._base(X) * np.exp(self.trees.predict(Forest()._design(X)))
+        return self._base(X) * np.exp(self.trees.predict(_log_features(X)))
 
 
 PREDICTORS: dict[str, type[Predictor]] = {c.name: c for c in (Linear, KernelSum, Forest, Hybrid)}
@@ -216,8 +221,8 @@ def fit_class(kind: str, own: Sequence[Mapping[str, float]],
     error; None when neither is possible."""
     distinct = {tuple(sorted((k, v) for k, v in p.items() if k != "value")) for p in own}
     alone = _own_fit(kind, own) if len(distinct) >= MIN_POINTS else None
-    pooled = [p for pts in (others or {}).values() for p in pts]
-    if len(distinct) >= MIN_OWN or len(distinct) < 2 or len(pooled) < MIN_POINTS:
+    pooled = sum(len(pts) for pts in (others or {}).values())
+    if len(distinct) >= MIN_OWN or len(distinct) < 2 or pooled < MIN_POINTS:
         return alone
     borrowed = _borrowed_fit(kind, own, others or {})
     return alone if alone is not None and alone.error <= borrowed.error else borrowed
