@@ -121,20 +121,21 @@ def layer_alive(cm: CostModel, keep: list[torch.Tensor]) -> list[torch.Tensor | 
     return out
 
 
-def effective_keep(cm: CostModel, keep: list[torch.Tensor]) -> list[torch.Tensor]:
+def effective_keep(cm: CostModel, keep: list[torch.Tensor],
+                   alive: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """``keep`` with the units of dead layers dropped (a layer that lost every input unit it
     depends on is dropped whole). Works on 0/1 masks, per-sample masks ``(B, size)`` and
     probabilities (then the marginal keep probabilities) alike; the identity unless the input
-    is a group."""
+    is a group. ``alive``: :func:`layer_alive` of ``keep`` when the caller has it already."""
     if not cm.dead_layers:
         return keep
     eff = list(keep)
-    for lay, alive in zip(cm.layers, layer_alive(cm, keep)):
-        if alive is None:
+    for lay, a in zip(cm.layers, alive if alive is not None else layer_alive(cm, keep)):
+        if a is None:
             continue
         for g in lay.groups:
             if g is not None:
-                eff[g] = keep[g] * alive[..., None]
+                eff[g] = keep[g] * a[..., None]
     return eff
 
 
@@ -162,7 +163,7 @@ def cost(cm: CostModel, keep: list[torch.Tensor], *, expected: bool = False) -> 
     the device of ``keep`` (the counts follow the masks, so a search on CUDA stays there)."""
     dev = keep[0].device
     alive = layer_alive(cm, keep)
-    eff = effective_keep(cm, keep)  # what the next layers read
+    eff = effective_keep(cm, keep, alive)  # what the next layers read
     params = torch.zeros((), dtype=torch.float64, device=dev)
     macs = torch.zeros((), dtype=torch.float64, device=dev)
     for lay, a in zip(cm.layers, alive):

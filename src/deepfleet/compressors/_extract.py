@@ -27,6 +27,7 @@ from deepfleet.compressors._cost import cost_model, effective_keep, input_depend
 from deepfleet.compressors._graph import Layer, Structure
 from deepfleet.compressors._masked import InputMask, Mask, MaskedRNN, rnn_weights
 from deepfleet.compressors._ops import LEAF_MODULES, OpInfo
+from deepfleet.compressors.training import device_of
 from deepfleet.errors import ModelError
 
 
@@ -96,7 +97,7 @@ def _global_keep(structure: Structure, keep: list[np.ndarray]) -> np.ndarray:
     return k
 
 
-def _set_module(gm: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(gm: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, leaf, new)
@@ -210,13 +211,13 @@ def extract(structure: Structure, masked: fx.GraphModule, keep: list[np.ndarray]
                 torch.as_tensor(np.nonzero(keep[g])[0]) if g is not None else torch.arange(lay.out_size)
                 for g in lay.groups
             ]
-            _set_module(gm, lay.module, _slice_rnn(mod, lay, in_idx, kept))  # type: ignore[arg-type]
+            set_module(gm, lay.module, _slice_rnn(mod, lay, in_idx, kept))  # type: ignore[arg-type]
             continue
         g = lay.groups[0]
         out_idx = torch.as_tensor(np.nonzero(keep[g])[0]) if g is not None else torch.arange(lay.out_size)
-        _set_module(gm, lay.module, _slice_linear_conv(mod, out_idx, in_idx))
+        set_module(gm, lay.module, _slice_linear_conv(mod, out_idx, in_idx))
         for bn in lay.norms:
-            _set_module(gm, bn, _slice_norm(gm.get_submodule(bn), out_idx))
+            set_module(gm, bn, _slice_norm(gm.get_submodule(bn), out_idx))
     graph.lint()
     gm.recompile()
     return gm
@@ -255,14 +256,10 @@ def _gather_before(gm: fx.GraphModule, node: fx.Node, lay: Layer, columns: np.nd
     """Insert a Gather of ``columns`` (on the layer's feature axis) before ``node``'s input."""
     axis = -1 if lay.kind in ("linear", "lstm", "gru") else 1
     name = f"deepiot_gather_{node.name}"
-    gm.add_submodule(name, Gather(axis, [int(c) for c in columns]).to(_device_of(gm)))
+    gm.add_submodule(name, Gather(axis, [int(c) for c in columns]).to(device_of(gm)))
     with gm.graph.inserting_before(node):
         gathered = gm.graph.call_module(name, (node.args[0],))
     node.args = (gathered, *node.args[1:])
-
-
-def _device_of(gm: nn.Module) -> torch.device:
-    return next((p.device for p in gm.parameters()), torch.device("cpu"))
 
 
 def input_masking_problem(structure: Structure) -> str | None:

@@ -43,6 +43,7 @@ from torch import nn
 
 from deepfleet.compressors._checks import check_fraction, check_positive
 from deepfleet.compressors._encoding import Encoding, float32_encoding, sparse_encoding
+from deepfleet.compressors._extract import set_module
 from deepfleet.compressors._finetune import Reparam, finetune, fold_batchnorm, with_overrides
 from deepfleet.compressors._lowrank import factorise
 from deepfleet.compressors._ops import trace
@@ -274,11 +275,6 @@ class CodedWeights(Reparam):
         return {n: (self.C[n] * self.support[n]) @ self.A[n] for n in self.C}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 class SparseSep(BaseCompressor):
     """SparseSep: sparse-coded fully connected (and recurrent) matrices, separable convolutions."""
 
@@ -317,7 +313,7 @@ class SparseSep(BaseCompressor):
             elif p.size:
                 mod = gm.get_submodule(p.name)
                 pair = separate(mod, p.size) if p.kind == "conv_separable" else factorise(mod, p.size)  # type: ignore[arg-type]
-                _set_module(gm, p.name, pair)
+                set_module(gm, p.name, pair)
                 row.update(rank=p.size)
             row["weights_after"] = p.stored(cfg.sparsity)
             layers.append(row)
