@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors._encoding import Encoding, kept_values
 from deepfleet.compressors._registry import check_pipeline
 from deepfleet.compressors.base import BaseCompressor, Context
 from deepfleet.data import Dataset
@@ -47,11 +47,7 @@ class PipelineResult:
 def stored_params(model: nn.Module, encodings: dict[str, Encoding]) -> int:
     """Parameters ``model`` keeps: per parameter, what its encoding stores when that is fewer
     values than the tensor has (:attr:`Encoding.stored`), else its nonzero values."""
-    total = 0
-    for name, p in model.named_parameters():
-        enc = encodings.get(name)
-        total += enc.stored if enc is not None and enc.stored is not None else int((p != 0).sum())
-    return total
+    return sum(kept_values(name, p, encodings) for name, p in model.named_parameters())
 
 
 def run_pipeline(

@@ -180,3 +180,10 @@ def pack_codes(codes: np.ndarray, bits: int) -> tuple[np.ndarray, dict[str, Any]
     # (n, bits) big-endian bits of each code, then 8 bits per byte
     bitmat = (unsigned[:, None] >> np.arange(bits - 1, -1, -1)) & 1
     return np.packbits(bitmat.astype(np.uint8).reshape(-1)), {"packed": bits}
+
+
+def kept_values(name: str, p: torch.Tensor, encodings: dict[str, Encoding]) -> int:
+    """Values parameter ``name`` keeps: what its encoding stores when fewer (SparseSep's atoms
+    and codes, a sparse tensor's nonzeros, :attr:`Encoding.stored`), else its nonzero values."""
+    enc = encodings.get(name)
+    return enc.stored if enc is not None and enc.stored is not None else int((p != 0).sum())

@@ -12,7 +12,7 @@ from torch import nn
 
 from deepfleet.compressors._cost import cost_model, kept_fraction
 from deepfleet.compressors._deepiot import DeepIoTConfig, SearchResult, search
-from deepfleet.compressors._encoding import Encoding
+from deepfleet.compressors._encoding import Encoding, kept_values
 from deepfleet.compressors._export import sparse_or
 from deepfleet.compressors._extract import (
     check_extraction,
@@ -138,20 +138,13 @@ def _out_units(mod: nn.Module) -> int:
     return _out_units(list(mod.children())[-1])
 
 
-def _kept(name: str, p: torch.Tensor, encodings: dict[str, Encoding]) -> int:
-    """Values parameter ``name`` keeps: what its encoding stores when fewer (SparseSep's atoms
-    and codes, a sparse tensor's nonzeros), else its nonzero values."""
-    enc = encodings.get(name)
-    return enc.stored if enc is not None and enc.stored is not None else int((p != 0).sum())
-
-
 def _storage(after: nn.Module, module: str, encodings: dict[str, Encoding]) -> dict[str, object]:
     """Kept weights and storage bits per weight of the weight matrices under ``module``."""
     names = [n for n in weight_names(after) if n.startswith(module + ".")]
     params = dict(after.named_parameters())
     total = sum(params[n].numel() for n in names)
     bits = sum((encodings[n].bits if n in encodings else 32.0) * params[n].numel() for n in names)
-    nonzero = sum(_kept(n, p, encodings) for n, p in params.items() if n.startswith(module + "."))
+    nonzero = sum(kept_values(n, p, encodings) for n, p in params.items() if n.startswith(module + "."))
     return {"nonzero_after": nonzero, "bits_per_weight": round(bits / max(total, 1), 4)}
 
 
@@ -208,7 +201,7 @@ def layer_table(
                 D = 2 if rb.bidirectional else 1
                 pb = sum(t.numel() for d in range(D) for t in rnn_weights(rb, ib, d))
                 pa = sum(t.numel() for d in range(D) for t in rnn_weights(ra, ia, d))
-                nz = sum(_kept(names_of.get(id(t), ""), t, encodings) for d in range(D) for t in rnn_weights(ra, ia, d))
+                nz = sum(kept_values(names_of.get(id(t), ""), t, encodings) for d in range(D) for t in rnn_weights(ra, ia, d))
                 rows.append({"name": f"{lay.module}.l{i}",
                              "kind": lay.kind, "units_before": rb.hidden_size,
                              "units_after": ra.hidden_size, "params_before": pb, "params_after": pa,
