@@ -280,13 +280,14 @@ def val_calibration(net: nn.Module, ds: Dataset) -> dict[str, float]:
 
 
 def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val: float,
-              accuracy_test: float) -> tuple[Exported, Candidate, ArtifactFiles]:
+              accuracy_test: float, calib: dict[str, float] | None = None
+              ) -> tuple[Exported, Candidate, ArtifactFiles]:
     exported, files = export_artifact(base, model=model, data=ds, seed=seed, compressor={"methods": []},
                                       val_accuracy=accuracy_val)
     sensors = sensing_fields(ds)["sensors_kept"]
     cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
                      accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
-                     **val_calibration(base, ds), params=exported.params, macs=exported.macs,
+                     **(calib or val_calibration(base, ds)), params=exported.params, macs=exported.macs,
                      bytes=files.bytes, kept_params=1.0, features=_features(files),
                      sensors_kept=None if sensors is None else tuple(sensors))
     return exported, cand, files
@@ -403,7 +404,7 @@ def compress_model(
     if not with_original:
         return Compression(candidate, files, None, None, details)
     exp_base, orig, orig_files = _original(model, ds, seed, original, acc["val_accuracy_before"],
-                                           acc["accuracy_before"])
+                                           acc["accuracy_before"], calib=calib["before"])
     return Compression(candidate, files, orig, orig_files, {**details, "macs_before": exp_base.macs})
 
 

@@ -346,7 +346,7 @@ def _sensors(where: _Where, value: object) -> tuple[SensorPower, ...]:
         if not isinstance(spec, Mapping) or set(spec) != {"mw"}:
             raise where.error(key, spec, "{mw: power in milliwatts while sampling}")
         mw = spec["mw"]
-        if isinstance(mw, bool) or not isinstance(mw, int | float) or not 0 <= mw < 1e6 or mw != mw:
+        if not _watts(mw):
             raise where.error(f"{key}.mw", mw, "a power in milliwatts, a number >= 0")
         out.append(SensorPower(name=name, mw=float(mw)))
     return tuple(out)

@@ -236,18 +236,19 @@ def _backend_problem(spec: StudySpec, artifact: str, rows: Rows) -> str | None:
     """Why this artifact's device values cannot be used: on a class, its devices ran different
     runtimes, or another runtime than the class's earliest measured artifact of the study (the
     runtime the study's values of that class are in). None when they can."""
+    mine = _mine(rows, artifact)
     for cls in spec.device_classes:
-        conflict = metrics.backend_conflict(_mine(rows, artifact), cls)
+        conflict = metrics.backend_conflict(mine, cls)
         if conflict is not None:
             return conflict
-        this = metrics.class_backend(_mine(rows, artifact), cls)
+        this = metrics.class_backend(mine, cls)
         earlier = sorted((r for r in rows if r.get("device_class") == cls and r.get("artifact_hash") != artifact
                           and not r.get("error") and not r.get("reference")),
                          key=lambda r: str(r.get("started_at") or ""))
         if this is None or not earlier or metrics.backend_of(earlier[0]) == this:
             continue
         first = earlier[0]
-        devices = sorted({str(r["device"]) for r in _mine(rows, artifact) if r.get("device_class") == cls})
+        devices = sorted({str(r["device"]) for r in mine if r.get("device_class") == cls})
         return (f"class {cls!r}: this candidate ran {this} on {', '.join(devices)}, but the study's values on "
                 f"{cls!r} are in {metrics.backend_of(first)} (first measured on {first['device']}); runtimes are "
                 "never compared: give the class's devices the same runtimes (install onnxruntime where it is "
@@ -280,8 +281,9 @@ def predictor_status(spec: StudySpec, rows: Rows, known: Known) -> dict[str, dic
     stands on each class (its model, points, held-out error and data source, or why it cannot
     predict yet)."""
     out: dict[str, dict[str, str]] = {}
-    for x in (*spec.objectives, *spec.constraints):
-        if x.device_class:
-            f, own = fit(spec, rows, known, x.metric, x.device_class)
-            out.setdefault(x.device_class, {})[x.metric] = predictor.describe(f, own)
+    # a metric both objective and constraint on a class is fitted once
+    for metric, cls in sorted({(x.metric, x.device_class) for x in (*spec.objectives, *spec.constraints)
+                               if x.device_class}):
+        f, own = fit(spec, rows, known, metric, cls)
+        out.setdefault(cls, {})[metric] = predictor.describe(f, own)
     return out
