@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from deepfleet._onnx import TOLERANCE_FLOAT as TOLERANCE  # as for a float model.onnx
+from deepfleet._onnx import _rel_err
 from deepfleet.errors import ExportError
 
-TOLERANCE = 1e-4  # max |LiteRT - torch| / max |torch|, as for a float model.onnx
 INSTALL_HINT = "pip install 'deepfleet[litert]'"
 
 
@@ -99,7 +100,7 @@ def export_tflite(net: Any, input_shape: tuple[int, ...], *, x: np.ndarray,
         if out.shape != ref.shape:
             raise ExportError(f"model.tflite gives an output of shape {list(out.shape)}, but "
                               f"{against} gives {list(ref.shape)}")
-        err = max(err, float(np.abs(out - ref).max() / max(float(np.abs(ref).max()), 1e-30)))
+        err = max(err, _rel_err(out, ref))
     if err > TOLERANCE:
         raise ExportError(
             f"model.tflite differs from {against}: max |LiteRT - {against}| is {err:.3g} of the "

@@ -127,13 +127,11 @@ def build_artifact(graph: dict[str, Any], arrays: dict[str, np.ndarray], manifes
     weights = _npz_bytes(arrays)
     manifest = {**manifest, "weights_bytes": len(weights)}
     files = {"graph.json": _dump_json(graph), "weights.npz": weights}
-    if onnx:
-        files[ONNX_FILE] = onnx.data
-        manifest["onnx"] = {"file": ONNX_FILE, "sha256": hashlib.sha256(onnx.data).hexdigest(), **onnx.info}
-    if tflite is not None:
-        files[TFLITE_FILE] = tflite.data
-        manifest["tflite"] = {"file": TFLITE_FILE, "sha256": hashlib.sha256(tflite.data).hexdigest(),
-                              **tflite.info}
+    for name, model in ((ONNX_FILE, onnx or None), (TFLITE_FILE, tflite)):
+        if model is not None:  # a runtime's file, declared in the manifest with its sha256
+            files[name] = model.data
+            manifest[DECLARED_FILES[name]] = {"file": name, "sha256": hashlib.sha256(model.data).hexdigest(),
+                                              **model.info}
     files["manifest.json"] = _dump_json(manifest)
     digest = digest_of({name: hashlib.sha256(files[name]).hexdigest() for name in ARTIFACT_FILES})
     return ArtifactFiles(digest, files)
