@@ -18,7 +18,7 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
 * ``timing``    wall time of one ``deepfleet compress lenet5 --data digits`` with an empty cache;
-* ``mlp-inputs``, ``lenet5-inputs``, ``deepsense-sensors``, ``timing-t100``: inputs as
+* ``mlp-inputs``, ``mlp-inputs-kd``, ``lenet5-inputs``, ``deepsense-sensors``, ``timing-t100``: inputs as
                 compression targets (``deepiot.inputs``), see ``_inputs_bench.py``.
 
 Jobs run in ``--workers`` processes, one torch thread each.
@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _inputs_bench as inputs_bench  # noqa: E402
 
-INPUT_PARTS = ("mlp-inputs", "lenet5-inputs", "deepsense-sensors")
+INPUT_PARTS = ("mlp-inputs", "mlp-inputs-kd", "lenet5-inputs", "deepsense-sensors")
 DEFAULT_OUT = HERE / "results" / "compress.json"
 
 # name -> (DeepIoT config overrides, fine-tuning overrides). The paper's schedule (+0.025 every

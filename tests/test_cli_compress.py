@@ -94,6 +94,17 @@ def test_model_onnx_beside_both_artifacts_predicts_what_torch_predicted(quick_ru
             assert abs(float((pred == digits.y_test).mean()) - acc) <= 1 / len(digits.y_test) + 1e-9
 
 
+def test_finetune_settings_reach_the_fine_tuning_and_the_manifest(tmp_path: Path) -> None:
+    """``--set finetune.KEY=VALUE`` (distillation while fine-tuning, the mlp-inputs-kd recipe)."""
+    proc = run_cli("compress", "mlp", "--data", "digits", "--quick", "--json", "--out", str(tmp_path),
+                   "--target-params", "0.05", "--set", "finetune.kd_alpha=0.7", "--set", "finetune.epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    manifest = json.loads((Path(r["artifact"]) / "manifest.json").read_text())
+    finetune = manifest["compressor"]["finetune"]
+    assert finetune["kd_alpha"] == 0.7 and finetune["epochs"] == 1
+
+
 def test_second_run_reuses_the_cached_base_model(quick_run, tmp_path: Path, monkeypatch) -> None:
     import os
 
@@ -205,6 +216,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: li
          "rdeepsense: dropout must be a rate in [0, 1), but got 1"),
         (["mlp", "--data", "digits", "--method", "dns", "--set", "dns.recurrent=maybe"],
          "dns: recurrent must be true or false, but got 'maybe'"),
+        (["mlp", "--data", "digits", "--set", "finetune.kd_alfa=0.7"],
+         "--set finetune.kd_alfa: not a fine-tuning setting; accepted: epochs, lr, patience, kd_alpha"),
+        (["mlp", "--data", "digits", "--set", "finetune.kd_alpha=2"],
+         "--set finetune: kd_alpha must be a weight in [0, 1] (0 = no distillation), but got 2"),
+        (["mlp", "--data", "digits", "--set", "finetune.epochs=ten"],
+         "--set finetune: epochs must be a whole number >= 0, but got 'ten'"),
         (["mlp", "--data", "sensing-users"], "unknown data set 'sensing-users' given as data; use one of digits"),
     ],
 )

@@ -170,6 +170,24 @@ _QUANTISERS = tuple(n for n, c in REGISTRY.items()
                     if c.stage == "quantise" and "bits" in {f.name for f in dataclasses.fields(c.config_class)})
 
 
+FINETUNE_SECTION = "finetune"  # ``--set finetune.KEY=VALUE``: the fine-tuning every method ends with
+FINETUNE_KEYS = ("epochs", "lr", "patience", "kd_alpha", "kd_temperature", "select", "weight_decay", "batch_size",
+                 "shift")
+
+
+def finetune_config(cfg: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
+    """``cfg`` with the user's fine-tuning settings (``--set finetune.kd_alpha=0.7``); ConfigError
+    naming a key that is not a fine-tuning setting, or a value TrainConfig refuses."""
+    stray = sorted(set(given) - set(FINETUNE_KEYS))
+    if stray:
+        raise ConfigError(f"--set finetune.{stray[0]}: not a fine-tuning setting; accepted: "
+                          f"{', '.join(FINETUNE_KEYS)}")
+    try:
+        return dataclasses.replace(cfg, **given)
+    except ConfigError as exc:
+        raise ConfigError(f"--set finetune: {exc}") from None
+
+
 def build_pipeline(
     methods: list[str],
     *,
@@ -342,8 +360,11 @@ def compress_model(
     metric = "macs" if target_macs is not None else "params"
     target = target_macs if target_macs is not None else target_params or default_target(model)
     methods = parse_methods(method)
+    settings = dict(settings or {})
+    ft_given = settings.pop(FINETUNE_SECTION, {})
     compressors = build_pipeline(methods, target=target, metric=metric, bits=bits, rounding=rounding,
                                  settings=settings, search=search, quick=quick)
+    ft_cfg = finetune_config(finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE), ft_given)
     dev = resolve_device(device)
     ds = load_data(data)
     probe = build_model(model, input_shape=ds.input_shape, num_classes=ds.num_classes)
@@ -355,7 +376,6 @@ def compress_model(
         raise UnsupportedLayerError(problem)
     base = base or BaseSpec()
     base_cfg = dataclasses.replace(BASE_TRAINING, epochs=3 if quick else base.epochs)
-    ft_cfg = finetune or (dataclasses.replace(FINETUNE, epochs=2) if quick else FINETUNE)
     # the fine-tuning budget in the original's MACs per sample (see TRAIN_WORK)
     ft_cfg = fit_budget(ft_cfg, len(ds.y_train), macs_per_sample(probe, torch.as_tensor(ds.X_train[:2])))
 

@@ -61,6 +61,21 @@ class TrainConfig:
             raise ConfigError(f"select must be one of {', '.join(SELECT_RULES)}, but got {self.select!r}")
         if not isinstance(self.shift, int) or self.shift < 0:
             raise ConfigError(f"shift must be a whole number of pixels >= 0 (0 = off), but got {self.shift!r}")
+        if not _number(self.kd_alpha) or not 0 <= self.kd_alpha <= 1:
+            raise ConfigError(f"kd_alpha must be a weight in [0, 1] (0 = no distillation), but got {self.kd_alpha!r}")
+        for name, least in (("epochs", 0), ("patience", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} must be a whole number >= {least}, but got {value!r}")
+        for name in ("lr", "kd_temperature"):
+            if not _number(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a number > 0, but got {getattr(self, name)!r}")
+        if not _number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be a number >= 0, but got {self.weight_decay!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 MIN_EPOCHS = 5
