@@ -9,6 +9,9 @@
                         each model exported and measured by the local agent (real rows), its
                         sensing energy from the sensor power below, ``energy_total`` read with
                         :mod:`deepfleet.metrics`; every sensor subset reached, and the front;
+* ``sensor-subsets``    what the data supports: the original deepsense trained (base schedule,
+                        per seed) on all sensors, on the accelerometer alone and on the gyroscope
+                        alone; validation and test accuracy of each;
 * ``timing-t100``       one ``deepfleet compress deepsense`` at defaults on 6-channel windows of
                         100 steps (the sensing generator at T = 100), empty cache, 2 threads,
                         with the load average before and after.
@@ -170,6 +173,39 @@ def deepsense_summary(rows: list[dict[str, Any]], original: dict[str, Any], ener
         "front_val_vs_energy_total": front(usable, "val", "energy_total"),
         "goal": goal,
     }
+
+
+def sensor_subsets(seeds: list[int]) -> dict[str, Any]:
+    """The original deepsense trained on each sensor subset of ``sensing`` (the base schedule,
+    cached like any base): the accuracy a model that reads only those sensors can reach."""
+    import dataclasses
+
+    import torch
+
+    from deepfleet.api import BASE_TRAINING, trained_base
+    from deepfleet.compressors.training import accuracy
+    from deepfleet.data import load_data
+
+    torch.set_num_threads(1)
+    data = load_data("sensing")
+    out: dict[str, Any] = {}
+    for subset in (tuple(sorted(SENSOR_MW)), ("accelerometer",), ("gyroscope",)):
+        idx = [i for i, s in enumerate(data.sensors or ()) if s in subset]
+        sub = dataclasses.replace(data, X_train=data.X_train[:, idx], X_val=data.X_val[:, idx],
+                                  X_test=data.X_test[:, idx], sensors=tuple(data.sensors[i] for i in idx),
+                                  fingerprint=f"{data.fingerprint}:{'+'.join(subset)}" if len(idx) < len(data.sensors)
+                                  else data.fingerprint)
+        runs = []
+        for seed in seeds:
+            net, _ = trained_base("deepsense", sub, seed=seed, cfg=BASE_TRAINING, device=torch.device("cpu"),
+                                  progress=False)
+            runs.append({"seed": seed, "val": accuracy(net, sub.X_val, sub.y_val),
+                         "test": accuracy(net, sub.X_test, sub.y_test),
+                         "params": sum(p.numel() for p in net.parameters())})
+        out["+".join(subset)] = {"channels": len(idx), "runs": runs,
+                                 "val_mean": sum(r["val"] for r in runs) / len(runs),
+                                 "test_mean": sum(r["test"] for r in runs) / len(runs)}
+    return out
 
 
 def timing_t100(workdir: Path) -> dict[str, Any]:

@@ -14,11 +14,14 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
 * ``bilstm``    bilstm / sensing at 10 %;
 * ``deepsense-user`` deepsense / sensing-user (DeepSense-UserID) at 2 % (the paper kept 1.13 %),
                 `deepfleet compress`'s DeepIoT schedule (3000 iterations);
+* ``deepsense-user-kd`` the same, fine-tuned for 60 epochs without the MAC budget (which allows
+                DeepSense about 16) and with distillation from the original (``kd_alpha`` 0.7);
 * ``deepear``   deepear / audio (DeepEar's 2.3 M-parameter DNN) at 5 %, the same schedule;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
 * ``timing``    wall time of one ``deepfleet compress lenet5 --data digits`` with an empty cache;
-* ``mlp-inputs``, ``mlp-inputs-kd``, ``lenet5-inputs``, ``deepsense-sensors``, ``timing-t100``: inputs as
+* ``mlp-inputs``, ``mlp-inputs-kd``, ``lenet5-inputs``, ``deepsense-sensors``, ``sensor-subsets``,
+                ``timing-t100``: inputs as
                 compression targets (``deepiot.inputs``), see ``_inputs_bench.py``.
 
 Jobs run in ``--workers`` processes, one torch thread each.
@@ -43,6 +46,7 @@ sys.path.insert(0, str(HERE))
 import _inputs_bench as inputs_bench  # noqa: E402
 
 INPUT_PARTS = ("mlp-inputs", "mlp-inputs-kd", "lenet5-inputs", "deepsense-sensors")
+SINGLE_PARTS = ("latency", "timing", "timing-t100", "sensor-subsets")  # one function each, not jobs
 DEFAULT_OUT = HERE / "results" / "compress.json"
 
 # name -> (DeepIoT config overrides, fine-tuning overrides). The paper's schedule (+0.025 every
@@ -206,6 +210,10 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
         model, data, target = FIGURES[part]
         return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "method": "deepiot"}
                 for s in seeds]
+    if part == "deepsense-user-kd":  # the same, fine-tuned 60 epochs (no MAC budget) with distillation
+        model, data, target = FIGURES["deepsense-user"]
+        return [{"part": part, "model": model, "data": data, "target": target, "seed": s,
+                 "method": "deepiot+kd-finetune-60", "finetune": {"kd_alpha": 0.7, "work": None}} for s in seeds]
     targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
     data, target = targets[part]
     methods = ["deepiot", "l1-uniform"] if part in ("mlp", "deepsense") else ["deepiot"]
@@ -237,7 +245,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    jobs = [j for p in parts if p not in ("latency", "timing", "timing-t100") for j in _jobs(p, seeds)]
+    jobs = [j for p in parts if p not in SINGLE_PARTS for j in _jobs(p, seeds)]
     export_dir = Path(tempfile.gettempdir()) / "deepfleet-bench-inputs"  # artifacts measured, not kept
     for j in jobs:
         if j.get("export"):
@@ -265,13 +273,15 @@ def main() -> None:
         results["timing"] = _timing_part()
     if "timing-t100" in parts:
         results["timing-t100"] = inputs_bench.run_timing()
+    if "sensor-subsets" in parts:
+        results["sensor-subsets"] = inputs_bench.sensor_subsets(seeds)
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     for part in parts:
         if part in results:
             block = results[part]
-            if part in ("latency", "timing", "timing-t100"):
+            if part in SINGLE_PARTS:
                 summary = block
             elif part == "deepsense-sensors":
                 summary = {k: block[k] for k in ("subsets", "goal", "front_val_vs_energy_total")}
