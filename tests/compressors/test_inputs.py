@@ -299,6 +299,11 @@ def test_compress_writes_the_kept_inputs_and_sensors_into_the_manifest(tmp_path:
     kept = {"acc": [0, 1, 2], "gyro": [3, 4, 5]}
     assert small["inputs_kept"] == sorted(i for name in small["sensors_kept"] for i in kept[name])
     assert s["sensors_kept"] == small["sensors_kept"]
+    from deepfleet.cli._tables import compress_table
+
+    line = next(ln for ln in compress_table(s).splitlines() if ln.startswith("inputs kept"))
+    n = len(small["sensors_kept"])
+    assert line == f"inputs kept      {n} of 2 sensors ({', '.join(small['sensors_kept'])}), {3 * n} of 6 channels"
 
 
 def test_flat_features_with_a_model_that_needs_structure_is_one_clear_line(tmp_path: Path) -> None:

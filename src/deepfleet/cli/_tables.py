@@ -47,6 +47,7 @@ def compress_table(r: dict[str, Any]) -> str:
         f"test accuracy    {100 * r['accuracy_before']:.2f} % -> {100 * r['accuracy_after']:.2f} %"
         f"   ({100 * (r['accuracy_after'] - r['accuracy_before']):+.2f} pp)",
         f"artifact bytes   {r['bytes_before']:,} -> {r['bytes_after']:,}",
+        *([f"inputs kept      {_inputs_kept(i)}"] if (i := r.get("inputs")) else []),
         *([f"calibration      ECE {100 * c['before']['ece']:.2f} -> {100 * c['after']['ece']:.2f} pp, "
            f"NLL {c['before']['nll']:.3f} -> {c['after']['nll']:.3f} (validation split)"]
           if (c := r.get("calibration_val")) else []),
@@ -56,6 +57,14 @@ def compress_table(r: dict[str, Any]) -> str:
     ]
     return render(["layer", "kind", "units", "params", "nonzero", "bits"], rows, notes=notes, right=(2, 3, 4, 5),
                   title=f"deepfleet compress {r['model']} on {r['data']} with {methods} (seed {r['seed']}, {r['device']})")
+
+
+def _inputs_kept(i: dict[str, Any]) -> str:
+    """What DeepIoT kept of the input (``deepiot.inputs``): sensors and their channels, or features."""
+    features = f"{len(i['inputs_kept'])} of {i['inputs_total']} {i['unit']}s"
+    if i["mode"] == "sensors":
+        return f"{i['units_kept']} of {i['units']} sensors ({', '.join(i['sensors_kept'])}), {features}"
+    return features
 
 
 def front_table(summary: dict[str, Any]) -> str:
