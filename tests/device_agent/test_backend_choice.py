@@ -170,9 +170,10 @@ def test_memory_of_a_model_does_not_depend_on_what_was_measured_before(
     _measure(first, tiny_artifact.path, backend="onnxruntime", threads=1)
     b = _measure(first, lenet5_artifact.path, backend="onnxruntime", threads=1)
     # The bug this guards against makes the first figure the larger, by onnxruntime's one-time
-    # set-up; the same model's figure otherwise varies by a few MiB, upward after another model
-    # ran (4.5 then 6.9 MiB in a fresh clone's test run): a one-sided check.
-    assert 0 < a["memory_peak_mb"] <= b["memory_peak_mb"] + 1.0
+    # set-up (its first session costs ~14 MiB, a second ~3 MiB: ~11 MiB one-time); the same
+    # model's figure otherwise varies by a few MiB (4.5 then 6.9 MiB in a fresh clone's test
+    # run; 5.1 then 4.0 in another): a one-sided check with 3 MiB of slack.
+    assert 0 < a["memory_peak_mb"] <= b["memory_peak_mb"] + 3.0
 
 
 _FALLBACK = """
