@@ -89,7 +89,9 @@ from deepfleet.device_agent.system import (
 # 0.5.0: backend "litert": model.tflite (batch 1) on ai_edge_litert's or tflite_runtime's
 #        interpreter, one thread unless asked; a larger batch runs sample by sample and
 #        backend_note says so; hello lists litert when an interpreter is installed.
-AGENT_VERSION = "0.5.0"
+# 0.5.1: the numpy runtime's LSTM step makes one numpy call fewer (f * c and i * g in one
+#        division): same outputs, compressed bilstm at batch 1 ~9 % faster.
+AGENT_VERSION = "0.5.1"
 EXACT_CI_LIMIT = 5000  # above this many runs the median CI uses the normal approximation
 
 
