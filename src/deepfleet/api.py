@@ -48,6 +48,8 @@ from deepfleet.compressors._export import Exported, export_graph
 from deepfleet.compressors._extract import input_masking_problem
 from deepfleet.compressors._pipeline import analyse_inputs, layer_table
 from deepfleet.compressors.training import (
+    FINETUNE_KEYS,
+    FINETUNE_SECTION,
     TrainConfig,
     accuracy,
     fit_budget,
@@ -168,11 +170,6 @@ def _load_checkpoint(model: nn.Module, path: str, spec: str) -> nn.Module:
 # Methods that take --bits (SparseSep's final codes are no bit width).
 _QUANTISERS = tuple(n for n, c in REGISTRY.items()
                     if c.stage == "quantise" and "bits" in {f.name for f in dataclasses.fields(c.config_class)})
-
-
-FINETUNE_SECTION = "finetune"  # ``--set finetune.KEY=VALUE``: the fine-tuning every method ends with
-FINETUNE_KEYS = ("epochs", "lr", "patience", "kd_alpha", "kd_temperature", "select", "weight_decay", "batch_size",
-                 "shift")
 
 
 def finetune_config(cfg: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:

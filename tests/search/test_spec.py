@@ -69,7 +69,9 @@ def test_defaults_without_space_or_objectives() -> None:
         ({"measure": {"backend": "tflite"}}, "measure.backend: got 'tflite'; accepted: auto, numpy, onnxruntime, torch"),
         ({"space": {"method": ["deepiot", "prune"]}}, "space.method: 'prune': unknown compression method 'prune'; accepted: deepiot"),
         ({"space": {"method": "fixedpoint+deepiot"}}, "space.method: 'fixedpoint+deepiot'"),
-        ({"space": {"fixedpoint.bits": [4, 8]}}, "space.fixedpoint.bits: a setting is METHOD.SETTING for a method in space.method (offered: deepiot)"),
+        ({"space": {"fixedpoint.bits": [4, 8]}}, "space.fixedpoint.bits: a setting is METHOD.SETTING for a method in space.method (offered: deepiot) or finetune.SETTING"),
+        ({"space": {"finetune.kd_alfa": [0.0, 0.7]}},
+         "space.finetune.kd_alfa: not a fine-tuning setting; accepted: epochs, lr, patience, kd_alpha"),
         ({"space": {"method": "deepiot+fixedpoint", "fixedpoint.width": 8}}, "fixedpoint has no setting 'width'; accepted: bits"),
         ({"space": {"deepiot.inputs": ["none", "pixels"]}}, "space.deepiot.inputs: got 'pixels'; accepted: none, features, sensors"),
         ({"space": {"deepiot.inputs": ["none", "sensors"]}},
@@ -82,6 +84,12 @@ def test_bad_study_files_name_file_key_value_and_what_is_accepted(change: dict, 
         parse_study(raw, "study.yaml")
     assert str(err.value).startswith("study.yaml: ")
     assert needle in str(err.value)
+
+
+def test_the_space_may_set_the_fine_tuning() -> None:
+    spec = parse_study({"name": "x", "model": "mlp", "data": "digits",
+                        "space": {"deepiot.inputs": ["none", "features"], "finetune.kd_alpha": [0.0, 0.7]}})
+    assert {p.name: p.choices for p in spec.space}["finetune.kd_alpha"] == (0.0, 0.7)
 
 
 def test_missing_or_unparsable_file(tmp_path: Path) -> None:

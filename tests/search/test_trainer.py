@@ -18,17 +18,24 @@ def test_settings_follow_the_chosen_pipeline_only() -> None:
     assert s["settings"] == {"deepiot": {"target": 0.1, "iterations": 30, "eval_every": 30},
                              "fixedpoint": {"bits": 4, "rounding": "stochastic"}}
     assert s["finetune"].epochs == 2
+    # the fine-tuning's own settings (a study's space: finetune.kd_alpha) travel beside the methods'
+    s = compress_settings({**PARAMS, "finetune.kd_alpha": 0.7, "finetune.epochs": 3}, {"finetune_epochs": 2})
+    assert s["settings"]["finetune"] == {"kd_alpha": 0.7, "epochs": 3} and set(s["settings"]) == {
+        "deepiot", "fixedpoint", "finetune"}
     with pytest.raises(ConfigError, match="unknown compression method 'prune'"):
         compress_settings({"method": "prune"}, {})
 
 
 def test_a_pipeline_trial_quantises_what_deepiot_kept() -> None:
-    r = train_candidate(TrainJob(model="mlp", data="digits", params=PARAMS, training={"finetune_epochs": 1}))
+    r = train_candidate(TrainJob(model="mlp", data="digits", params={**PARAMS, "finetune.kd_alpha": 0.5},
+                                 training={"finetune_epochs": 1}))
     c = r.candidate
     assert c.method == "deepiot+fixedpoint" and c.artifact_hash == r.artifact.digest
     assert 0.05 < c.kept_params < 0.2
     steps = {s["method"]: s["settings"] for s in r.artifact.manifest["compressor"]["steps"]}
     assert steps["fixedpoint"]["bits"] == 4 and steps["fixedpoint"]["rounding"] == "stochastic"
+    finetune = r.artifact.manifest["compressor"]["finetune"]
+    assert finetune["kd_alpha"] == 0.5 and finetune["epochs"] == 1  # the space's and training's
     # 4-bit codes: the weights take about an eighth of float32's bytes
     assert len(r.artifact.files["weights.npz"]) < 0.25 * 4 * c.params
     assert c.bytes == r.artifact.bytes

@@ -78,6 +78,12 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# What a user may set of the fine-tuning every compression ends with (``--set finetune.KEY=VALUE``,
+# a study's ``space: finetune.KEY``); ``work`` is the budget the API applies, not a choice.
+FINETUNE_KEYS = ("epochs", "lr", "patience", "kd_alpha", "kd_temperature", "select", "weight_decay", "batch_size",
+                 "shift")
+FINETUNE_SECTION = "finetune"
+
 MIN_EPOCHS = 5
 
 

@@ -51,11 +51,13 @@ def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[
 
     ``method`` is the pipeline; every ``M.setting`` configures method M when M is in it (a
     method's settings are conditional on it being chosen), e.g. ``deepiot.target``,
-    ``fixedpoint.bits``, ``fixedpoint.rounding``; ``training.finetune_epochs`` shortens
-    fine-tuning (a search affords less). Unknown settings fail when the pipeline is built.
+    ``fixedpoint.bits``, ``fixedpoint.rounding``; ``finetune.SETTING`` (e.g. ``finetune.kd_alpha``)
+    sets the fine-tuning every pipeline ends with, and ``training.finetune_epochs`` shortens it (a
+    search affords less). Unknown settings fail when the pipeline is built.
     """
     from deepfleet.api import FINETUNE
     from deepfleet.compressors import parse_methods
+    from deepfleet.compressors.training import FINETUNE_SECTION
     from deepfleet.search import apply_params
 
     methods = parse_methods(str(params.get("method", "deepiot")))
@@ -63,8 +65,10 @@ def compress_settings(params: dict[str, Any], training: dict[str, Any]) -> dict[
     finetune = FINETUNE
     if "finetune_epochs" in training:
         finetune = dataclasses.replace(FINETUNE, epochs=int(training["finetune_epochs"]))
-    return {"method": methods, "settings": {m: dict(per_method.get(m, {})) for m in methods},
-            "finetune": finetune}
+    settings = {m: dict(per_method.get(m, {})) for m in methods}
+    if FINETUNE_SECTION in per_method:
+        settings[FINETUNE_SECTION] = dict(per_method[FINETUNE_SECTION])
+    return {"method": methods, "settings": settings, "finetune": finetune}
 
 
 def _node() -> str | None:

@@ -227,6 +227,7 @@ def _check_space(src: str, space: tuple[Param, ...]) -> None:
     """Every method choice is a pipeline that can work; every ``M.setting`` names a method
     offered and a setting it has (checked here, not after the first trial has trained)."""
     from deepfleet.compressors import compressor_class, parse_methods
+    from deepfleet.compressors.training import FINETUNE_KEYS, FINETUNE_SECTION
 
     method = next(p for p in space if p.name == "method")
     offered: set[str] = set()
@@ -239,9 +240,13 @@ def _check_space(src: str, space: tuple[Param, ...]) -> None:
         if p.name == "method":
             continue
         name, dot, setting = p.name.partition(".")
+        if name == FINETUNE_SECTION and dot:  # the fine-tuning every pipeline ends with
+            if setting not in FINETUNE_KEYS:
+                raise _err(src, f"space.{p.name}", f"not a fine-tuning setting; accepted: {', '.join(FINETUNE_KEYS)}")
+            continue
         if not dot or name not in offered:
             raise _err(src, f"space.{p.name}", f"a setting is METHOD.SETTING for a method in space.method "
-                       f"(offered: {', '.join(sorted(offered))})")
+                       f"(offered: {', '.join(sorted(offered))}) or finetune.SETTING")
         fields = list(compressor_class(name).config_class.__dataclass_fields__)
         if setting not in fields:
             raise _err(src, f"space.{p.name}", f"{name} has no setting {setting!r}; accepted: {', '.join(fields)}")
