@@ -17,8 +17,10 @@ Three steps (``--steps build,measure,evaluate``, default all):
 * **evaluate**: per device (class) and backend, for each predictor (``linear``, ``kernel``,
   ``forest``): share of held-out candidates within ±10 % and ±20 % of measured p50, MAPE and
   Spearman, by random split (5 seeds, 20 % held out) and by leaving one model family out; a
-  learning curve over 10, 20, 50 and 100 training measurements; cold start on each class from 10
-  of its own measurements borrowing from the others; false rejections when the judge's rule is
+  learning curve over 10, 20, 50 and 100 training measurements, fitted on the class's own points
+  alone and as the judge fits with the fleet's other classes measured (``learning_curve_fleet``:
+  own, borrowed or transferred, whichever has the lower held-out error); cold start on each class
+  from 10 of its own measurements borrowing from the others; false rejections when the judge's rule is
   replayed against a limit at each class's median p50; fit + predict time at 1,000 rows; and
   where the error comes from (per family, per op kind present).
 
@@ -179,21 +181,24 @@ def evaluate(out: Path) -> dict[str, Any]:
                 split.append(_score(kind, order[:cut], order[cut:]))
             lofo = {fam: _score(kind, [p for p in pts if p["family"] != fam], [p for p in pts if p["family"] == fam])
                     for fam in FAMILIES if any(p["family"] == fam for p in pts)}
-            curve = {}
+            # as the judge borrows: from the classes measured in the same runtime when there are such
+            others = {f"{d}/{b}": p for (d, b), p in points.items() if d != device and b == backend} or {
+                f"{d}/{b}": p for (d, b), p in points.items() if (d, b) != (device, backend)}
+            curve, fleet = {}, {}
             for n in (10, 20, 50, 100):
                 if n < len(pts) - 5:
                     order = pts[:]
                     rng.shuffle(order)
                     curve[str(n)] = _score(kind, order[:n], order[n:])
-            # as the judge borrows: from the classes measured in the same runtime when there are such
-            others = {f"{d}/{b}": p for (d, b), p in points.items() if d != device and b == backend} or {
-                f"{d}/{b}": p for (d, b), p in points.items() if (d, b) != (device, backend)}
+                    if others:  # as the judge fits: own, borrowed or transferred, by held-out error
+                        fleet[str(n)] = _score(kind, order[:n], order[n:], others)
             cold = None
             if others:
                 order = pts[:]
                 random.Random(1).shuffle(order)
                 cold = _score(kind, order[:10], order[10:], others)
             res[kind] = {"random_split": _mean(split), "leave_family_out": lofo, "learning_curve": curve,
+                         "learning_curve_fleet": fleet,
                          "cold_start_10": cold, "false_rejections": _false_rejections(kind, pts, margin_for, fit_class),
                          "fit_predict_ms_1000_rows": _timing(kind, pts)}
         result["classes"][f"{device}/{backend}"] = res

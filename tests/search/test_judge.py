@@ -188,6 +188,32 @@ def test_a_new_class_borrows_from_its_runtime_and_keeps_the_better_of_own_and_bo
     assert f_d is not None and f_d.source == "own" and f_d.error < 0.01
 
 
+def test_a_class_with_enough_points_learns_how_its_costs_differ_from_the_others() -> None:
+    """Transfer: b measured 60 artifacts whose cost has a cliff (past 1.2 M MACs each MAC costs
+    3x); c measured 16 of them, 1.5x b's cost when the layer is narrow (few params per MAC) and
+    3x when wide. No scale and offset maps b to c, and 16 points are few to find the cliff
+    alone; b's model corrected by trees on c's own points follows both."""
+    rnd = np.random.default_rng(0)
+    macs, ratio = rnd.uniform(1e5, 2e6, 60), rnd.uniform(0.02, 0.2, 60)
+
+    def cost(m: float) -> float:
+        return 0.2 + 1e-6 * m * (1.0 if m < 1.2e6 else 3.0)
+
+    b = [{**features(m, m * r), "batch": 1.0, "value": cost(m)} for m, r in zip(macs, ratio)]
+    c = [{**features(m, m * r), "batch": 1.0, "value": cost(m) * (1.5 if r < 0.11 else 3.0)}
+         for m, r in zip(macs[:16], ratio[:16])]
+    f = fit_class("hybrid", c, {"b": b})
+    assert f is not None and f.source.startswith("transfer from b (") and f.points == 16
+    alone = fit_class("hybrid", c)
+    assert alone is not None and alone.source == "own" and f.error < alone.error
+    test = [(m, r) for m, r in zip(macs[16:], ratio[16:]) if abs(r - 0.11) > 0.01]
+    pred = np.array([f.predict(features(m, m * r)) for m, r in test])
+    want = np.array([cost(m) * (1.5 if r < 0.11 else 3.0) for m, r in test])
+    assert np.median(np.abs(pred - want) / want) < 0.1
+    few = fit_class("hybrid", c[:9], {"b": b})  # under 10 own points: own or borrowed, no transfer
+    assert few is not None and not few.source.startswith("transfer")
+
+
 def test_a_class_measured_in_different_runtimes_fails_the_trial_with_devices_and_fix() -> None:
     rows = [row("a1", "a", 1.0) | {"backend": "onnxruntime"}, row("a2", "a", 9.0) | {"backend": "numpy"},
             row("b1", "b", 5.0) | {"backend": "onnxruntime"}]

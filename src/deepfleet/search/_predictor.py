@@ -19,12 +19,15 @@ class value, :func:`deepfleet.metrics.class_value`):
   10 % of measured for 66 % of held-out candidates against 60 % for ``forest`` and 30 % for
   ``kernel``; fit on 1,000 rows ~50 ms).
 
-**Cold start** (a class with fewer than :data:`MIN_OWN` measured artifacts): the class borrows
-from the classes already measured, as HELP does from other devices: the same model fitted on the
-other classes' points gives a base prediction, and a scale and offset fitted on this class's own
-points (at least 2) map it to this class. Once the class has :data:`MIN_POINTS` points of its
-own, a model fitted on them alone competes, and the one with the lower held-out error is used.
-With fewer own points and nothing to borrow there is no fit, hence no rejection on prediction.
+**Other classes' measurements** (the judge passes those of the class's runtime when there are
+such). Cold start, while the class has fewer than :data:`MIN_OWN` measured artifacts: it borrows
+as HELP does from other devices: the same model fitted on the other classes' points gives a
+base prediction, and a scale and offset fitted on this class's own points (at least 2) map it to
+this class. From :data:`MIN_POINTS` own points a model fitted on them alone competes, and from
+:data:`MIN_TRANSFER` a transfer: the others' model corrected by trees fitted on this class's own
+points (HELP's "features plus the other devices' predictions"). The fit with the lowest held-out
+error is used. With fewer own points and nothing to borrow there is no fit, hence no rejection
+on prediction.
 
 Every fit carries its held-out error (median relative error over k-fold predictions of its own
 points, :data:`FOLDS` folds) and the share within 10 %; the judge rejects a candidate only when
@@ -53,6 +56,10 @@ MIN_POINTS = 4  # below this a model is too easy to fool: no fit, no rejection
 # scale and offset on another class's model (benchmarks/predictor.py, sandbox x86 class from 10
 # measurements: Spearman 0.89 own, 0.99 borrowed)
 MIN_OWN = 30
+# from this many own points a class's costs may also be learnt as a correction of the others'
+# model (transfer): on the sandbox's onnxruntime classes, 50 own points gave 89-90 % of held-out
+# candidates within 10 % this way against 70-71 % alone (benchmarks/predictor.py)
+MIN_TRANSFER = 10
 FOLDS = 5
 Features = Mapping[str, float]
 
@@ -222,10 +229,14 @@ def fit_class(kind: str, own: Sequence[Mapping[str, float]],
     distinct = {tuple(sorted((k, v) for k, v in p.items() if k != "value")) for p in own}
     alone = _own_fit(kind, own) if len(distinct) >= MIN_POINTS else None
     pooled = sum(len(pts) for pts in (others or {}).values())
-    if len(distinct) >= MIN_OWN or len(distinct) < 2 or pooled < MIN_POINTS:
+    if len(distinct) < 2 or pooled < MIN_POINTS:
         return alone
-    borrowed = _borrowed_fit(kind, own, others or {})
-    return alone if alone is not None and alone.error <= borrowed.error else borrowed
+    fits = [alone]
+    if len(distinct) < MIN_OWN:
+        fits.append(_borrowed_fit(kind, own, others or {}))
+    if len(distinct) >= MIN_TRANSFER:
+        fits.append(_transfer_fit(kind, own, others or {}))
+    return min((f for f in fits if f is not None), key=lambda f: f.error)  # the first of equals
 
 
 def _own_fit(kind: str, own: Sequence[Mapping[str, float]]) -> Fit:
@@ -233,6 +244,46 @@ def _own_fit(kind: str, own: Sequence[Mapping[str, float]]) -> Fit:
     model = PREDICTORS[kind]().fit(own, y)
     error, within = _held_out(kind, own)
     return Fit(lambda f: model.predict([f])[0], kind, len(own), error, within, "own")
+
+
+def _transfer_fit(kind: str, own: Sequence[Mapping[str, float]],
+                  others: Mapping[str, Sequence[Mapping[str, float]]]) -> Fit:
+    """The others' model (fitted on their points pooled) as a base prediction, corrected by trees
+    fitted on this class's ``own`` points: log(measured / base) from the features and the base
+    prediction itself (HELP's "features plus the other devices' predictions"). The trees learn
+    where the class's costs differ from the others' by op mix and size, which one scale and
+    offset cannot (benchmarks/predictor.py). Its error: k-fold over the own points, the base
+    fixed (it never saw them)."""
+    pooled = [p for pts in others.values() for p in pts]
+    base = PREDICTORS[kind]().fit(pooled, np.array([p["value"] for p in pooled]))
+    y = np.array([p["value"] for p in own])
+    X = _transfer_features(own, base)
+    target = np.log(y) - X[:, -1]
+    folds = np.arange(len(own)) % FOLDS
+    pred = np.empty_like(y)
+    for k in range(FOLDS):
+        pred[folds == k] = np.exp(X[folds == k, -1] + _transfer_trees().fit(X[folds != k], target[folds != k])
+                                  .predict(X[folds == k]))
+    rel = np.abs(pred - y) / y
+    trees = _transfer_trees().fit(X, target)
+
+    def model(f: Features) -> float:
+        x = _transfer_features([f], base)
+        return float(np.exp(x[0, -1] + trees.predict(x)[0]))
+
+    src = f"transfer from {', '.join(sorted(others))} (their model, corrected by trees on {len(own)} own points)"
+    return Fit(model, kind, len(own), float(np.median(rel)), float(np.mean(rel <= 0.10)), src)
+
+
+def _transfer_features(X: Sequence[Features], base: Predictor) -> np.ndarray:
+    """The trees' design matrix with log(base prediction) as the last column."""
+    return np.column_stack([_log_features(X), np.log(np.maximum(base.predict(X), 1e-9))])
+
+
+def _transfer_trees() -> Any:
+    from sklearn.ensemble import ExtraTreesRegressor
+
+    return ExtraTreesRegressor(n_estimators=20, max_features=0.5, random_state=0, n_jobs=1)
 
 
 def _borrowed_fit(kind: str, own: Sequence[Mapping[str, float]],
