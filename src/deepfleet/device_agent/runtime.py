@@ -505,9 +505,9 @@ class _RnnGroup:
     Each step is one matmul of the row [h of every unit, 1, inputs if folded] by a block matrix
     holding every unit's recurrent weights, the input weights of units fed by another unit (or
     folded in), and all biases (against the 1), then 7 (LSTM) or 8 (GRU) ufunc calls on
-    preallocated views for the gates of every unit at once. The sigmoid gates' weights are negated, so that exp gives
-    exp(-v) and sigmoid(v) = 1 / (1 + exp(-v)) (as torch computes it): products with a gate
-    become divisions by 1 + exp(-v), which saves a call per step.
+    preallocated views for the gates of every unit at once. The sigmoid gates' weights are
+    negated, so that exp gives exp(-v) and sigmoid(v) = 1 / (1 + exp(-v)) (as torch computes it):
+    products with a gate become divisions by 1 + exp(-v), which saves a call per step.
     """
 
     def __init__(self, kind, units, w, wavefront):
