@@ -200,22 +200,25 @@ def evaluate(out: Path) -> dict[str, Any]:
             res[kind] = {"random_split": _mean(split), "leave_family_out": lofo, "learning_curve": curve,
                          "learning_curve_fleet": fleet,
                          "cold_start_10": cold, "false_rejections": _false_rejections(kind, pts, margin_for, fit_class),
+                         "false_rejections_fleet": _false_rejections(kind, pts, margin_for, fit_class, others),
                          "fit_predict_ms_1000_rows": _timing(kind, pts)}
         result["classes"][f"{device}/{backend}"] = res
         print(json.dumps({f"{device}/{backend}": {k: res[k]["random_split"] for k in PREDICTORS}}), flush=True)
     return result
 
 
-def _false_rejections(kind: str, pts: list[dict[str, Any]], margin_for: Any, fit_class: Any) -> dict[str, Any]:
-    """The judge's rule replayed: for each candidate, a predictor fitted on the others (5-fold),
-    a limit at the class's median p50; a rejection is false when the measured value holds."""
+def _false_rejections(kind: str, pts: list[dict[str, Any]], margin_for: Any, fit_class: Any,
+                      others: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The judge's rule replayed: for each candidate, a predictor fitted on the others (5-fold;
+    with ``others``, the other classes' points too, as the judge passes them), a limit at the
+    class's median p50; a rejection is false when the measured value holds."""
     limit = statistics.median(p["value"] for p in pts)
     rejected = false = 0
     order = pts[:]
     random.Random(2).shuffle(order)
     for k in range(5):
         train = [p for i, p in enumerate(order) if i % 5 != k]
-        f = fit_class(kind, train)
+        f = fit_class(kind, train, others)
         if f is None:
             continue
         for p in (p for i, p in enumerate(order) if i % 5 == k):
