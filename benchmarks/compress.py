@@ -16,6 +16,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 `deepfleet compress`'s DeepIoT schedule (3000 iterations);
 * ``deepsense-user-kd`` the same, fine-tuned for 60 epochs without the MAC budget (which allows
                 DeepSense about 16) and with distillation from the original (``kd_alpha`` 0.7);
+* ``deepsense-user-long`` the same with the search's full 3000 iterations (no MAC budget, which
+                allows DeepSense about 1500);
 * ``deepear``   deepear / audio (DeepEar's 2.3 M-parameter DNN) at 5 %, the same schedule;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
@@ -210,10 +212,12 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
         model, data, target = FIGURES[part]
         return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "method": "deepiot"}
                 for s in seeds]
-    if part == "deepsense-user-kd":  # the same, fine-tuned 60 epochs (no MAC budget) with distillation
-        model, data, target = FIGURES["deepsense-user"]
-        return [{"part": part, "model": model, "data": data, "target": target, "seed": s,
-                 "method": "deepiot+kd-finetune-60", "finetune": {"kd_alpha": 0.7, "work": None}} for s in seeds]
+    if part in ("deepsense-user-kd", "deepsense-user-long"):  # fine-tuned 60 epochs (no MAC budget),
+        model, data, target = FIGURES["deepsense-user"]  # with distillation; -long: 3000 search iterations
+        search = {"work": None} if part == "deepsense-user-long" else {}
+        return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "search": search,
+                 "method": "deepiot+kd-finetune-60" + ("+search-3000" if search else ""),
+                 "finetune": {"kd_alpha": 0.7, "work": None}} for s in seeds]
     targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
     data, target = targets[part]
     methods = ["deepiot", "l1-uniform"] if part in ("mlp", "deepsense") else ["deepiot"]
