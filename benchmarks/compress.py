@@ -17,7 +17,7 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
 * ``deepsense-user-kd`` the same, fine-tuned for 60 epochs without the MAC budget (which allows
                 DeepSense about 16) and with distillation from the original (``kd_alpha`` 0.7);
 * ``deepsense-user-long`` the same with the search's full 3000 iterations (no MAC budget, which
-                allows DeepSense about 1500);
+                allows DeepSense about 1500); ``deepsense-user-6000`` with 6000;
 * ``deepear``   deepear / audio (DeepEar's 2.3 M-parameter DNN) at 5 %, the same schedule;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
@@ -61,6 +61,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "target+kd-search": ({}, {}),  # the default
     "target+kd-search+kd-finetune": ({}, {"kd_alpha": 0.7}),
 }
+
+# deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
+USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
+                                          "deepsense-user-long": {"work": None, "iterations": 3000},
+                                          "deepsense-user-6000": {"work": None, "iterations": 6000}}
 
 # part -> (model, data, kept fraction of the parameters)
 FIGURES = {"deepsense-user": ("deepsense", "sensing-user", 0.02), "deepear": ("deepear", "audio", 0.05)}
@@ -212,11 +217,11 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
         model, data, target = FIGURES[part]
         return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "method": "deepiot"}
                 for s in seeds]
-    if part in ("deepsense-user-kd", "deepsense-user-long"):  # fine-tuned 60 epochs (no MAC budget),
-        model, data, target = FIGURES["deepsense-user"]  # with distillation; -long: 3000 search iterations
-        search = {"work": None} if part == "deepsense-user-long" else {}
+    if part in USER_SEARCH:  # fine-tuned 60 epochs (no MAC budget) with distillation, the search as named
+        model, data, target = FIGURES["deepsense-user"]
+        search = USER_SEARCH[part]
         return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "search": search,
-                 "method": "deepiot+kd-finetune-60" + ("+search-3000" if search else ""),
+                 "method": "deepiot+kd-finetune-60" + (f"+search-{search['iterations']}" if search else ""),
                  "finetune": {"kd_alpha": 0.7, "work": None}} for s in seeds]
     targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
     data, target = targets[part]
