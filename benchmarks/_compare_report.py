@@ -107,7 +107,7 @@ def _paper(rows: list[dict[str, Any]], model: str) -> list[str]:
                 f"{_pct(d['test'])} at {_pct(d['kept_params'])} kept against {NAMES[best['label']]}'s "
                 f"{_pct(best['test'])} at {_pct(best['kept_params'])} (test split, seed {d['seed']})."]
     for r in rivals:
-        if r not in equal:
+        if r["label"] not in {e["label"] for e in equal}:
             out.append(f"{NAMES[r['label']]} could not reach the target: it kept {_pct(r['kept_params'])} "
                        f"({_pct(r['test'])}).")
     return out

@@ -37,7 +37,6 @@ the prediction breaks a limit by more than a margin that grows with that error.
 from __future__ import annotations
 
 import abc
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -217,6 +216,11 @@ def _held_out(kind: str, points: Sequence[Mapping[str, float]]) -> tuple[float, 
         train = [p for p, f in zip(points, folds) if f != k]
         pred[folds == k] = PREDICTORS[kind]().fit(train, y[folds != k]).predict(
             [p for p, f in zip(points, folds) if f == k])
+    return _scores(pred, y)
+
+
+def _scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(median relative error, share within 10 %) of held-out predictions ``pred`` of ``y``."""
     rel = np.abs(pred - y) / y
     return float(np.median(rel)), float(np.mean(rel <= 0.10))
 
@@ -232,10 +236,14 @@ def fit_class(kind: str, own: Sequence[Mapping[str, float]],
     if len(distinct) < 2 or pooled < MIN_POINTS:
         return alone
     fits = [alone]
-    if len(distinct) < MIN_OWN:
-        fits.append(_borrowed_fit(kind, own, others or {}))
-    if len(distinct) >= MIN_TRANSFER:
-        fits.append(_transfer_fit(kind, own, others or {}))
+    if len(distinct) < MIN_OWN or len(distinct) >= MIN_TRANSFER:  # the others' model, fitted once
+        pooled_points = [p for pts in (others or {}).values() for p in pts]
+        base = PREDICTORS[kind]().fit(pooled_points, np.array([p["value"] for p in pooled_points]))
+        names = ", ".join(sorted(others or {}))
+        if len(distinct) < MIN_OWN:
+            fits.append(_borrowed_fit(kind, own, base, names))
+        if len(distinct) >= MIN_TRANSFER:
+            fits.append(_transfer_fit(kind, own, base, names))
     return min((f for f in fits if f is not None), key=lambda f: f.error)  # the first of equals
 
 
@@ -246,16 +254,13 @@ def _own_fit(kind: str, own: Sequence[Mapping[str, float]]) -> Fit:
     return Fit(lambda f: model.predict([f])[0], kind, len(own), error, within, "own")
 
 
-def _transfer_fit(kind: str, own: Sequence[Mapping[str, float]],
-                  others: Mapping[str, Sequence[Mapping[str, float]]]) -> Fit:
-    """The others' model (fitted on their points pooled) as a base prediction, corrected by trees
+def _transfer_fit(kind: str, own: Sequence[Mapping[str, float]], base: Predictor, names: str) -> Fit:
+    """The others' model ``base`` (fitted on their points pooled) as a base prediction, corrected by trees
     fitted on this class's ``own`` points: log(measured / base) from the features and the base
     prediction itself (HELP's "features plus the other devices' predictions"). The trees learn
     where the class's costs differ from the others' by op mix and size, which one scale and
     offset cannot (benchmarks/predictor.py). Its error: k-fold over the own points, the base
     fixed (it never saw them)."""
-    pooled = [p for pts in others.values() for p in pts]
-    base = PREDICTORS[kind]().fit(pooled, np.array([p["value"] for p in pooled]))
     y = np.array([p["value"] for p in own])
     X = _transfer_features(own, base)
     target = np.log(y) - X[:, -1]
@@ -264,15 +269,14 @@ def _transfer_fit(kind: str, own: Sequence[Mapping[str, float]],
     for k in range(FOLDS):
         pred[folds == k] = np.exp(X[folds == k, -1] + _transfer_trees().fit(X[folds != k], target[folds != k])
                                   .predict(X[folds == k]))
-    rel = np.abs(pred - y) / y
     trees = _transfer_trees().fit(X, target)
 
     def model(f: Features) -> float:
         x = _transfer_features([f], base)
         return float(np.exp(x[0, -1] + trees.predict(x)[0]))
 
-    src = f"transfer from {', '.join(sorted(others))} (their model, corrected by trees on {len(own)} own points)"
-    return Fit(model, kind, len(own), float(np.median(rel)), float(np.mean(rel <= 0.10)), src)
+    src = f"transfer from {names} (their model, corrected by trees on {len(own)} own points)"
+    return Fit(model, kind, len(own), *_scores(pred, y), src)
 
 
 def _transfer_features(X: Sequence[Features], base: Predictor) -> np.ndarray:
@@ -286,25 +290,21 @@ def _transfer_trees() -> Any:
     return ExtraTreesRegressor(n_estimators=20, max_features=0.5, random_state=0, n_jobs=1)
 
 
-def _borrowed_fit(kind: str, own: Sequence[Mapping[str, float]],
-                  others: Mapping[str, Sequence[Mapping[str, float]]]) -> Fit:
-    """The model fitted on the ``others``' points pooled, mapped to this class by a scale and
-    offset fitted on its ``own`` points, with their leave-one-out error."""
-    pooled = [p for pts in others.values() for p in pts]
-    base = PREDICTORS[kind]().fit(pooled, np.array([p["value"] for p in pooled]))
+def _borrowed_fit(kind: str, own: Sequence[Mapping[str, float]], base: Predictor, names: str) -> Fit:
+    """The others' model ``base`` (fitted on their points pooled), mapped to this class by a scale
+    and offset fitted on its ``own`` points, with their leave-one-out error."""
     x = base.predict(own)
     y = np.array([p["value"] for p in own])
     # y = a * base + b (a, b >= 0), leave-one-out over the class's own points for the error
     A = np.stack([x, np.ones_like(x)], axis=1)
     (a, b), _ = nnls(A, y)
-    rel = []
+    pred = np.empty_like(y)
     for i in range(len(own)):
         keep = np.arange(len(own)) != i
         (ai, bi), _ = nnls(A[keep], y[keep])
-        rel.append(abs(ai * x[i] + bi - y[i]) / y[i])
-    src = f"borrowed from {', '.join(sorted(others))} (scale and offset on {len(own)} own points)"
-    return Fit(lambda f: a * base.predict([f])[0] + b, kind, len(own), float(statistics.median(rel)),
-               float(np.mean(np.array(rel) <= 0.10)), src)
+        pred[i] = ai * x[i] + bi
+    src = f"borrowed from {names} (scale and offset on {len(own)} own points)"
+    return Fit(lambda f: a * base.predict([f])[0] + b, kind, len(own), *_scores(pred, y), src)
 
 
 def describe(fit: Fit | None, points: int) -> str:
