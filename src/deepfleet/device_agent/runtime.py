@@ -478,10 +478,17 @@ def _const(a, w):
 
 
 # ---------------------------------------------------------------------------- recurrent layers
-# torch's gate order -> block of the fused layout. LSTM: [i, f, o | g] (the three sigmoid gates
-# first, so that one slice holds them); GRU: [r, z, n_x, n_h] (n's input and recurrent parts
-# stay apart because r multiplies only the recurrent one).
-_LSTM_BLOCK = (0, 1, 3, 2)  # torch i, f, g, o
+# torch's gate order -> blocks of the fused layout, for the input and the recurrent weights.
+# LSTM: [i, f, o | g] (the three sigmoid gates first, so that one slice holds them). GRU:
+# [r, z', z | n_x, n_h] where z' is z with its weights not negated (exp(+v): 1 / (1 - z)), so that
+# [n | h] / [1 / (1 - z) | 1 / z] and one add give h = (1 - z) * n + z * h; n's input and
+# recurrent parts stay apart because r multiplies only the recurrent one.
+_BLOCKS = {
+    "lstm": (((0,), (0,)), ((1,), (1,)), ((3,), (3,)), ((2,), (2,))),  # torch i, f, g, o
+    "gru": (((0,), (0,)), ((1, 2), (1, 2)), ((3,), (4,))),  # torch r, z, n
+}
+# blocks whose weights are negated (exp gives exp(-v)); the others' exp gives exp(+v) or is unused
+_NEGATED = {"lstm": (0, 1, 2), "gru": (0, 2)}
 # Input weights are folded into the per-step matmul (the inputs written beside the state before
 # the loop) when that adds at most this many multiply-accumulates per sample and step: less than
 # the ~0.5 us numpy call it saves (adding a precomputed projection); wider inputs are projected
@@ -504,8 +511,8 @@ class _RnnGroup:
 
     Each step is one matmul of the row [h of every unit, 1, inputs if folded] by a block matrix
     holding every unit's recurrent weights, the input weights of units fed by another unit (or
-    folded in), and all biases (against the 1), then 7 (LSTM) or 8 (GRU) ufunc calls on
-    preallocated views for the gates of every unit at once. The sigmoid gates' weights are
+    folded in), and all biases (against the 1), then 7 ufunc calls on preallocated views for
+    the gates of every unit at once (a GRU's row starts with a slot where n goes). The sigmoid gates' weights are
     negated, so that exp gives exp(-v) and sigmoid(v) = 1 / (1 + exp(-v)) (as torch computes it):
     products with a gate become divisions by 1 + exp(-v), which saves a call per step.
     """
@@ -515,8 +522,11 @@ class _RnnGroup:
         self.sizes = [u[2] for u in units]
         self.offs = [sum(self.sizes[:i]) for i in range(len(units))]
         hs = self.hs = sum(self.sizes)
-        n_gates, self.n_sig = (4, 3) if self.lstm else (3, 2)
-        self.n_x = 4 if self.lstm else 3  # blocks with an input part
+        self.n_sig = 3  # blocks that go through exp: i, f, o or r, z', z
+        self.n_x = 4  # blocks with an input part
+        n_blocks = 4 if self.lstm else 5
+        # A GRU's row starts with a slot for n, so that [n | h] is one view (an LSTM's has none)
+        self.lead = 0 if self.lstm else hs
         self.pre = [i for i, u in enumerate(units) if u[3] is None]  # units reading the input
         h_pre = self.h_pre = self.sizes[self.pre[0]]
         if any(self.sizes[i] != h_pre for i in self.pre):
@@ -525,8 +535,9 @@ class _RnnGroup:
         n_in = self.n_in = w["l%d_d%d_w_ih" % units[self.pre[0]][:2]].shape[1]
         self.fold = len(self.pre) * n_in * 4 * hs <= _FOLD_MACS
         width = hs + 1 + (len(self.pre) * n_in if self.fold else 0)
-        R = np.zeros((width, 4 * hs), _F32)  # (row [h..., 1, x...], gate columns)
+        R = np.zeros((width, n_blocks * hs), _F32)  # (row [h..., 1, x...], gate columns)
         WX = np.zeros((n_in, len(self.pre) * self.n_x * h_pre), _F32)  # compact, when not folded
+        negated = _NEGATED[kind]
 
         def cols(block, u):
             start = block * hs + self.offs[u]
@@ -536,38 +547,40 @@ class _RnnGroup:
             p = "l%d_d%d_" % (layer, d)
             w_ih, w_hh, b_ih, b_hh = w[p + "w_ih"], w[p + "w_hh"], w.get(p + "b_ih"), w.get(p + "b_hh")
             rows_h = slice(self.offs[u], self.offs[u] + h)
-            for j in range(n_gates):
+            for j, (x_blocks, h_blocks) in enumerate(_BLOCKS[kind]):
                 rows = slice(j * h, (j + 1) * h)
-                bx = _LSTM_BLOCK[j] if self.lstm else j
-                bh = _LSTM_BLOCK[j] if self.lstm else (j if j < 2 else 3)
-                sx = -1.0 if bx < self.n_sig else 1.0
-                sh = -1.0 if bh < self.n_sig else 1.0
-                R[rows_h, cols(bh, u)] = w_hh[rows].T * sh
-                if b_hh is not None:
-                    R[hs, cols(bh, u)] += b_hh[rows] * sh
-                if b_ih is not None:
-                    R[hs, cols(bx, u)] += b_ih[rows] * sx
-                if src is not None:
-                    R[self.offs[src]:self.offs[src] + self.sizes[src], cols(bx, u)] = w_ih[rows].T * sx
-                elif self.fold:
-                    start = hs + 1 + self.pre.index(u) * n_in
-                    R[start:start + n_in, cols(bx, u)] = w_ih[rows].T * sx
-                else:
-                    k = self.pre.index(u) * self.n_x + bx
-                    WX[:, k * h:(k + 1) * h] = w_ih[rows].T * sx
+                for bh in h_blocks:
+                    sign = -1.0 if bh in negated else 1.0
+                    R[rows_h, cols(bh, u)] = w_hh[rows].T * sign
+                    if b_hh is not None:
+                        R[hs, cols(bh, u)] += b_hh[rows] * sign
+                for bx in x_blocks:
+                    sign = -1.0 if bx in negated else 1.0
+                    if b_ih is not None:
+                        R[hs, cols(bx, u)] += b_ih[rows] * sign
+                    if src is not None:
+                        R[self.offs[src]:self.offs[src] + self.sizes[src], cols(bx, u)] = w_ih[rows].T * sign
+                    elif self.fold:
+                        start = hs + 1 + self.pre.index(u) * n_in
+                        R[start:start + n_in, cols(bx, u)] = w_ih[rows].T * sign
+                    else:
+                        k = self.pre.index(u) * self.n_x + bx
+                        WX[:, k * h:(k + 1) * h] = w_ih[rows].T * sign
         self.R, self.WX = R, WX
         self.key = None
 
     def _setup(self, b, t, batch_first):
-        hs, n_units, n_pre = self.hs, len(self.units), len(self.pre)
+        hs, n_units, n_pre, lead = self.hs, len(self.units), len(self.pre), self.lead
         steps = t + n_units - 1 if self.wavefront else t
-        hist = self.hist = np.zeros((steps + 1, b, self.R.shape[0]), _F32)  # row s: step s's input
-        hist[:, :, hs] = 1.0
+        # row s: step s's input [(n,) h..., 1, x...]; the matmul reads it from h on
+        hist = self.hist = np.zeros((steps + 1, b, lead + self.R.shape[0]), _F32)
+        hist[:, :, lead + hs] = 1.0
         backward = [not self.wavefront and self.units[u][1] == 1 for u in self.pre]
         self.copies = []  # (destination, source or None for the input in time-major order)
         if self.fold:
             for k in range(n_pre):
-                dst = hist[:t, :, hs + 1 + k * self.n_in:hs + 1 + (k + 1) * self.n_in]
+                start = lead + hs + 1 + k * self.n_in
+                dst = hist[:t, :, start:start + self.n_in]
                 self.copies.append((dst[::-1] if backward[k] else dst, None))
             xp = [None] * steps
         else:
@@ -580,19 +593,18 @@ class _RnnGroup:
             for k, u in enumerate(self.pre):
                 dst = xpv[:t, :, :, self.offs[u]:self.offs[u] + self.sizes[u]]
                 self.copies.append((dst[::-1] if backward[k] else dst, pv[:, :, k]))  # backward: time T-1-s
-        self.G = np.empty((b, 4 * hs), _F32)
+        self.G = np.empty((b, self.R.shape[1]), _F32)
         # [tanh(g) | c] side by side: one division by [1/sigmoid(i) | 1/sigmoid(f)] (adjacent in G)
         # gives both products of c = f * c + i * g, and one add sums them (a call fewer a step)
         self.GC = np.zeros((b, 2 * hs), _F32)
         self.C = self.GC[:, hs:]
-        self.T1 = np.empty((b, hs), _F32)
-        self.N = np.empty((b, hs), _F32)
+        self.T1 = np.empty((b, 2 * hs if not self.lstm else hs), _F32)
         self.ones = np.ones((b, self.n_sig * hs), _F32)
         hooks = [[] for _ in range(steps)]
         self.c_final = []
         if self.wavefront:
             for s in range(n_units - 1):  # units above layer s have not started: keep them at 0
-                hooks[s].append(_filler(hist[s + 1, :, self.offs[s + 1]:hs]))
+                hooks[s].append(_filler(hist[s + 1, :, lead + self.offs[s + 1]:lead + hs]))
                 if self.lstm:
                     hooks[s].append(_filler(self.C[:, self.offs[s + 1]:]))
         for u in range(n_units):
@@ -606,12 +618,16 @@ class _RnnGroup:
                 hooks[t - 1 + u].append(_copier(keep, self.C[:, sl]))
                 self.c_final.append(keep)
         # Per step: the bound row.dot (an ndarray method skips np.dot's dispatch: ~0.1 us a
-        # step), where h goes, h before, the input part (None when folded), hooks.
-        self.steps = [(hist[s].dot, hist[s + 1, :, :hs], hist[s, :, :hs], xp[s], hooks[s] or None)
+        # step), where h goes, [n | h before] and n (GRU), the input part (None when folded),
+        # hooks.
+        gru = not self.lstm
+        self.steps = [(hist[s, :, lead:].dot, hist[s + 1, :, lead:lead + hs],
+                       hist[s, :, :2 * hs] if gru else None, hist[s, :, :hs] if gru else None,
+                       xp[s], hooks[s] or None)
                       for s in range(steps)]
         self.finals, self.outs = [], []  # views of hist: what a call returns
         for u in range(n_units):
-            sl = slice(self.offs[u], self.offs[u] + self.sizes[u])
+            sl = slice(lead + self.offs[u], lead + self.offs[u] + self.sizes[u])
             row = t + u if self.wavefront else t  # the state after the unit's last step
             self.finals += [hist[row, :, sl], self.c_final[u]]
             if self.wavefront and u == n_units - 1:  # layer u at time t: after step t + u
@@ -632,7 +648,8 @@ class _RnnGroup:
         x_tm = x.transpose(1, 0, 2) if batch_first else x
         for dst, src in self.copies:
             np.copyto(dst, x_tm if src is None else src)
-        self.C.fill(0.0)
+        if self.lstm:
+            self.C.fill(0.0)
         with np.errstate(over="ignore"):  # exp(-v) = inf is right: the gate is then 0
             (self._loop_lstm if self.lstm else self._loop_gru)()
         return self.outs, self.finals
@@ -643,7 +660,7 @@ class _RnnGroup:
         R, G, GC, C, T1, ones, hs = self.R, self.G, self.GC, self.C, self.T1, self.ones, self.hs
         sig, i_f, o, g = G[:, :3 * hs], G[:, :2 * hs], G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
         tanh_g = GC[:, :hs]
-        for row_dot, h_next, _, x, hooks in self.steps:
+        for row_dot, h_next, _, _, x, hooks in self.steps:
             row_dot(R, G)
             if x is not None:
                 add(G, x, G)
@@ -659,22 +676,22 @@ class _RnnGroup:
                     hook()
 
     def _loop_gru(self):
-        add, sub, div, exp, tanh = np.add, np.subtract, np.true_divide, np.exp, np.tanh
-        R, G, N, T1, ones, hs = self.R, self.G, self.N, self.T1, self.ones, self.hs
-        gx, rz, r, z = G[:, :3 * hs], G[:, :2 * hs], G[:, :hs], G[:, hs:2 * hs]
-        n_x, n_h = G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
-        for row_dot, h_next, h, x, hooks in self.steps:
+        add, div, exp, tanh = np.add, np.true_divide, np.exp, np.tanh
+        R, G, T2, ones, hs = self.R, self.G, self.T1, self.ones, self.hs
+        gx, sig, r, zz = G[:, :4 * hs], G[:, :3 * hs], G[:, :hs], G[:, hs:3 * hs]
+        n_x, n_h = G[:, 3 * hs:4 * hs], G[:, 4 * hs:]
+        new_part, old_part = T2[:, :hs], T2[:, hs:]
+        for row_dot, h_next, nh, n, x, hooks in self.steps:
             row_dot(R, G)
             if x is not None:
                 add(gx, x, gx)
-            exp(rz, rz)
-            add(rz, ones, rz)  # 1 / sigmoid(v) for r, z
-            div(n_h, r, N)
-            add(N, n_x, N)
-            tanh(N, N)  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-            sub(h, N, T1)
-            div(T1, z, T1)
-            add(N, T1, h_next)  # h = (1 - z) * n + z * h
+            exp(sig, sig)
+            add(sig, ones, sig)  # 1 / sigmoid(v) for r, 1 / (1 - z), 1 / z
+            div(n_h, r, n)
+            add(n, n_x, n)
+            tanh(n, n)  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), beside h in the row
+            div(nh, zz, T2)  # [(1 - z) * n | z * h]
+            add(new_part, old_part, h_next)
             if hooks:
                 for hook in hooks:
                     hook()
