@@ -125,6 +125,20 @@ def test_rnn_matches_torch(kind: str, bidirectional: bool, fold: bool, apart: bo
     # batch x hidden^2.
     monkeypatch.setattr(runtime, "_FOLD_MACS", 10**9 if fold else 0)
     monkeypatch.setattr(runtime, "_APART", 0 if apart else 10**9)
+    _check_rnn_cases(kind, bidirectional)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("fold", [True, False], ids=["inputs-folded", "inputs-projected"])
+def test_a_gru_with_z_once_matches_torch(bidirectional: bool, fold: bool, monkeypatch) -> None:
+    # From a batch x hidden^2 on, a GRU drops z' (1 - z) from its matmul and forms h in three
+    # calls: the same outputs by the other road.
+    monkeypatch.setattr(runtime, "_FOLD_MACS", 10**9 if fold else 0)
+    monkeypatch.setattr(runtime, "_Z_TWICE", 0)
+    _check_rnn_cases("gru", bidirectional)
+
+
+def _check_rnn_cases(kind: str, bidirectional: bool) -> None:
     cases = [  # hidden per layer (ragged, as DeepIoT extracts them), batch, time steps
         ([5], 1, 6), ([5, 5], 3, 7), ([3, 6, 2], 2, 5), ([4, 2], 1, 1), ([6, 3], 4, 2), ([2, 2, 2, 2], 2, 3)]
     for i, (hidden, batch, steps) in enumerate(cases):

@@ -512,6 +512,12 @@ _BLOCKS = {
 }
 # blocks whose weights are negated (exp gives exp(-v)); the others' exp gives exp(+v) or is unused
 _NEGATED = {"lstm": (0, 1, 2), "gru": (0, 2)}
+# batch x hidden^2 from which a GRU drops z' (block 1) and n's slot in the row, and forms
+# h = n + z * (h - n) in three calls instead of two: a wider matmul, and a row that is strided
+# from batch 2 on, cost more than the call saved (deepsense, us, with z' / without: compressed,
+# hidden 23, 156 / 170 at batch 1, 379 / 361 at 2, 2226 / 1628 at 64; original, hidden 128,
+# 526 / 387 at batch 1)
+_Z_TWICE = 1024
 # Input weights are folded into the per-step matmul (the inputs written beside the state before
 # the loop) when that adds at most this many multiply-accumulates per sample and step: less than
 # the ~0.5 us numpy call it saves (adding a precomputed projection); wider inputs are projected
@@ -535,9 +541,10 @@ class _RnnGroup:
     Each step is one matmul of the row [h of every unit, 1, inputs if folded] by a block matrix
     holding every unit's recurrent weights, the input weights of units fed by another unit (or
     folded in), and all biases (against the 1), then 7 ufunc calls on preallocated views for
-    the gates of every unit at once (a GRU's row starts with a slot where n goes). The sigmoid gates' weights are
-    negated, so that exp gives exp(-v) and sigmoid(v) = 1 / (1 + exp(-v)) (as torch computes it):
-    products with a gate become divisions by 1 + exp(-v), which saves a call per step.
+    the gates of every unit at once (8 for a GRU from :data:`_Z_TWICE`). The sigmoid gates'
+    weights are negated, so that exp gives exp(-v) and sigmoid(v) = 1 / (1 + exp(-v)) (as torch
+    computes it): products with a gate become divisions by 1 + exp(-v), which saves a call per
+    step.
     """
 
     def __init__(self, kind, units, w, wavefront):
@@ -545,11 +552,7 @@ class _RnnGroup:
         self.sizes = [u[2] for u in units]
         self.offs = [sum(self.sizes[:i]) for i in range(len(units))]
         hs = self.hs = sum(self.sizes)
-        self.n_sig = 3  # blocks that go through exp: i, f, o or r, z', z
-        self.n_x = 4  # blocks with an input part
-        n_blocks = 4 if self.lstm else 5
-        # A GRU's row starts with a slot for n, so that [n | h] is one view (an LSTM's has none)
-        self.lead = 0 if self.lstm else hs
+        n_blocks, n_x = (4 if self.lstm else 5), 4  # all blocks; those with an input part
         self.pre = [i for i, u in enumerate(units) if u[3] is None]  # units reading the input
         h_pre = self.h_pre = self.sizes[self.pre[0]]
         if any(self.sizes[i] != h_pre for i in self.pre):
@@ -559,7 +562,7 @@ class _RnnGroup:
         self.fold = len(self.pre) * n_in * 4 * hs <= _FOLD_MACS
         width = hs + 1 + (len(self.pre) * n_in if self.fold else 0)
         R = np.zeros((width, n_blocks * hs), _F32)  # (row [h..., 1, x...], gate columns)
-        WX = np.zeros((n_in, len(self.pre) * self.n_x * h_pre), _F32)  # compact, when not folded
+        WX = np.zeros((n_in, len(self.pre) * n_x * h_pre), _F32)  # compact, when not folded
         negated = _NEGATED[kind]
 
         def cols(block, u):
@@ -587,12 +590,32 @@ class _RnnGroup:
                         start = hs + 1 + self.pre.index(u) * n_in
                         R[start:start + n_in, cols(bx, u)] = w_ih[rows].T * sign
                     else:
-                        k = self.pre.index(u) * self.n_x + bx
+                        k = self.pre.index(u) * n_x + bx
                         WX[:, k * h:(k + 1) * h] = w_ih[rows].T * sign
-        self.R, self.WX = R, WX
+        self.full, self.once = (R, WX), None  # once: R and WX without a GRU's z', made when needed
         self.key = None
 
+    def _choose(self, b):
+        """The layout for batch ``b``: a GRU's blocks are [r, z', z, n_x, n_h] below
+        :data:`_Z_TWICE`, else [r, z, n_x, n_h]. Sets R, WX, the blocks that go through exp
+        (n_sig) and those with an input part (n_x), and n's slot (lead)."""
+        self.twice = self.lstm or b * self.hs * self.hs < _Z_TWICE
+        self.n_sig, self.n_x = (3, 4) if self.twice else (2, 3)
+        # A GRU's row starts with a slot for n when z' is kept, so that [n | h] is one view (the
+        # matmul then reads a strided row, which costs at larger batches)
+        self.lead = self.hs if self.twice and not self.lstm else 0
+        if self.twice:
+            self.R, self.WX = self.full
+            return
+        if self.once is None:
+            (R, WX), hs, h = self.full, self.hs, self.h_pre
+            gone = [k * 4 * h + j for k in range(len(self.pre)) for j in range(h, 2 * h)]  # each unit's z'
+            self.once = (np.ascontiguousarray(np.delete(R, np.s_[hs:2 * hs], axis=1)),
+                         np.ascontiguousarray(np.delete(WX, gone, axis=1)))
+        self.R, self.WX = self.once
+
     def _setup(self, b, t, batch_first):
+        self._choose(b)
         hs, n_units, n_pre, lead = self.hs, len(self.units), len(self.pre), self.lead
         steps = t + n_units - 1 if self.wavefront else t
         # row s: step s's input [(n,) h..., 1, x...]; the matmul reads it from h on
@@ -621,7 +644,7 @@ class _RnnGroup:
         # gives both products of c = f * c + i * g, and one add sums them (a call fewer a step)
         self.GC = np.zeros((b, 2 * hs), _F32)
         self.C = self.GC[:, hs:]
-        self.T1 = np.empty((b, 2 * hs if not self.lstm else hs), _F32)
+        self.T1 = np.empty((b, 2 * hs if self.lead else hs), _F32)
         self.ones = np.ones((b, self.n_sig * hs), _F32)
         hooks = [[] for _ in range(steps)]
         self.c_final = []
@@ -644,8 +667,10 @@ class _RnnGroup:
         # step), where h goes, [n | h before] and n (GRU), the input part (None when folded),
         # hooks.
         gru = not self.lstm
+        self.N = np.empty((b, hs), _F32)  # n when it has no slot in the row
         self.steps = [(hist[s, :, lead:].dot, hist[s + 1, :, lead:lead + hs],
-                       hist[s, :, :2 * hs] if gru else None, hist[s, :, :hs] if gru else None,
+                       None if not gru else hist[s, :, :2 * hs] if self.twice else hist[s, :, :hs],
+                       None if not gru else hist[s, :, :hs] if self.twice else self.N,
                        xp[s], hooks[s] or None)
                       for s in range(steps)]
         self.finals, self.outs = [], []  # views of hist: what a call returns
@@ -674,7 +699,7 @@ class _RnnGroup:
         if self.lstm:
             self.C.fill(0.0)
         with np.errstate(over="ignore"):  # exp(-v) = inf is right: the gate is then 0
-            (self._loop_lstm if self.lstm else self._loop_gru)()
+            (self._loop_lstm if self.lstm else self._loop_gru if self.twice else self._loop_gru_once)()
         return self.outs, self.finals
 
     # The loops pass outputs positionally and add arrays, not Python scalars: both cost time.
@@ -715,6 +740,27 @@ class _RnnGroup:
             tanh(n, n)  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), beside h in the row
             div(nh, zz, T2)  # [(1 - z) * n | z * h]
             add(new_part, old_part, h_next)
+            if hooks:
+                for hook in hooks:
+                    hook()
+
+    def _loop_gru_once(self):
+        add, sub, div, exp, tanh = np.add, np.subtract, np.true_divide, np.exp, np.tanh
+        R, G, T1, ones, hs = self.R, self.G, self.T1, self.ones, self.hs
+        gx, sig, r, z = G[:, :3 * hs], G[:, :2 * hs], G[:, :hs], G[:, hs:2 * hs]
+        n_x, n_h = G[:, 2 * hs:3 * hs], G[:, 3 * hs:]
+        for row_dot, h_next, h, n, x, hooks in self.steps:
+            row_dot(R, G)
+            if x is not None:
+                add(gx, x, gx)
+            exp(sig, sig)
+            add(sig, ones, sig)  # 1 / sigmoid(v) for r, z
+            div(n_h, r, n)
+            add(n, n_x, n)
+            tanh(n, n)
+            sub(h, n, T1)
+            div(T1, z, T1)
+            add(n, T1, h_next)  # h = n + z * (h - n)
             if hooks:
                 for hook in hooks:
                     hook()
