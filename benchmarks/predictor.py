@@ -11,7 +11,8 @@ Three steps (``--steps build,measure,evaluate``, default all):
   training 200 models would take hours. Each artifact carries its features
   (:func:`deepfleet.features.onnx_features`).
 * **measure**: every artifact on every device of ``--fleet`` (default the local device), the
-  runtime chosen by the agent (``backend: auto`` where the agent has it), pinned to one core,
+  runtime chosen by the agent (``backend: auto`` where the agent has it; ``--backend`` picks
+  one, e.g. ``numpy`` on the local device for a second class of edison's runtime), pinned to one core,
   rows written to ``OUT/results``; a tenth of the artifacts measured twice gives the
   measurement's own repeat noise, the floor no predictor can beat.
 * **evaluate**: per device (class) and backend, for each predictor (``linear``, ``kernel``,
@@ -104,8 +105,8 @@ def build(out: Path, n: int, seed: int) -> list[dict[str, Any]]:
     return list(made.values())
 
 
-def measure(out: Path, fleet: str | None, repeat_share: float) -> None:
-    """Every built artifact on every device of ``fleet``; rows under ``out/results``."""
+def measure(out: Path, fleet: str | None, repeat_share: float, backend: str = "auto") -> None:
+    """Every built artifact on every device of ``fleet`` in ``backend``; rows under ``out/results``."""
     from deepfleet.orchestrator.fleet import load_fleet, local_fleet
     from deepfleet.orchestrator.measure import MeasureSettings, measure_many
 
@@ -115,7 +116,7 @@ def measure(out: Path, fleet: str | None, repeat_share: float) -> None:
     arts = [m["artifact"] for m in made.values()]
     again = arts[: max(2, int(repeat_share * len(arts)))]
     request = {"warmup": 5, "min_runs": 20, "min_seconds": 0.3, "max_seconds": 5.0, "threads": 1,
-               "cpus": [0], "ci_target": 0.03}
+               "cpus": [0], "ci_target": 0.03, "backend": backend}
     settings = MeasureSettings(request=request, reference_every=0)
     t0 = time.time()
     outcomes = measure_many(devices, arts + again, results_root=out / "results", settings=settings,
@@ -262,6 +263,9 @@ def main() -> None:
     ap.add_argument("--steps", default="build,measure,evaluate")
     ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--fleet", default=None, help="fleet file (default: the local device)")
+    ap.add_argument("--backend", default="auto",
+                    help="the measure step's runtime (default auto); e.g. numpy on the local device gives "
+                         "edison's numpy class another class of its runtime to learn from")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "predictor")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, default=HERE / "results" / "predictor.json")
@@ -271,7 +275,7 @@ def main() -> None:
     if "build" in steps:
         build(args.out, args.candidates, args.seed)
     if "measure" in steps:
-        measure(args.out, args.fleet, 0.1)
+        measure(args.out, args.fleet, 0.1, args.backend)
     if "evaluate" in steps:
         result = evaluate(args.out)
         result["load_1m"] = os.getloadavg()[0]

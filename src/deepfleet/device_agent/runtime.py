@@ -663,15 +663,15 @@ class _RnnGroup:
                 keep = np.empty((b, self.sizes[u]), _F32)
                 hooks[t - 1 + u].append(_copier(keep, self.C[:, sl]))
                 self.c_final.append(keep)
-        # Per step: the bound row.dot (an ndarray method skips np.dot's dispatch: ~0.1 us a
-        # step), where h goes, [n | h before] and n (GRU), the input part (None when folded),
-        # hooks.
-        gru = not self.lstm
         self.N = np.empty((b, hs), _F32)  # n when it has no slot in the row
-        self.steps = [(hist[s, :, lead:].dot, hist[s + 1, :, lead:lead + hs],
-                       None if not gru else hist[s, :, :2 * hs] if self.twice else hist[s, :, :hs],
-                       None if not gru else hist[s, :, :hs] if self.twice else self.N,
-                       xp[s], hooks[s] or None)
+
+        def gru_views(s):  # a GRU's: [n | h before] and n's slot, or h before and N
+            if self.lstm:
+                return None, None
+            return (hist[s, :, :2 * hs], hist[s, :, :hs]) if self.twice else (hist[s, :, :hs], self.N)
+        # Per step: the bound row.dot (an ndarray method skips np.dot's dispatch: ~0.1 us a
+        # step), where h goes, the GRU's views, the input part (None when folded), hooks.
+        self.steps = [(hist[s, :, lead:].dot, hist[s + 1, :, lead:lead + hs], *gru_views(s), xp[s], hooks[s] or None)
                       for s in range(steps)]
         self.finals, self.outs = [], []  # views of hist: what a call returns
         for u in range(n_units):
