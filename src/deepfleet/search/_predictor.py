@@ -15,9 +15,9 @@ class value, :func:`deepfleet.metrics.class_value`):
 * ``hybrid`` (the default): the kernel sum, corrected by extremely randomised trees fitted on the
   log of the ratio measured / kernel prediction. The kernel carries the structure and
   extrapolates to candidates bigger or smaller than any measured; the trees learn what it misses
-  (a runtime's fused ops, cache effects) where the points are (benchmarks/predictor.py, three
-  device classes of 210 candidates: within 10 % of measured for 83-87 % of held-out candidates
-  against 71-85 % for ``forest`` and 25-52 % for ``kernel``; fit on 1,000 rows ~31 ms).
+  (a runtime's fused ops, cache effects) where the points are (benchmarks/predictor.py, four
+  device classes of 210 candidates: within 10 % of measured for 83-91 % of held-out candidates
+  against 77-85 % for ``forest`` and 21-49 % for ``kernel``; fit on 1,000 rows ~35 ms).
 
 **Other classes' measurements** (the judge passes those of the class's runtime when there are
 such). Cold start, while the class has fewer than :data:`MIN_OWN` measured artifacts: it borrows
