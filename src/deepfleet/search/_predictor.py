@@ -37,7 +37,7 @@ the prediction breaks a limit by more than a margin that grows with that error.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -210,13 +210,21 @@ def training_points(rows: Sequence[Mapping[str, Any]], device_class: str, metric
 def _held_out(kind: str, points: Sequence[Mapping[str, float]]) -> tuple[float, float]:
     """(median relative error, share within 10 %) of k-fold predictions of ``points``."""
     y = np.array([p["value"] for p in points])
-    folds = np.arange(len(points)) % min(FOLDS, len(points))
-    pred = np.empty_like(y)
+
+    def fold(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        return PREDICTORS[kind]().fit([p for p, t in zip(points, train) if t], y[train]).predict(
+            [p for p, t in zip(points, test) if t])
+    return _scores(_kfold(len(points), fold), y)
+
+
+def _kfold(n: int, fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Out-of-fold predictions of ``n`` points (:data:`FOLDS` folds): ``fit_predict(train mask,
+    test mask)`` fits on one fold's complement and predicts the fold."""
+    folds = np.arange(n) % min(FOLDS, n)
+    pred = np.empty(n)
     for k in np.unique(folds):
-        train = [p for p, f in zip(points, folds) if f != k]
-        pred[folds == k] = PREDICTORS[kind]().fit(train, y[folds != k]).predict(
-            [p for p, f in zip(points, folds) if f == k])
-    return _scores(pred, y)
+        pred[folds == k] = fit_predict(folds != k, folds == k)
+    return pred
 
 
 def _scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -264,11 +272,8 @@ def _transfer_fit(kind: str, own: Sequence[Mapping[str, float]], base: Predictor
     y = np.array([p["value"] for p in own])
     X = _transfer_features(own, base)
     target = np.log(y) - X[:, -1]
-    folds = np.arange(len(own)) % FOLDS
-    pred = np.empty_like(y)
-    for k in range(FOLDS):
-        pred[folds == k] = np.exp(X[folds == k, -1] + _transfer_trees().fit(X[folds != k], target[folds != k])
-                                  .predict(X[folds == k]))
+    pred = _kfold(len(own), lambda train, test: np.exp(
+        X[test, -1] + _transfer_trees().fit(X[train], target[train]).predict(X[test])))
     trees = _transfer_trees().fit(X, target)
 
     def model(f: Features) -> float:
