@@ -71,6 +71,24 @@ def test_conv_matches_torch(batch: int) -> None:
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("fn", ["mean", "sum", "amax"])
+def test_reduce_matches_torch(fn: str) -> None:
+    """Over the time axis of a sequence (one matmul by a vector for mean and sum) and elsewhere,
+    on contiguous and transposed inputs (an rnn's batch-first output is a view)."""
+    rng = np.random.default_rng(7)
+    torch_fn = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax}[fn]
+    for shape, dims, keep, transposed in itertools.product(((2, 9, 5), (1, 64, 12), (3, 4, 6, 5)),
+                                                           ([1], [-2], [-1], [0], [1, 2]), (False, True),
+                                                           (False, True)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if transposed:
+            x = np.ascontiguousarray(x.swapaxes(0, 1)).swapaxes(0, 1)
+        want = torch_fn(torch.from_numpy(np.ascontiguousarray(x)), dim=dims, keepdim=keep).numpy()
+        got = runtime.OPS["reduce"]([x], {"fn": fn, "dims": dims, "keepdim": keep}, {})
+        assert got.dtype == np.float32 and got.shape == want.shape, (shape, dims, keep)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str((shape, dims, keep)))
+
 # ---------------------------------------------------------------------------- recurrent layers
 # The runtime steps every layer of a unidirectional stack in one loop (a wavefront: layer l at
 # time t - l) and both directions of a bidirectional layer in another, with every time step's

@@ -95,7 +95,9 @@ from deepfleet.device_agent.system import (
 #        and z * h in one division, z computed twice in the matmul); copies by slice
 #        assignment; ReLU against a same-shaped zeros view: same outputs, compressed deepsense
 #        and lenet5 at batch 1 ~9 % faster.
-AGENT_VERSION = "0.5.2"
+# 0.5.3: a mean or sum over a sequence's time axis is one matmul by a vector (3x faster than
+#        add.reduce at batch 1, 8x at batch 64): outputs equal to float32 rounding.
+AGENT_VERSION = "0.5.3"
 EXACT_CI_LIMIT = 5000  # above this many runs the median CI uses the normal approximation
 
 

