@@ -71,7 +71,6 @@ def test_conv_matches_torch(batch: int) -> None:
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("fn", ["mean", "sum", "amax"])
 def test_reduce_matches_torch(fn: str) -> None:
     """Over the time axis of a sequence (one matmul by a vector for mean and sum) and elsewhere,
@@ -88,6 +87,7 @@ def test_reduce_matches_torch(fn: str) -> None:
         got = runtime.OPS["reduce"]([x], {"fn": fn, "dims": dims, "keepdim": keep}, {})
         assert got.dtype == np.float32 and got.shape == want.shape, (shape, dims, keep)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str((shape, dims, keep)))
+
 
 # ---------------------------------------------------------------------------- recurrent layers
 # The runtime steps every layer of a unidirectional stack in one loop (a wavefront: layer l at
