@@ -14,9 +14,9 @@ Three steps (``--steps build,measure,evaluate``, default all):
   runtime chosen by the agent (``backend: auto`` where the agent has it; ``--backend`` picks
   one, e.g. ``numpy`` on the local device for a second class of edison's runtime), pinned to one core,
   one device after another (the sandbox devices share this machine's cores: measured together,
-  two devices pinned to core 0 timed each other's work), rows written to ``OUT/results``; a tenth of the artifacts measured twice gives the
-  measurement's own repeat noise (pooled, and per class with the share of repeats more than
-  10 % apart), the floor no predictor can beat.
+  two devices pinned to core 0 timed each other's work), rows written to ``OUT/results``; a
+  tenth of the artifacts measured twice gives the measurement's own repeat noise (pooled, and
+  per class with the share of repeats more than 10 % apart), the floor no predictor can beat.
 * **evaluate**: per device (class) and backend, for each predictor (``linear``, ``kernel``,
   ``forest``, ``hybrid``): share of held-out candidates within ±10 % and ±20 % of measured p50,
   MAPE and Spearman, by random split (5 seeds, 20 % held out) and by leaving one model family
