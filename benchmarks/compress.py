@@ -18,6 +18,11 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 DeepSense about 16) and with distillation from the original (``kd_alpha`` 0.7);
 * ``deepsense-user-long`` the same with the search's full 3000 iterations (no MAC budget, which
                 allows DeepSense about 1500); ``deepsense-user-6000`` with 6000;
+                ``deepsense-user-ft200`` 6000 and fine-tuned
+                for 200 epochs (patience 50); ``deepsense-user-size`` 6000 at 3 and 4 % kept (where
+                this zoo DeepSense meets the 0.5 pp bar); ``deepsense-user-scratch`` the control:
+                a DeepSense of width 4 (1,489 parameters, 2.0 %) trained from scratch for 150
+                epochs, alone and with distillation from the original (``kd_alpha`` 0.7);
 * ``deepear``   deepear / audio (DeepEar's 2.3 M-parameter DNN) at 5 %, the same schedule;
 * ``latency``   torch CPU latency (1 thread) of lenet5: original, DeepIoT-extracted and
                 magnitude-pruned to the same parameter count, batch 64 and batch 1;
@@ -26,7 +31,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 ``timing-t100``: inputs as
                 compression targets (``deepiot.inputs``), see ``_inputs_bench.py``.
 
-Jobs run in ``--workers`` processes, one torch thread each.
+Jobs run in ``--workers`` processes, one torch thread each, on ``--device`` (default cpu; on
+cuda TF32 is off, as in ``deepfleet compress``, and runs are not bit-reproducible).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +71,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
 USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
-                                          "deepsense-user-6000": {"work": None, "iterations": 6000}}
+                                          "deepsense-user-6000": {"work": None, "iterations": 6000},
+                                          "deepsense-user-ft200": {"work": None, "iterations": 6000},
+                                          "deepsense-user-size": {"work": None, "iterations": 6000}}
+USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50}}  # beyond kd_alpha 0.7, work None
+USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
 # part -> (model, data, kept fraction of the parameters)
 FIGURES = {"deepsense-user": ("deepsense", "sensing-user", 0.02), "deepear": ("deepear", "audio", 0.05)}
@@ -88,7 +98,9 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     data = load_data(spec["data"])
-    dev = torch.device("cpu")
+    dev = torch.device(spec.get("device", "cpu"))
+    # the extraction check (masked == extracted to 1e-4) needs exact float32 matmuls on GPUs
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     base, _ = trained_base(spec["model"], data, seed=spec["seed"], cfg=BASE_TRAINING, device=dev, progress=False)
     ft = dataclasses.replace(FINETUNE, **spec.get("finetune", {}))
     # the fine-tuning budget in the original's MACs per sample, as compress_model applies it
@@ -105,6 +117,17 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("export"):
             row["artifact"] = inputs_bench.export(spec, res, data, accuracy(model, data.X_val, data.y_val),
                                                   Path(spec["export_dir"]))
+    elif spec["method"].startswith("scratch"):  # the same size, trained from scratch: the control
+        from deepfleet.compressors.training import TrainConfig
+        from deepfleet.models._zoo import DeepSense
+
+        torch.manual_seed(spec["seed"])
+        model = DeepSense(data.input_shape, data.num_classes, width=spec["width"]).to(dev)
+        model, _ = train(model, data, TrainConfig(**spec["train"]), seed=spec["seed"], teacher=base,
+                         progress=False)
+        model.eval()
+        kept = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in base.parameters())
+        row.update(layers=[])
     else:  # structured L1 pruning with a uniform ratio per layer, then the same fine-tuning
         st = analyse(base, torch.as_tensor(data.X_train[:2]))
         cm = cost_model(st)
@@ -196,6 +219,22 @@ def _timing_part() -> dict[str, Any]:
             "accuracy_before": r["accuracy_before"], "accuracy_after": r["accuracy_after"]}
 
 
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, partial: Path) -> list[dict[str, Any]]:
+    """Every job's row in job order; each row is also appended to ``partial`` as it finishes, so
+    that a run stopped early (a time limit) keeps what it measured. ``partial`` is removed at
+    the end."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[Any] = [None] * len(jobs)
+    with ProcessPoolExecutor(workers) as pool, partial.open("a") as log:
+        futures = {pool.submit(_job, j): i for i, j in enumerate(jobs)}
+        for fut in as_completed(futures):
+            rows[futures[fut]] = fut.result()
+            log.write(json.dumps(rows[futures[fut]], sort_keys=True) + "\n")
+            log.flush()
+    partial.unlink()
+    return rows
+
+
 def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
     if part in INPUT_PARTS:
         return inputs_bench.jobs(part, seeds)
@@ -219,10 +258,18 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
                 for s in seeds]
     if part in USER_SEARCH:  # fine-tuned 60 epochs (no MAC budget) with distillation, the search as named
         model, data, target = FIGURES["deepsense-user"]
-        search = USER_SEARCH[part]
-        return [{"part": part, "model": model, "data": data, "target": target, "seed": s, "search": search,
-                 "method": "deepiot+kd-finetune-60" + (f"+search-{search['iterations']}" if search else ""),
-                 "finetune": {"kd_alpha": 0.7, "work": None}} for s in seeds]
+        search, ft = USER_SEARCH[part], {"kd_alpha": 0.7, "work": None, **USER_FINETUNE.get(part, {})}
+        method = (f"deepiot+kd-finetune-{ft.get('epochs', 60)}"
+                  + (f"+search-{search['iterations']}" if search else ""))
+        return [{"part": part, "model": model, "data": data, "target": t, "seed": s, "search": search,
+                 "method": method + (f"@{t:.0%}" if part in USER_TARGETS else ""), "finetune": ft}
+                for t in USER_TARGETS.get(part, (target,)) for s in seeds]
+    if part == "deepsense-user-scratch":
+        model, data, _ = FIGURES["deepsense-user"]
+        return [{"part": part, "model": model, "data": data, "target": 0.02, "seed": s, "width": 4,
+                 "method": f"scratch-width4{'+kd' if kd else ''}-150",
+                 "train": {"epochs": 150, "patience": 150, "kd_alpha": kd}}
+                for kd in (0.0, 0.7) for s in seeds]
     targets = {"mlp": ("digits", 0.03), "deepsense": ("sensing", 0.06), "bilstm": ("sensing", 0.10)}
     data, target = targets[part]
     methods = ["deepiot", "l1-uniform"] if part in ("mlp", "deepsense") else ["deepiot"]
@@ -250,6 +297,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--device", default="cpu", help="torch device of every job: cpu, cuda, cuda:N")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")
@@ -257,14 +305,14 @@ def main() -> None:
     jobs = [j for p in parts if p not in SINGLE_PARTS for j in _jobs(p, seeds)]
     export_dir = Path(tempfile.gettempdir()) / "deepfleet-bench-inputs"  # artifacts measured, not kept
     for j in jobs:
+        j["device"] = args.device
         if j.get("export"):
             j["export_dir"] = str(export_dir)
     original = None
     if "deepsense-sensors" in parts:  # trained (or found) once, before the jobs that all need it
         original = inputs_bench.export_original("deepsense", "sensing", seeds[0], export_dir)
     if jobs:
-        with ProcessPoolExecutor(args.workers) as pool:
-            rows = list(pool.map(_job, jobs))
+        rows = _run_jobs(jobs, args.workers, args.out.with_suffix(".partial.jsonl"))
         for part in {j["part"] for j in jobs}:
             part_rows = [r for r in rows if r["part"] == part]
             key = "variant" if part == "ablation" else "method"
