@@ -71,13 +71,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 # deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
+SEARCH_6000 = {"work": None, "iterations": 6000}
 USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
-                                          "deepsense-user-6000": {"work": None, "iterations": 6000},
-                                          "deepsense-user-ft200": {"work": None, "iterations": 6000},
-                                          "deepsense-user-ft400": {"work": None, "iterations": 6000},
-                                          "deepsense-user-ft400-loss": {"work": None, "iterations": 6000},
-                                          "deepsense-user-size": {"work": None, "iterations": 6000}}
+                                          **dict.fromkeys(("deepsense-user-6000", "deepsense-user-ft200",
+                                                           "deepsense-user-ft400", "deepsense-user-ft400-loss",
+                                                           "deepsense-user-size"), SEARCH_6000)}
 USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},  # beyond kd_alpha 0.7, work None
                  "deepsense-user-ft400": {"epochs": 400, "patience": 100},
                  "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"}}
@@ -88,17 +87,27 @@ FIGURES = {"deepsense-user": ("deepsense", "sensing-user", 0.02), "deepear": ("d
 
 
 def _job(spec: dict[str, Any]) -> dict[str, Any]:
-    """One compression run in a fresh process (1 torch thread)."""
+    """One compression run in a fresh process (1 torch thread), TF32 off as in ``deepfleet
+    compress`` (the extraction check needs exact float32 matmuls on GPUs)."""
     import torch
 
+    from deepfleet.api import _exact_float32
+
     torch.set_num_threads(1)
+    with _exact_float32():
+        return _compress(spec)
+
+
+def _compress(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
     from deepfleet.api import BASE_TRAINING, FINETUNE, trained_base
     from deepfleet.compressors._cost import cost_model, kept_fraction
     from deepfleet.compressors._deepiot import DeepIoTConfig
     from deepfleet.compressors._extract import extract
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors._l1 import uniform_l1_keep
-    from deepfleet.compressors._pipeline import deepiot_compress, layer_table
+    from deepfleet.compressors._pipeline import _count, deepiot_compress, layer_table
     from deepfleet.compressors.training import (
         TrainConfig,
         accuracy,
@@ -111,8 +120,6 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_data(spec["data"])
     dev = torch.device(spec.get("device", "cpu"))
-    # the extraction check (masked == extracted to 1e-4) needs exact float32 matmuls on GPUs
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     base, _ = trained_base(spec["model"], data, seed=spec["seed"], cfg=BASE_TRAINING, device=dev, progress=False)
     ft = dataclasses.replace(FINETUNE, **spec.get("finetune", {}))
     # the fine-tuning budget in the original's MACs per sample, as compress_model applies it
@@ -137,7 +144,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         model, _ = train(model, data, TrainConfig(**spec["train"]), seed=spec["seed"], teacher=base,
                          progress=False)
         model.eval()
-        kept = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in base.parameters())
+        kept = _count(model) / _count(base)
         row.update(layers=[])
     else:  # structured L1 pruning with a uniform ratio per layer, then the same fine-tuning
         st = analyse(base, torch.as_tensor(data.X_train[:2]))
