@@ -21,6 +21,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 ``deepsense-user-ft200`` 6000 and fine-tuned for 200 epochs (patience 50),
                 ``deepsense-user-ft400`` for 400 (patience 100), ``deepsense-user-ft400-loss``
                 the same keeping the epoch of lowest validation loss (``select`` ``loss``);
+                ``deepsense-user-ft400-full`` and ``-ft800-full`` for 400 and 800 without early
+                stopping (patience = epochs: the cosine schedule decays to its end);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
                 the 0.5 pp bar); ``deepsense-user-scratch`` the control: a DeepSense of width 4
                 (1,489 parameters, 2.0 %) trained from scratch for 150 epochs, alone and with
@@ -76,10 +78,14 @@ USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
                                           **dict.fromkeys(("deepsense-user-6000", "deepsense-user-ft200",
                                                            "deepsense-user-ft400", "deepsense-user-ft400-loss",
-                                                           "deepsense-user-size"), SEARCH_6000)}
+                                                           "deepsense-user-ft400-full", "deepsense-user-ft800-full",
+                                                           "deepsense-user-size"),
+                                                          SEARCH_6000)}
 USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},  # beyond kd_alpha 0.7, work None
                  "deepsense-user-ft400": {"epochs": 400, "patience": 100},
-                 "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"}}
+                 "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"},
+                 "deepsense-user-ft400-full": {"epochs": 400, "patience": 400},
+                 "deepsense-user-ft800-full": {"epochs": 800, "patience": 800}}
 USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
 # part -> (model, data, kept fraction of the parameters)
@@ -126,7 +132,12 @@ def _compress(spec: dict[str, Any]) -> dict[str, Any]:
     ft = fit_budget(ft, len(data.y_train), macs_per_sample(base, torch.as_tensor(data.X_train[:2])))
     row: dict[str, Any] = {**spec, "base_test": accuracy(base, data.X_test, data.y_test),
                            "base_val": accuracy(base, data.X_val, data.y_val)}
-    if spec["method"].startswith("deepiot"):
+    if spec["part"] in USER_SEARCH:  # fine-tuning variants of one deterministic search: searched once
+        small, fields = _searched(spec, base, data)
+        model, _ = train(small, data, ft, seed=spec["seed"], teacher=base, desc="fine-tune", progress=False)
+        kept = fields.pop("kept_params")
+        row.update(fields)
+    elif spec["method"].startswith("deepiot"):
         cfg = DeepIoTConfig(target=spec["target"], **spec.get("search", {}))
         res = deepiot_compress(base, data, cfg, ft, seed=spec["seed"], progress=False)
         model, kept = res.model, res.kept_params
@@ -163,6 +174,50 @@ def _compress(spec: dict[str, Any]) -> dict[str, Any]:
     )
     row["drop_pp"] = 100 * (row["base_test"] - row["test"])
     return row
+
+
+def _searched(spec: dict[str, Any], base: Any, data: Any) -> tuple[Any, dict[str, Any]]:
+    """DeepIoT's search and extraction of ``spec`` without fine-tuning: (the extracted model, its
+    row fields). Kept in ``$DEEPFLEET_CACHE/bench-compress/<key>.pt`` (key: the spec's search,
+    target, seed, data and the base's weights) with torch's RNG state after the search, which is
+    restored on every use: fine-tuning then starts exactly where ``deepiot_compress`` starts it
+    (its dropout draws from that state), so a cached run is the uncached run."""
+    import hashlib
+
+    import torch
+
+    from deepfleet._files import cache_dir
+    from deepfleet.compressors._deepiot import DeepIoTConfig
+    from deepfleet.compressors._extract import extract
+    from deepfleet.compressors._masked import masked_model
+    from deepfleet.compressors._pipeline import analyse_inputs, deepiot_compress, layer_table
+    from deepfleet.compressors.training import TrainConfig
+
+    h = hashlib.sha256(json.dumps([spec["model"], spec["data"], spec["seed"], spec["target"], spec.get("search", {})],
+                                  sort_keys=True).encode())
+    for t in base.state_dict().values():
+        h.update(t.detach().cpu().numpy().tobytes())
+    path = cache_dir() / "bench-compress" / f"{h.hexdigest()[:20]}.pt"
+    if not path.exists():
+        cfg = DeepIoTConfig(target=spec["target"], **spec.get("search", {}))
+        res = deepiot_compress(base, data, cfg, TrainConfig(epochs=0), seed=spec["seed"], progress=False)
+        fields = {"search_iterations": res.search.iterations, "val_after_search": res.val_accuracy_search,
+                  "extraction_error": res.extraction_error, "kept_params": res.kept_params,
+                  "layers": layer_table(res.structure, base, res.model), "inputs": inputs_bench.inputs_row(res)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"keep": res.keep, "weights": res.model.state_dict(), "fields": fields,
+                    "rng": torch.get_rng_state()}, tmp)
+        tmp.replace(path)
+    saved = torch.load(path, weights_only=False)
+    # an extracted model does not pickle (a traced graph): rebuilt from the kept units instead
+    example = torch.as_tensor(data.X_train[:2])
+    structure = analyse_inputs(base, data, DeepIoTConfig(target=spec["target"], **spec.get("search", {})).inputs,
+                               example)
+    small = extract(structure, masked_model(structure)[0], saved["keep"])
+    small.load_state_dict(saved["weights"])
+    torch.set_rng_state(saved["rng"])
+    return small, dict(saved["fields"])
 
 
 def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -278,6 +333,7 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
         model, data, target = FIGURES["deepsense-user"]
         search, ft = USER_SEARCH[part], {"kd_alpha": 0.7, "work": None, **USER_FINETUNE.get(part, {})}
         method = (f"deepiot+kd-finetune-{ft.get('epochs', 60)}" + ("-loss" if "select" in ft else "")
+                  + ("-full" if ft.get("patience") == ft.get("epochs") else "")
                   + (f"+search-{search['iterations']}" if search else ""))
         return [{"part": part, "model": model, "data": data, "target": t, "seed": s, "search": search,
                  "method": method + (f"@{t:.0%}" if part in USER_TARGETS else ""), "finetune": ft}
