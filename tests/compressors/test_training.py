@@ -106,6 +106,24 @@ def test_a_bad_shift_is_named(bad: object) -> None:
         TrainConfig(shift=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [0, -3e11, "3e11", True])
+def test_a_bad_work_budget_is_named(bad: object) -> None:
+    with pytest.raises(ConfigError, match=f"work must be a positive number.*null.*{bad!r}"):
+        TrainConfig(work=bad)  # type: ignore[arg-type]
+
+
+def test_a_user_can_lift_the_fine_tuning_budget() -> None:
+    """``--set finetune.work=null`` with ``finetune.epochs=800``: DeepSense fine-tunes 800 epochs,
+    not the ~16 the budget allows (the recipe of benchmarks/compress.py's sensing-user parts)."""
+    from deepfleet.api import FINETUNE, finetune_config
+    from deepfleet.compressors.training import fit_budget
+
+    capped = finetune_config(FINETUNE, {"epochs": 800})
+    lifted = finetune_config(FINETUNE, {"epochs": 800, "work": None})
+    assert fit_budget(capped, 4000, 4.6e6).epochs < 60
+    assert fit_budget(lifted, 4000, 4.6e6).epochs == 800
+
+
 def test_training_budgets_scale_with_the_data_and_leave_the_digits_models_alone() -> None:
     import dataclasses
 

@@ -72,6 +72,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number > 0, but got {getattr(self, name)!r}")
         if not _number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be a number >= 0, but got {self.weight_decay!r}")
+        if self.work is not None and not (_number(self.work) and self.work > 0):
+            raise ConfigError(f"work must be a positive number of multiply-accumulates (or null: no budget, "
+                              f"epochs alone), but got {self.work!r}")
 
 
 def _number(value: object) -> bool:
@@ -79,9 +82,10 @@ def _number(value: object) -> bool:
 
 
 # What a user may set of the fine-tuning every compression ends with (``--set finetune.KEY=VALUE``,
-# a study's ``space: finetune.KEY``); ``work`` is the budget the API applies, not a choice.
+# a study's ``space: finetune.KEY``); ``work``: the budget that caps ``epochs`` (null lifts it,
+# as ``deepiot.work`` does the search's).
 FINETUNE_KEYS = ("epochs", "lr", "patience", "kd_alpha", "kd_temperature", "select", "weight_decay", "batch_size",
-                 "shift")
+                 "shift", "work")
 FINETUNE_SECTION = "finetune"
 
 MIN_EPOCHS = 5
