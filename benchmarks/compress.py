@@ -22,7 +22,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 ``deepsense-user-ft400`` for 400 (patience 100), ``deepsense-user-ft400-loss``
                 the same keeping the epoch of lowest validation loss (``select`` ``loss``);
                 ``deepsense-user-ft400-full`` and ``-ft800-full`` for 400 and 800 without early
-                stopping (patience = epochs: the cosine schedule decays to its end);
+                stopping (patience = epochs: the cosine schedule decays to its end),
+                ``deepsense-user-ft400-last`` the same keeping the final epoch (``select`` ``last``);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
                 the 0.5 pp bar); ``deepsense-user-scratch`` the control: a DeepSense of width 4
                 (1,489 parameters, 2.0 %) trained from scratch for 150 epochs, alone and with
@@ -79,13 +80,15 @@ USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           **dict.fromkeys(("deepsense-user-6000", "deepsense-user-ft200",
                                                            "deepsense-user-ft400", "deepsense-user-ft400-loss",
                                                            "deepsense-user-ft400-full", "deepsense-user-ft800-full",
+                                                           "deepsense-user-ft400-last",
                                                            "deepsense-user-size"),
                                                           SEARCH_6000)}
 USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},  # beyond kd_alpha 0.7, work None
                  "deepsense-user-ft400": {"epochs": 400, "patience": 100},
                  "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"},
                  "deepsense-user-ft400-full": {"epochs": 400, "patience": 400},
-                 "deepsense-user-ft800-full": {"epochs": 800, "patience": 800}}
+                 "deepsense-user-ft800-full": {"epochs": 800, "patience": 800},
+                 "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"}}
 USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
 # part -> (model, data, kept fraction of the parameters)
@@ -332,7 +335,7 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
     if part in USER_SEARCH:  # fine-tuned 60 epochs (no MAC budget) with distillation, the search as named
         model, data, target = FIGURES["deepsense-user"]
         search, ft = USER_SEARCH[part], {"kd_alpha": 0.7, "work": None, **USER_FINETUNE.get(part, {})}
-        method = (f"deepiot+kd-finetune-{ft.get('epochs', 60)}" + ("-loss" if "select" in ft else "")
+        method = (f"deepiot+kd-finetune-{ft.get('epochs', 60)}" + (f"-{ft['select']}" if "select" in ft else "")
                   + ("-full" if ft.get("patience") == ft.get("epochs") else "")
                   + (f"+search-{search['iterations']}" if search else ""))
         return [{"part": part, "model": model, "data": data, "target": t, "seed": s, "search": search,

@@ -3,6 +3,8 @@ translated copies of training images (``TrainConfig.shift``)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,24 @@ def test_select_loss_keeps_the_lowest_loss_epoch(separable: Dataset) -> None:
     model, seen = _run(separable, "loss")
     _, key = validation_score(model, separable, "loss")
     assert -key[0] == pytest.approx(min(loss for _, loss in seen), rel=1e-6)
+
+
+def test_select_last_keeps_the_final_epoch_and_never_stops_early(separable: Dataset) -> None:
+    def fit(select: str) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+        states: list[dict[str, torch.Tensor]] = []
+        cfg = TrainConfig(epochs=8, patience=1, lr=0.05, batch_size=32, select=select)
+        model, _ = train(model, separable, cfg, seed=0, progress=False,
+                         on_epoch=lambda e, v: states.append(copy.deepcopy(model.state_dict())))
+        return model, states
+
+    _, stopped = fit("accuracy")
+    last, states = fit("last")
+    assert len(stopped) < 8 and len(states) == 8  # validation ties from epoch 2: patience 1 stops a comparing rule
+    final = last.state_dict()
+    assert all(torch.equal(final[k], states[-1][k]) for k in final)
+    assert not all(torch.equal(final[k], states[-2][k]) for k in final)
 
 
 def test_unknown_select_rule_is_named() -> None:
