@@ -73,22 +73,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "target+kd-search+kd-finetune": ({}, {"kd_alpha": 0.7}),
 }
 
-# deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
+# deepsense-user fine-tuning variants (beyond kd_alpha 0.7, work None), each on the 6000 search
 SEARCH_6000 = {"work": None, "iterations": 6000}
-USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
-                                          "deepsense-user-long": {"work": None, "iterations": 3000},
-                                          **dict.fromkeys(("deepsense-user-6000", "deepsense-user-ft200",
-                                                           "deepsense-user-ft400", "deepsense-user-ft400-loss",
-                                                           "deepsense-user-ft400-full", "deepsense-user-ft800-full",
-                                                           "deepsense-user-ft400-last",
-                                                           "deepsense-user-size"),
-                                                          SEARCH_6000)}
-USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},  # beyond kd_alpha 0.7, work None
+USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft400": {"epochs": 400, "patience": 100},
                  "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"},
                  "deepsense-user-ft400-full": {"epochs": 400, "patience": 400},
                  "deepsense-user-ft800-full": {"epochs": 800, "patience": 800},
                  "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"}}
+# deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
+USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
+                                          "deepsense-user-long": {"work": None, "iterations": 3000},
+                                          **dict.fromkeys(("deepsense-user-6000", "deepsense-user-size",
+                                                           *USER_FINETUNE), SEARCH_6000)}
 USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
 # part -> (model, data, kept fraction of the parameters)
@@ -196,13 +193,13 @@ def _searched(spec: dict[str, Any], base: Any, data: Any) -> tuple[Any, dict[str
     from deepfleet.compressors._pipeline import analyse_inputs, deepiot_compress, layer_table
     from deepfleet.compressors.training import TrainConfig
 
+    cfg = DeepIoTConfig(target=spec["target"], **spec.get("search", {}))
     h = hashlib.sha256(json.dumps([spec["model"], spec["data"], spec["seed"], spec["target"], spec.get("search", {})],
                                   sort_keys=True).encode())
     for t in base.state_dict().values():
         h.update(t.detach().cpu().numpy().tobytes())
     path = cache_dir() / "bench-compress" / f"{h.hexdigest()[:20]}.pt"
     if not path.exists():
-        cfg = DeepIoTConfig(target=spec["target"], **spec.get("search", {}))
         res = deepiot_compress(base, data, cfg, TrainConfig(epochs=0), seed=spec["seed"], progress=False)
         fields = {"search_iterations": res.search.iterations, "val_after_search": res.val_accuracy_search,
                   "extraction_error": res.extraction_error, "kept_params": res.kept_params,
@@ -215,8 +212,7 @@ def _searched(spec: dict[str, Any], base: Any, data: Any) -> tuple[Any, dict[str
     saved = torch.load(path, weights_only=False)
     # an extracted model does not pickle (a traced graph): rebuilt from the kept units instead
     example = torch.as_tensor(data.X_train[:2])
-    structure = analyse_inputs(base, data, DeepIoTConfig(target=spec["target"], **spec.get("search", {})).inputs,
-                               example)
+    structure = analyse_inputs(base, data, cfg.inputs, example)
     small = extract(structure, masked_model(structure)[0], saved["keep"])
     small.load_state_dict(saved["weights"])
     torch.set_rng_state(saved["rng"])
