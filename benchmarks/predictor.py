@@ -17,6 +17,11 @@ Three steps (``--steps build,measure,evaluate``, default all):
   two devices pinned to core 0 timed each other's work), rows written to ``OUT/results``; a
   tenth of the artifacts measured twice gives the measurement's own repeat noise (pooled, and
   per class with the share of repeats more than 10 % apart), the floor no predictor can beat.
+  ``--passes N`` measures every artifact in each of N passes over all of them instead, a point
+  being the median of its passes: this shared host drifts by 5-10 % within minutes (a second
+  pass a minute after the first ran that much faster in CPU time), and a median over passes
+  minutes apart is a steadier truth to score against; the repeat noise is then the first two
+  passes' of every artifact.
 * **evaluate**: per device (class) and backend, for each predictor (``linear``, ``kernel``,
   ``forest``, ``hybrid``): share of held-out candidates within ±10 % and ±20 % of measured p50,
   MAPE and Spearman, by random split (5 seeds, 20 % held out) and by leaving one model family
@@ -107,9 +112,10 @@ def build(out: Path, n: int, seed: int) -> list[dict[str, Any]]:
     return list(made.values())
 
 
-def measure(out: Path, fleet: str | None, repeat_share: float, backend: str = "auto") -> None:
+def measure(out: Path, fleet: str | None, repeat_share: float, backend: str = "auto", passes: int = 1) -> None:
     """Every built artifact on every device of ``fleet`` in ``backend``, one device after
-    another; rows under ``out/results``."""
+    another; rows under ``out/results``. With ``passes`` > 1 every artifact is measured in each
+    of that many passes over all of them (minutes apart), else a ``repeat_share`` of them twice."""
     from deepfleet.orchestrator.fleet import load_fleet, local_fleet
     from deepfleet.orchestrator.measure import MeasureSettings, measure_many
 
@@ -117,14 +123,14 @@ def measure(out: Path, fleet: str | None, repeat_share: float, backend: str = "a
     devices = list(load_fleet(fleet).devices if fleet else local_fleet().devices)
     devices = [d for d in devices if "qemu" not in (d.simulated or "")]  # emulated: no timings
     arts = [m["artifact"] for m in made.values()]
-    again = arts[: max(2, int(repeat_share * len(arts)))]
+    todo = arts * passes if passes > 1 else arts + arts[: max(2, int(repeat_share * len(arts)))]
     request = {"warmup": 5, "min_runs": 20, "min_seconds": 0.3, "max_seconds": 5.0, "threads": 1,
                "cpus": [0], "ci_target": 0.03, "backend": backend}
     settings = MeasureSettings(request=request, reference_every=0)
     t0 = time.time()
     # one device after another: sandbox devices share this machine's cores, and two devices
     # pinned to the same core at once would time each other's work
-    outcomes = [o for d in devices for o in measure_many([d], arts + again, results_root=out / "results",
+    outcomes = [o for d in devices for o in measure_many([d], todo, results_root=out / "results",
                                                           settings=settings, study="predictor")]
     failed = [o for o in outcomes if not o.ok]
     print(f"measured {len(outcomes) - len(failed)} of {len(outcomes)} in {time.time() - t0:.0f} s; "
@@ -280,6 +286,9 @@ def main() -> None:
     ap.add_argument("--backend", default="auto",
                     help="the measure step's runtime (default auto); e.g. numpy on the local device gives "
                          "edison's numpy class another class of its runtime to learn from")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="measure every artifact in this many passes over all of them; a point is the "
+                         "median of its passes (default 1: a tenth measured twice for the repeat noise)")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "predictor")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, default=HERE / "results" / "predictor.json")
@@ -289,7 +298,7 @@ def main() -> None:
     if "build" in steps:
         build(args.out, args.candidates, args.seed)
     if "measure" in steps:
-        measure(args.out, args.fleet, 0.1, args.backend)
+        measure(args.out, args.fleet, 0.1, args.backend, args.passes)
     if "evaluate" in steps:
         result = evaluate(args.out)
         result["load_1m"] = os.getloadavg()[0]
