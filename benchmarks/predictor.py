@@ -293,6 +293,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, default=HERE / "results" / "predictor.json")
     args = ap.parse_args()
+    if args.passes < 1:
+        ap.error(f"--passes must be at least 1 (passes over all candidates), got {args.passes}")
     steps = args.steps.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     if "build" in steps:
