@@ -161,6 +161,24 @@ def test_the_kernel_sum_fits_relative_error_so_the_small_models_are_not_given_aw
     assert max(rel) < 0.08, rel
 
 
+def test_the_kernel_sum_prices_each_op_kinds_weights_on_their_own() -> None:
+    """Each conv weight costs 20 ns and a linear layer's weights cost nothing, while the convs'
+    and the linear layers' shares of the weights move from model to model (as in edison's vgg
+    candidates). One price for all weights cannot follow that; a price per op kind can."""
+    rng = np.random.default_rng(0)
+    pts = []
+    for _ in range(40):
+        macs, conv_w, linear_w = rng.uniform(1e5, 1e6), rng.uniform(1e3, 3e4), rng.uniform(1e3, 3e4)
+        f = {"macs": macs, "params": conv_w + linear_w, "act_kb": 10.0, "ops": 4.0,
+             "conv_macs": macs, "conv_params": conv_w, "conv_act_kb": 10.0, "conv_ops": 2.0,
+             "linear_params": linear_w, "linear_macs": linear_w, "linear_ops": 2.0}
+        pts.append({**f, "batch": 1.0, "value": 0.05 + 2e-7 * macs + 2e-5 * conv_w})
+    f = fit_class("kernel", pts[:30])
+    assert f is not None
+    rel = [abs(f.predict(p) - p["value"]) / p["value"] for p in pts[30:]]
+    assert max(rel) < 0.02, rel
+
+
 def test_a_new_class_borrows_from_the_measured_ones() -> None:
     """Cold start: class c has 3 measured artifacts, 2.5x slower than class b; its predictor is
     b's model mapped by a scale and offset fitted on c's own points."""
