@@ -130,10 +130,11 @@ class KernelSum(_NonNegative):
 
     Weights are priced per op kind, not as one total: in the numpy runtime on edison (i686) a
     conv's weight costs ~13 ns and a linear layer's ~0.5 ns (this kernel fitted on the 210
-    candidates of benchmarks/predictor.py), so vgg candidates of equal conv MACs measured up to
-    1.4x apart as their weights moved between the early layers and the deep ones. With one
-    price the hybrid had 56 % of held-out vgg candidates within 10 % on edison, 87 % with a
-    price per kind (all families 76 -> 83 %; the other classes moved by less than a point)."""
+    candidates of benchmarks/predictor.py, 3 passes), so vgg candidates of equal conv MACs
+    measured up to 1.4x apart as their weights moved between the early layers and the deep
+    ones. With one price the hybrid had 56 % of held-out vgg candidates within 10 % on edison,
+    87 % with a price per kind (all families 76 -> 83 %; the other classes moved by less than
+    a point)."""
 
     name = "kernel"
     relative = True
