@@ -117,7 +117,7 @@ def build(out: Path, n: int, seed: int) -> list[dict[str, Any]]:
     return list(made.values())
 
 
-def measure(out: Path, fleet: str | None, repeat_share: float, backend: str = "auto", passes: int = 1) -> None:
+def measure(out: Path, fleet: str | None, repeat_share: float, backend: str, passes: int) -> None:
     """Every built artifact on every device of ``fleet`` in ``backend``, one device after
     another; rows under ``out/results``. With ``passes`` > 1 every artifact is measured in each
     of that many passes over all of them (minutes apart), else a ``repeat_share`` of them twice."""
