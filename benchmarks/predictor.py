@@ -9,7 +9,7 @@ Three steps (``--steps build,measure,evaluate``, default all):
   model; a third of them also go through 8-bit fixed point (int8 QDQ on onnxruntime). Weights
   are the untrained model's: latency depends on the structure, not on what was learnt, and
   training 200 models would take hours. Each artifact carries its features
-  (:func:`deepfleet.features.onnx_features`).
+  (:func:`deepfleet.features.artifact_features`).
 * **measure**: every artifact on every device of ``--fleet`` (default the local device), the
   runtime chosen by the agent (``backend: auto`` where the agent has it; ``--backend`` picks
   one, e.g. ``numpy`` on the local device for a second class of edison's runtime), pinned to one core,
@@ -75,7 +75,7 @@ def build(out: Path, n: int, seed: int) -> list[dict[str, Any]]:
     from deepfleet.compressors._graph import analyse
     from deepfleet.compressors.training import TrainConfig
     from deepfleet.data import load_data
-    from deepfleet.features import onnx_features
+    from deepfleet.features import artifact_features
     from deepfleet.models import build_model
 
     rng = random.Random(seed)
@@ -106,11 +106,11 @@ def build(out: Path, n: int, seed: int) -> list[dict[str, Any]]:
                                    val_accuracy=0.0)
         if files.digest in made:
             continue
-        from deepfleet.artifact import ONNX_FILE, save_artifact
+        from deepfleet.artifact import save_artifact
 
         art = save_artifact(out / "artifacts", files)
         made[files.digest] = {"artifact": str(art.path), "family": family, "method": method,
-                              "features": onnx_features(files.files[ONNX_FILE])}
+                              "features": artifact_features(files.files)}
         print(f"built {len(made)}/{n}: {family} {method} macs {made[files.digest]['features']['macs']:.0f}",
               flush=True)
     (out / "candidates.json").write_text(json.dumps(made, indent=1))
@@ -148,9 +148,13 @@ def _points(out: Path) -> tuple[dict[tuple[str, str], list[dict[str, float]]], f
     difference between an artifact's two measurements on one device) and the same per class,
     with the share of repeats that differ by more than 10 %: a class's floor for the share
     within 10 % that a predictor can reach."""
+    from deepfleet.features import artifact_features, complete
     from deepfleet.orchestrator.results import plain_rows, read_results
 
     made = json.loads((out / "candidates.json").read_text())
+    for c in made.values():  # built before the loop features: computed from the artifact now
+        if not complete(c["features"]):
+            c["features"] = artifact_features({f.name: f.read_bytes() for f in Path(c["artifact"]).iterdir()})
     rows = [r for r in plain_rows(read_results(out / "results", study="predictor"))
             if not r.get("error") and r["artifact_hash"] in made]
     by: dict[tuple[str, str, str], list[float]] = {}

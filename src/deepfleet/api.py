@@ -29,7 +29,7 @@ from torch import nn
 from deepfleet import __version__, _litert
 from deepfleet._files import cache_dir, write_json
 from deepfleet._onnx import export_onnx
-from deepfleet.artifact import ONNX_FILE, ArtifactFiles, build_artifact, save_artifact
+from deepfleet.artifact import ArtifactFiles, build_artifact, save_artifact
 from deepfleet.calibration import calibration
 from deepfleet.candidate import Candidate, Layer
 from deepfleet.compressors import (
@@ -60,7 +60,7 @@ from deepfleet.compressors.training import (
 )
 from deepfleet.data import Dataset, load_data
 from deepfleet.errors import ConfigError, ModelError, UnsupportedLayerError
-from deepfleet.features import onnx_features
+from deepfleet.features import artifact_features
 from deepfleet.models import build_model
 
 # Training budgets that scale with the data (TrainConfig.work, fit_budget): at most 3e11 forward
@@ -285,10 +285,6 @@ def export_artifact(net: nn.Module, *, model: str, data: Dataset, seed: int, com
     return exported, files
 
 
-def _features(files: ArtifactFiles) -> dict[str, float]:
-    return onnx_features(files.files[ONNX_FILE]) if ONNX_FILE in files.files else {}
-
-
 def val_calibration(net: nn.Module, ds: Dataset) -> dict[str, float]:
     """ECE, NLL and Brier score of ``net``'s softmax on the validation split (Candidate's fields)."""
     return calibration(logits_of(net, ds.X_val).numpy(), ds.y_val)
@@ -303,7 +299,7 @@ def _original(model: str, ds: Dataset, seed: int, base: nn.Module, accuracy_val:
     cand = Candidate(model=model, data=ds.name, method="none", artifact_hash=files.digest,
                      accuracy_val=accuracy_val, accuracy_test=accuracy_test, accuracy_drop_pp=0.0,
                      **(calib or val_calibration(base, ds)), params=exported.params, macs=exported.macs,
-                     bytes=files.bytes, kept_params=1.0, features=_features(files),
+                     bytes=files.bytes, kept_params=1.0, features=artifact_features(files.files),
                      sensors_kept=None if sensors is None else tuple(sensors))
     return exported, cand, files
 
@@ -406,7 +402,7 @@ def compress_model(
         accuracy_drop_pp=100.0 * (acc["val_accuracy_before"] - acc["val_accuracy_after"]),
         **calib["after"], params=exp_small.params, macs=exp_small.macs, bytes=files.bytes,
         kept_params=result.kept_params(params_before), layers=tuple(Layer(**row) for row in layers),  # type: ignore[arg-type]
-        features=_features(files), node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2),
+        features=artifact_features(files.files), node=socket.gethostname(), train_seconds=round(time.perf_counter() - t0, 2),
         sensors_kept=None if sensing["sensors_kept"] is None else tuple(sensing["sensors_kept"]),
         inputs_kept=None if sensing["inputs_kept"] is None else tuple(sensing["inputs_kept"]))
     details: dict[str, Any] = {

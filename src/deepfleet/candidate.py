@@ -44,7 +44,7 @@ class Candidate:
     dense model, ``bytes`` the artifact on disk, ``kept_params`` parameters left by pruning as a
     fraction of the original's. ``node`` and ``train_seconds`` say where and how long it was
     compressed (None for the original). ``features`` are the predictor's features of its
-    artifact (:func:`deepfleet.features.onnx_features`; empty when it has no ``model.onnx``).
+    artifact (:func:`deepfleet.features.artifact_features`; empty when it has no ``model.onnx``).
     ``sensors_kept`` names the sensors the model still reads (None when the data names none);
     ``inputs_kept`` the input channels (or elements, see the artifact manifest's
     ``inputs_unit``) it still reads when DeepIoT masked inputs (None: all).

@@ -9,6 +9,7 @@ import pytest
 
 from deepfleet.candidate import Candidate
 from deepfleet.errors import ConfigError
+from deepfleet.features import LOOP_FEATURES
 from deepfleet.search import (
     Failed,
     Infeasible,
@@ -29,7 +30,7 @@ SPEC = parse_study({
 })
 def features(macs: float, params: float) -> dict[str, float]:
     return {"macs": macs, "params": params, "linear_macs": macs, "linear_params": params, "linear_ops": 2.0,
-            "linear_act_kb": 1.0, "act_kb": 1.0, "ops": 2.0}
+            "linear_act_kb": 1.0, "act_kb": 1.0, "ops": 2.0, **dict.fromkeys(LOOP_FEATURES, 0.0)}
 
 
 CAND = Candidate(model="mlp", data="digits", method="deepiot", artifact_hash="me", accuracy_val=0.97,
@@ -96,6 +97,20 @@ def test_a_clear_predicted_violation_costs_no_device_time() -> None:
     assert isinstance(judge(SPEC, near, linear_rows(), known(linear_rows())), Measure)
     # without features of the measured artifacts nothing is predicted: measured, never rejected
     assert isinstance(judge(SPEC, big, rows), Measure)
+
+
+def test_features_recorded_before_the_loop_features_neither_train_nor_predict() -> None:
+    """An earlier session's candidates lack the recurrent loop features: read as zeros they
+    would price an LSTM's loops at nothing, so such a candidate is measured, and such rows do
+    not train the predictor."""
+    def old(c: Candidate) -> Candidate:
+        return dataclasses.replace(c, features={k: v for k, v in c.features.items() if k not in LOOP_FEATURES})
+
+    big = dataclasses.replace(CAND, macs=10_000_000, params=1_000_000, features=features(1e7, 1e6))
+    rows = [row("a1", "a", 2.0, artifact="me"), *linear_rows()]
+    assert isinstance(judge(SPEC, big, rows, known(linear_rows())), PredictedInfeasible)
+    assert isinstance(judge(SPEC, old(big), rows, known(linear_rows())), Measure)
+    assert isinstance(judge(SPEC, big, rows, {h: old(c) for h, c in known(linear_rows()).items()}), Measure)
 
 
 def test_predictions_are_scored_against_what_was_measured() -> None:
@@ -173,6 +188,25 @@ def test_the_kernel_sum_prices_each_op_kinds_weights_on_their_own() -> None:
              "conv_macs": macs, "conv_params": conv_w, "conv_act_kb": 10.0, "conv_ops": 2.0,
              "linear_params": linear_w, "linear_macs": linear_w, "linear_ops": 2.0}
         pts.append({**f, "batch": 1.0, "value": 0.05 + 2e-7 * macs + 2e-5 * conv_w})
+    f = fit_class("kernel", pts[:30])
+    assert f is not None
+    rel = [abs(f.predict(p) - p["value"]) / p["value"] for p in pts[30:]]
+    assert max(rel) < 0.02, rel
+
+
+def test_the_kernel_sum_prices_the_numpy_runtimes_recurrent_loops() -> None:
+    """The numpy runtime steps a stack's layers in one loop whose matmul grows with the square
+    of their summed hidden sizes, and pays a fixed cost a step: its recurrent cost follows the
+    loop features, not the graph's recurrent MACs (which move independently, as when DeepIoT
+    prunes one layer more than the other). The kernel sum prices them."""
+    rng = np.random.default_rng(1)
+    pts = []
+    for _ in range(40):
+        graph_macs, loop_macs, steps = rng.uniform(1e4, 1e6), rng.uniform(1e4, 1e6), rng.choice([65.0, 128.0])
+        f = {"macs": graph_macs, "params": 1e3, "act_kb": 5.0, "ops": 3.0, "recurrent_macs": graph_macs,
+             "recurrent_params": 1e3, "recurrent_act_kb": 5.0, "recurrent_ops": 2.0, "linear_ops": 1.0,
+             "recurrent_loop_macs": loop_macs, "recurrent_loop_steps": steps, "recurrent_loop_elems": 10 * steps}
+        pts.append({**f, "batch": 1.0, "value": 0.02 + 4e-7 * loop_macs + 2e-3 * steps})
     f = fit_class("kernel", pts[:30])
     assert f is not None
     rel = [abs(f.predict(p) - p["value"]) / p["value"] for p in pts[30:]]

@@ -711,6 +711,18 @@ class _RnnGroup:
             (self._loop_lstm if self.lstm else self._loop_gru if self.twice else self._loop_gru_once)()
         return self.outs, self.finals
 
+    def work(self):
+        """What the last call did, as (multiply-accumulates, loop steps, gate elements): the
+        per-step matmuls' over the whole block matrix (its zero blocks included) plus the input
+        projection when not folded, the steps of the loop, and the elements the per-step numpy
+        calls touch (G's, summed over steps). Zeros before the first call."""
+        if self.key is None:
+            return 0, 0, 0
+        steps, (rows, cols) = len(self.steps), self.R.shape
+        b = self.G.shape[0]
+        project = 0 if self.fold else self.P.shape[0] * self.WX.shape[0] * self.WX.shape[1]
+        return steps * b * rows * cols + project, steps, steps * self.G.size
+
     # The loops pass outputs positionally and add arrays, not Python scalars: both cost time.
     def _loop_lstm(self):
         add, div, exp, tanh = np.add, np.true_divide, np.exp, np.tanh
@@ -810,6 +822,11 @@ class _Rnn:
                 units = [(key[0], d, self.hidden[key[0]], None) for d in dirs]
             g = self.groups[key] = _RnnGroup(self.kind, units, self.w, key == "stack")
         return g
+
+    def work(self):
+        """:meth:`_RnnGroup.work` summed over the groups built so far: those of the calls made,
+        so the last call's when every call had one batch size."""
+        return tuple(sum(w) for w in zip((0, 0, 0), *(g.work() for g in self.groups.values())))
 
     def __call__(self, x):
         batch_first = self.batch_first
@@ -1008,6 +1025,21 @@ class Model:
                             outs[0] if len(outs) == 1 else outs))
         self._program = program
         self._run = _straight_line(program, [slot[o] for o in self.outputs])
+
+    def recurrent_work(self, batch=1):
+        """What this model's recurrent layers execute in one run at ``batch`` (see
+        :meth:`_RnnGroup.work`): {"macs", "steps", "gate_elems"}, summed over its rnn ops; zeros
+        without one. Runs the model once on zeros (layouts are chosen on first use): call it on
+        a Model that has run at no other batch size. Host code's view of the runtime's plan
+        (the latency predictor's features), not a device measurement."""
+        if not any(isinstance(run, _Rnn) for run, _, _ in self._program):
+            return {"macs": 0, "steps": 0, "gate_elems": 0}
+        self.run(np.zeros((batch,) + self.input_shape, np.float32))
+        total = [0, 0, 0]
+        for run, _, _ in self._program:
+            if isinstance(run, _Rnn):
+                total = [a + b for a, b in zip(total, run.work())]
+        return dict(zip(("macs", "steps", "gate_elems"), total))
 
     def run(self, x):
         outs = self._run(np.ascontiguousarray(x, dtype=np.float32))

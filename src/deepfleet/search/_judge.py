@@ -27,6 +27,7 @@ from typing import Any
 
 from deepfleet import metrics
 from deepfleet.candidate import Candidate
+from deepfleet.features import complete
 from deepfleet.search import _predictor as predictor
 from deepfleet.search._spec import Constraint, Objective, StudySpec
 
@@ -152,7 +153,7 @@ def fit(spec: StudySpec, rows: Rows, known: Known, metric: str, device_class: st
     """The study's predictor of ``metric`` on ``device_class`` fitted on the rows of every
     artifact but ``exclude`` (borrowing from the other classes while the class has few), and
     how many artifacts of the class it could use."""
-    features = {h: c.features for h, c in known.items() if c.features and h != exclude}
+    features = {h: c.features for h, c in known.items() if complete(c.features) and h != exclude}
     points, backends = {}, {}
     for cls in sorted({str(r["device_class"]) for r in rows}):
         backends[cls] = _backend(rows, cls)
@@ -171,7 +172,7 @@ def _predict(spec: StudySpec, cand: Candidate, rows: Rows, known: Known,
              classes: Sequence[str]) -> list[Prediction]:
     """Predictions of every device metric the study uses on ``classes`` (none where the
     predictor has too few points)."""
-    if not cand.features:
+    if not complete(cand.features):
         return []
     wanted = {(x.metric, str(x.device_class)) for x in (*spec.objectives, *spec.constraints)
               if x.device_class in classes}

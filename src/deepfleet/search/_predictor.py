@@ -142,7 +142,9 @@ class KernelSum(_NonNegative):
     def columns(self, f: Features) -> list[float]:
         b = f.get("batch", 1)
         return [1.0, *(v for k in KINDS for v in (f.get(f"{k}_macs", 0.0) * b, f.get(f"{k}_act_kb", 0.0) * b,
-                                                  f.get(f"{k}_ops", 0.0), f.get(f"{k}_params", 0.0)))]
+                                                  f.get(f"{k}_ops", 0.0), f.get(f"{k}_params", 0.0))),
+                f.get("recurrent_loop_macs", 0.0) * b, f.get("recurrent_loop_steps", 0.0),
+                f.get("recurrent_loop_elems", 0.0) * b]
 
 
 # The trees' features: totals, the batch, and each op kind's work, activations and op count.
