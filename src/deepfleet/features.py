@@ -76,8 +76,7 @@ def artifact_features(files: Mapping[str, bytes]) -> dict[str, float]:
     with np.load(io.BytesIO(files["weights.npz"]), allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     work = Model(json.loads(files["graph.json"]), arrays).recurrent_work(batch=1)
-    return {**onnx_features(files[ONNX_FILE]),
-            **{name: float(work[k]) for name, k in zip(LOOP_FEATURES, ("macs", "steps", "gate_elems"))}}
+    return {**onnx_features(files[ONNX_FILE]), **{f"recurrent_loop_{k}": float(v) for k, v in work.items()}}
 
 
 def complete(features: Mapping[str, float]) -> bool:

@@ -1028,18 +1028,18 @@ class Model:
 
     def recurrent_work(self, batch=1):
         """What this model's recurrent layers execute in one run at ``batch`` (see
-        :meth:`_RnnGroup.work`): {"macs", "steps", "gate_elems"}, summed over its rnn ops; zeros
+        :meth:`_RnnGroup.work`): {"macs", "steps", "elems"}, summed over its rnn ops; zeros
         without one. Runs the model once on zeros (layouts are chosen on first use): call it on
         a Model that has run at no other batch size. Host code's view of the runtime's plan
         (the latency predictor's features), not a device measurement."""
         if not any(isinstance(run, _Rnn) for run, _, _ in self._program):
-            return {"macs": 0, "steps": 0, "gate_elems": 0}
+            return {"macs": 0, "steps": 0, "elems": 0}
         self.run(np.zeros((batch,) + self.input_shape, np.float32))
         total = [0, 0, 0]
         for run, _, _ in self._program:
             if isinstance(run, _Rnn):
                 total = [a + b for a, b in zip(total, run.work())]
-        return dict(zip(("macs", "steps", "gate_elems"), total))
+        return dict(zip(("macs", "steps", "elems"), total))
 
     def run(self, x):
         outs = self._run(np.ascontiguousarray(x, dtype=np.float32))
