@@ -23,17 +23,17 @@ Three steps (``--steps build,measure,evaluate``, default all):
   median over passes minutes apart is a steadier truth to score against; the repeat noise is
   then the first two passes' of every artifact. ``measure`` run again on the same ``--out``
   adds passes (a point is the median of all an artifact's rows on its device and backend).
-  Scored against 5 passes the hybrid had 87.4 % of held-out candidates within 10 % on edison
-  and 91.4 % on local numpy, against 3 passes 82.0 and 90.8 % (20 draws), against 1 pass
-  72-79 % and 89-91 % (5 draws; benchmarks/results/predictor*.json).
+  Scored against 5 passes the hybrid had 95.8 % of held-out candidates within 10 % on edison
+  and 93.3 % on local numpy, against 3 passes 90.6 and 92.6 %, against 1 pass 78-82 % and
+  92-93 % (benchmarks/results/predictor*.json).
 * **evaluate**: per device (class) and backend, for each predictor (``linear``, ``kernel``,
   ``forest``, ``hybrid``): share of held-out candidates within ±10 % and ±20 % of measured p50,
   MAPE and Spearman, by random split (5 seeds, 20 % held out) and by leaving one model family
-  out; a learning curve over 10, 20, 50 and 100 training measurements (5 random draws each,
-  averaged), fitted on the class's own points alone and as the judge fits with the fleet's other
+  out; a learning curve over 10, 20, 50 and 100 training measurements (:data:`DRAWS` random
+  draws each, averaged), fitted on the class's own points alone and as the judge fits with the fleet's other
   classes measured (``learning_curve_fleet``: own, borrowed or transferred, whichever has the
   lower held-out error; with the share within 10 % per family, where the error comes from);
-  cold start on each class from 10 of its own measurements borrowing from the others (5 draws);
+  cold start on each class from 10 of its own measurements borrowing from the others (:data:`DRAWS` draws);
   false rejections when the judge's rule is replayed against a limit at each class's median
   p50; fit + predict time at 1,000 rows.
 
@@ -60,7 +60,8 @@ sys.path.insert(0, str(HERE))
 
 # learning-curve and cold-start draws averaged: one draw of 50 points moved the share within
 # 10 % by several points (86-88 % in one draw, 91 % over six, on the onnxruntime classes), and
-# five draws by up to 3 (edison, 5 passes: draws 0-4 90.0 %, 0-19 87.4 %, single draws 79-96 %)
+# five draws by up to 3 (edison, 5 passes, before the loop features: draws 0-4 90.0 %, 0-19
+# 87.4 %, single draws 79-96 %)
 DRAWS = 20
 FAMILIES = {"lenet5": "digits", "mlp": "digits", "vgg": "digits", "deepsense": "sensing", "bilstm": "sensing"}
 
