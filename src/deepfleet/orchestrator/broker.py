@@ -173,8 +173,8 @@ def measure_on_class(
     while len(used) < want and len(errors) < int(job.get("attempts", 3)):
         try:
             name = ray.get(broker.acquire.remote(cls, job["holder"], job.get("lease_timeout_s", 3600.0), tuple(used)))
-        except DeviceError as exc:
-            errors.append(str(exc))
+        except DeviceError as exc:  # Ray's wrapper: its str() is the actor's traceback
+            errors.append(one_line(exc))
             break
         try:
             rows += ray.get(actors[name].measure.remote(job["artifact"], job.get("trial")))
