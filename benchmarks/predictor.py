@@ -30,11 +30,11 @@ Three steps (``--steps build,measure,evaluate``, default all):
   ``forest``, ``hybrid``): share of held-out candidates within ±10 % and ±20 % of measured p50,
   MAPE and Spearman, by random split (5 seeds, 20 % held out) and by leaving one model family
   out; a learning curve over 10, 20, 50 and 100 training measurements (:data:`DRAWS` random
-  draws each, averaged), fitted on the class's own points alone and as the judge fits with the fleet's other
-  classes measured (``learning_curve_fleet``: own, borrowed or transferred, whichever has the
-  lower held-out error; with the share within 10 % per family, where the error comes from);
-  cold start on each class from 10 of its own measurements borrowing from the others (:data:`DRAWS` draws);
-  false rejections when the judge's rule is replayed against a limit at each class's median
+  draws each, averaged), fitted on the class's own points alone and as the judge fits with the
+  fleet's other classes measured (``learning_curve_fleet``: own, borrowed or transferred,
+  whichever has the lower held-out error; with the share within 10 % per family, where the
+  error comes from); cold start on each class from 10 of its own measurements borrowing from
+  the others (:data:`DRAWS` draws); false rejections when the judge's rule is replayed against a limit at each class's median
   p50; fit + predict time at 1,000 rows.
 
 Results: ``benchmarks/results/predictor.json`` (and the rows under ``OUT``).
