@@ -34,8 +34,8 @@ Three steps (``--steps build,measure,evaluate``, default all):
   fleet's other classes measured (``learning_curve_fleet``: own, borrowed or transferred,
   whichever has the lower held-out error; with the share within 10 % per family, where the
   error comes from); cold start on each class from 10 of its own measurements borrowing from
-  the others (:data:`DRAWS` draws); false rejections when the judge's rule is replayed against a limit at each class's median
-  p50; fit + predict time at 1,000 rows.
+  the others (:data:`DRAWS` draws); false rejections when the judge's rule is replayed against
+  a limit at each class's median p50; fit + predict time at 1,000 rows.
 
 Results: ``benchmarks/results/predictor.json`` (and the rows under ``OUT``).
 """
@@ -149,13 +149,15 @@ def _points(out: Path) -> tuple[dict[tuple[str, str], list[dict[str, float]]], f
     difference between an artifact's two measurements on one device) and the same per class,
     with the share of repeats that differ by more than 10 %: a class's floor for the share
     within 10 % that a predictor can reach."""
+    from deepfleet.artifact import artifact_files
     from deepfleet.features import artifact_features, complete
     from deepfleet.orchestrator.results import plain_rows, read_results
 
     made = json.loads((out / "candidates.json").read_text())
     for c in made.values():  # built before the loop features: computed from the artifact now
         if not complete(c["features"]):
-            c["features"] = artifact_features({f.name: f.read_bytes() for f in Path(c["artifact"]).iterdir()})
+            path = Path(c["artifact"])
+            c["features"] = artifact_features({f: (path / f).read_bytes() for f in artifact_files(path)})
     rows = [r for r in plain_rows(read_results(out / "results", study="predictor"))
             if not r.get("error") and r["artifact_hash"] in made]
     by: dict[tuple[str, str, str], list[float]] = {}

@@ -176,6 +176,13 @@ def test_the_kernel_sum_fits_relative_error_so_the_small_models_are_not_given_aw
     assert max(rel) < 0.08, rel
 
 
+def _kernel_errors_past_30(pts: list[dict]) -> list[float]:
+    """Relative errors on ``pts[30:]`` of the kernel sum fitted on ``pts[:30]``."""
+    f = fit_class("kernel", pts[:30])
+    assert f is not None
+    return [abs(f.predict(p) - p["value"]) / p["value"] for p in pts[30:]]
+
+
 def test_the_kernel_sum_prices_each_op_kinds_weights_on_their_own() -> None:
     """Each conv weight costs 20 ns and a linear layer's weights cost nothing, while the convs'
     and the linear layers' shares of the weights move from model to model (as in edison's vgg
@@ -188,9 +195,7 @@ def test_the_kernel_sum_prices_each_op_kinds_weights_on_their_own() -> None:
              "conv_macs": macs, "conv_params": conv_w, "conv_act_kb": 10.0, "conv_ops": 2.0,
              "linear_params": linear_w, "linear_macs": linear_w, "linear_ops": 2.0}
         pts.append({**f, "batch": 1.0, "value": 0.05 + 2e-7 * macs + 2e-5 * conv_w})
-    f = fit_class("kernel", pts[:30])
-    assert f is not None
-    rel = [abs(f.predict(p) - p["value"]) / p["value"] for p in pts[30:]]
+    rel = _kernel_errors_past_30(pts)
     assert max(rel) < 0.02, rel
 
 
@@ -207,9 +212,7 @@ def test_the_kernel_sum_prices_the_numpy_runtimes_recurrent_loops() -> None:
              "recurrent_params": 1e3, "recurrent_act_kb": 5.0, "recurrent_ops": 2.0, "linear_ops": 1.0,
              "recurrent_loop_macs": loop_macs, "recurrent_loop_steps": steps, "recurrent_loop_elems": 10 * steps}
         pts.append({**f, "batch": 1.0, "value": 0.02 + 4e-7 * loop_macs + 2e-3 * steps})
-    f = fit_class("kernel", pts[:30])
-    assert f is not None
-    rel = [abs(f.predict(p) - p["value"]) / p["value"] for p in pts[30:]]
+    rel = _kernel_errors_past_30(pts)
     assert max(rel) < 0.02, rel
 
 

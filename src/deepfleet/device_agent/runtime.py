@@ -1032,14 +1032,10 @@ class Model:
         without one. Runs the model once on zeros (layouts are chosen on first use): call it on
         a Model that has run at no other batch size. Host code's view of the runtime's plan
         (the latency predictor's features), not a device measurement."""
-        if not any(isinstance(run, _Rnn) for run, _, _ in self._program):
-            return {"macs": 0, "steps": 0, "elems": 0}
-        self.run(np.zeros((batch,) + self.input_shape, np.float32))
-        total = [0, 0, 0]
-        for run, _, _ in self._program:
-            if isinstance(run, _Rnn):
-                total = [a + b for a, b in zip(total, run.work())]
-        return dict(zip(("macs", "steps", "elems"), total))
+        rnns = [run for run, _, _ in self._program if isinstance(run, _Rnn)]
+        if rnns:
+            self.run(np.zeros((batch,) + self.input_shape, np.float32))
+        return dict(zip(("macs", "steps", "elems"), (sum(w) for w in zip((0, 0, 0), *(r.work() for r in rnns)))))
 
     def run(self, x):
         outs = self._run(np.ascontiguousarray(x, dtype=np.float32))
