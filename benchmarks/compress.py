@@ -23,7 +23,9 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 the same keeping the epoch of lowest validation loss (``select`` ``loss``);
                 ``deepsense-user-ft400-full`` and ``-ft800-full`` for 400 and 800 without early
                 stopping (patience = epochs: the cosine schedule decays to its end),
-                ``deepsense-user-ft400-last`` the same keeping the final epoch (``select`` ``last``);
+                ``deepsense-user-ft400-last`` the same keeping the final epoch (``select`` ``last``),
+                ``deepsense-user-ft400-views`` that with consistent distillation on 8 noisy views of
+                the training windows (``views`` 8, ``jitter`` 0.1: the teacher's outputs per view);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
                 the 0.5 pp bar); ``deepsense-user-scratch`` the control: a DeepSense of width 4
                 (1,489 parameters, 2.0 %) trained from scratch for 150 epochs, alone and with
@@ -80,7 +82,9 @@ USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"},
                  "deepsense-user-ft400-full": {"epochs": 400, "patience": 400},
                  "deepsense-user-ft800-full": {"epochs": 800, "patience": 800},
-                 "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"}}
+                 "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"},
+                 "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
+                                                "jitter": 0.1}}
 # deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
 USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
@@ -333,6 +337,7 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
         search, ft = USER_SEARCH[part], {"kd_alpha": 0.7, "work": None, **USER_FINETUNE.get(part, {})}
         method = (f"deepiot+kd-finetune-{ft.get('epochs', 60)}" + (f"-{ft['select']}" if "select" in ft else "")
                   + ("-full" if ft.get("patience") == ft.get("epochs") else "")
+                  + (f"-views{ft['views']}-jitter{ft['jitter']}" if ft.get("views") else "")
                   + (f"+search-{search['iterations']}" if search else ""))
         return [{"part": part, "model": model, "data": data, "target": t, "seed": s, "search": search,
                  "method": method + (f"@{t:.0%}" if part in USER_TARGETS else ""), "finetune": ft}

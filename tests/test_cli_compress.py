@@ -222,6 +222,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, args: li
          "--set finetune: kd_alpha must be a weight in [0, 1] (0 = no distillation), but got 2"),
         (["mlp", "--data", "digits", "--set", "finetune.epochs=ten"],
          "--set finetune: epochs must be a whole number >= 0, but got 'ten'"),
+        (["mlp", "--data", "digits", "--set", "finetune.views=-1"],
+         "--set finetune: views must be a whole number >= 0, but got -1"),
         (["mlp", "--data", "digits", "--set", "finetune.work=0"],
          "--set finetune: work must be a positive number of multiply-accumulates (or null: no budget, epochs "
          "alone), but got 0"),

@@ -1,5 +1,6 @@
-"""The training loop's checkpoint rule (which validation epoch ``train`` hands back) and its
-translated copies of training images (``TrainConfig.shift``)."""
+"""The training loop's checkpoint rule (which validation epoch ``train`` hands back), its
+translated copies of training images (``TrainConfig.shift``) and its noisy views for consistent
+distillation (``TrainConfig.views``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from torch import nn
 
 from deepfleet.compressors.training import (
     TrainConfig,
+    batches,
+    epoch_batches,
+    jittered,
+    logits_of,
     shift_offsets,
     train,
+    training_set,
     training_tensors,
     translate,
     validation_score,
@@ -124,6 +130,59 @@ def test_training_tensors_add_shifted_images_and_leave_sequences_alone(tiny_digi
 def test_a_bad_shift_is_named(bad: object) -> None:
     with pytest.raises(ConfigError, match=f"shift.*{bad!r}"):
         TrainConfig(shift=bad)  # type: ignore[arg-type]
+
+
+def test_a_view_scales_each_channel_and_adds_noise_of_the_jitter() -> None:
+    X = torch.ones(4000, 3, 50)
+    view = jittered(X, 0.2, torch.Generator().manual_seed(0))
+    gains = view.mean(2)  # the noise averages out over a channel's 50 steps: the gain is left
+    assert gains.std().item() == pytest.approx(0.2, rel=0.05) and gains.mean().item() == pytest.approx(1.0, abs=0.01)
+    noise = view - view.mean(2, keepdim=True)
+    assert noise.std().item() == pytest.approx(0.2, rel=0.05)
+    again = jittered(X, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(view, again)  # a view is a function of its seed
+
+
+def test_every_batch_carries_the_teachers_outputs_for_the_version_it_drew(tiny_sequences: Dataset) -> None:
+    """Consistency: the teacher's outputs that a batch distils from are the teacher's outputs
+    for exactly the inputs in that batch, whichever noisy version each sample came from."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(6 * 12, 4))
+    cfg = TrainConfig(views=3, jitter=0.3, kd_alpha=0.5, batch_size=50)
+    ts = training_set(tiny_sequences, cfg, teacher, seed=1)
+    n = len(tiny_sequences.y_train)
+    assert ts.X.shape == (4, n, 6, 12) and ts.teacher is not None and ts.teacher.shape == (4, n, 4)
+    assert torch.equal(ts.X[0], torch.as_tensor(tiny_sequences.X_train))  # the clean version first
+    gen = torch.Generator().manual_seed(0)
+    epochs = [list(epoch_batches(ts, cfg.batch_size, gen, torch.device("cpu"))) for _ in range(2)]
+    for epoch in epochs:
+        xs = torch.cat([xb for xb, _, _ in epoch])
+        assert len(xs) == n and sorted(torch.cat([yb for _, yb, _ in epoch]).tolist()) == sorted(ts.y.tolist())
+        for xb, _, tb in epoch:
+            assert torch.allclose(tb, logits_of(teacher, xb), atol=1e-5)
+    drawn = torch.cat([xb for xb, _, _ in epochs[0]]).flatten(1)
+    is_clean = (drawn[:, None, :] == ts.X[0].flatten(1)[None]).all(2).any(1)
+    assert 0.1 < is_clean.float().mean().item() < 0.45  # about 1 in 4 samples is the clean version
+
+
+def test_without_views_an_epoch_is_the_plain_shuffle(tiny_sequences: Dataset) -> None:
+    """views 0 draws nothing more than the shuffle, so runs from before the views reproduce."""
+    ts = training_set(tiny_sequences, TrainConfig(), None, seed=0)
+    assert ts.X.shape[0] == 1 and ts.teacher is None
+    gen, plain = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = [xb for _ in range(3) for xb, _, _ in epoch_batches(ts, 64, gen, torch.device("cpu"))]
+    X = torch.as_tensor(tiny_sequences.X_train)
+    want = [X[idx] for _ in range(3) for idx in batches(len(X), 64, plain)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize(("key", "bad", "needle"), [("views", -1, "views must be a whole number >= 0"),
+                                                    ("views", 2.5, "views must be a whole number >= 0"),
+                                                    ("jitter", 0, "jitter must be a number > 0"),
+                                                    ("jitter", "0.1", "jitter must be a number > 0")])
+def test_bad_views_are_named(key: str, bad: object, needle: str) -> None:
+    with pytest.raises(ConfigError, match=f"{needle}, but got {bad!r}"):
+        TrainConfig(**{key: bad})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", [0, -3e11, "3e11", True])

@@ -28,11 +28,10 @@ from deepfleet.compressors.training import (
     BestEpoch,
     TrainConfig,
     adam_cosine,
-    batches,
     device_of,
     distillation_loss,
-    logits_of,
-    training_tensors,
+    epoch_batches,
+    training_set,
 )
 from deepfleet.data import Dataset
 
@@ -139,13 +138,13 @@ def finetune(
     dev = device_of(model)
     final = reparam.weights(final=True)  # builds every encoding: once
     others = [p for n, p in model.named_parameters() if n not in final]
-    X, y = training_tensors(data, cfg)
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
     install(model, final)
     if cfg.epochs == 0:
         return model, history
-    teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 else None
-    opt, sched = adam_cosine([*reparam.trainable(), *others], cfg, len(y))
+    ts = training_set(data, cfg, teacher, seed)
+    n = len(ts.y)
+    opt, sched = adam_cosine([*reparam.trainable(), *others], cfg, n)
     gen = torch.Generator().manual_seed(seed)
 
     def snapshot() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -157,9 +156,7 @@ def finetune(
     for _ in bar:
         model.train()
         total = 0.0
-        for idx in batches(len(y), cfg.batch_size, gen):
-            xb, yb = X[idx].to(dev), y[idx].to(dev)
-            tb = teacher_logits[idx].to(dev) if teacher_logits is not None else None
+        for xb, yb, tb in epoch_batches(ts, cfg.batch_size, gen, dev):
             out = functional_call(model, reparam.weights(final=False), (xb,))
             loss = distillation_loss(out, yb, tb, cfg)
             opt.zero_grad(set_to_none=True)
@@ -167,12 +164,12 @@ def finetune(
             opt.step()
             sched.step()
             reparam.after_step()
-            total += float(loss.detach()) * len(idx)
+            total += float(loss.detach()) * len(yb)
         install(model, reparam.weights(final=True))
         val, stop = keeper.consider(model, data)
-        history["loss"].append(total / len(y))
+        history["loss"].append(total / n)
         history["val_accuracy"].append(val)
-        bar.set_postfix(loss=f"{total / len(y):.3f}", val=f"{val:.3f}")
+        bar.set_postfix(loss=f"{total / n:.3f}", val=f"{val:.3f}")
         if stop:
             break
     tensors, state = keeper.best

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -55,6 +55,13 @@ class TrainConfig:
     # Manhattan distance ``shift`` pixels (4 * shift copies, edge pixels repeated into the gap).
     # Image inputs (N, C, H, W) only; sequences (N, C, T) train as they are. 0 = off.
     shift: int = 0
+    # Consistent distillation (Beyer et al., 2022: "a good teacher is patient and consistent"):
+    # ``views`` noisy copies of the training inputs (see :func:`jittered`), the teacher's outputs
+    # computed once for each; every epoch each sample comes from one of its views + 1 versions
+    # (the clean one among them), so an epoch costs what it did without. Meant with a teacher
+    # (``kd_alpha`` > 0): without one the noisy copies keep their labels. 0 = off.
+    views: int = 0
+    jitter: float = 0.1  # the noise of a view, in the inputs' units (standardised: channel sds)
     # A budget that scales with the data: at most ``work`` forward multiply-accumulates spent on
     # training samples (epochs x samples x the model's MACs per sample); fewer epochs (at least
     # MIN_EPOCHS) when the data set or the model is large. None: ``epochs`` alone. See fit_budget.
@@ -67,11 +74,11 @@ class TrainConfig:
             raise ConfigError(f"shift must be a whole number of pixels >= 0 (0 = off), but got {self.shift!r}")
         if not _number(self.kd_alpha) or not 0 <= self.kd_alpha <= 1:
             raise ConfigError(f"kd_alpha must be a weight in [0, 1] (0 = no distillation), but got {self.kd_alpha!r}")
-        for name, least in (("epochs", 0), ("patience", 0), ("batch_size", 1)):
+        for name, least in (("epochs", 0), ("patience", 0), ("batch_size", 1), ("views", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name} must be a whole number >= {least}, but got {value!r}")
-        for name in ("lr", "kd_temperature"):
+        for name in ("lr", "kd_temperature", "jitter"):
             if not _number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a number > 0, but got {getattr(self, name)!r}")
         if not _number(self.weight_decay) or self.weight_decay < 0:
@@ -89,7 +96,7 @@ def _number(value: object) -> bool:
 # a study's ``space: finetune.KEY``); ``work``: the budget that caps ``epochs`` (null lifts it,
 # as ``deepiot.work`` does the search's).
 FINETUNE_KEYS = ("epochs", "lr", "patience", "kd_alpha", "kd_temperature", "select", "weight_decay", "batch_size",
-                 "shift", "work")
+                 "shift", "views", "jitter", "work")
 FINETUNE_SECTION = "finetune"
 
 MIN_EPOCHS = 5
@@ -165,6 +172,49 @@ def training_tensors(data: Dataset, cfg: TrainConfig) -> tuple[torch.Tensor, tor
         return X, y
     offsets = shift_offsets(cfg.shift)
     return torch.cat([X, *(translate(X, dy, dx) for dy, dx in offsets)]), y.repeat(len(offsets) + 1)
+
+
+def jittered(X: torch.Tensor, jitter: float, generator: torch.Generator) -> torch.Tensor:
+    """A noisy view of ``X`` (N, C, ...): each sample's channels scaled by a gain 1 + N(0, jitter)
+    (a sensor's gain error, an image's contrast), plus Gaussian noise of sd ``jitter``."""
+    gain = 1 + jitter * torch.randn(X.shape[:2] + (1,) * (X.dim() - 2), generator=generator)
+    return X * gain + jitter * torch.randn(X.shape, generator=generator)
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What an epoch draws from: ``X`` (V, N, ...) the training inputs (version 0) and their
+    noisy views, ``y`` (N,) the labels, ``teacher`` (V, N, classes) the teacher's outputs for
+    every version, or None without distillation."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    teacher: torch.Tensor | None
+
+
+def training_set(data: Dataset, cfg: TrainConfig, teacher: nn.Module | None, seed: int) -> TrainingSet:
+    """The training split (:func:`training_tensors`) with ``cfg.views`` views of seed ``seed``,
+    and the teacher's outputs for each when ``teacher`` and ``cfg.kd_alpha > 0``."""
+    X, y = training_tensors(data, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    versions = torch.stack([X, *(jittered(X, cfg.jitter, gen) for _ in range(cfg.views))]) if cfg.views else X[None]
+    distil = teacher is not None and cfg.kd_alpha > 0
+    outputs = torch.stack([logits_of(teacher, v) for v in versions]) if distil else None
+    return TrainingSet(versions, y, outputs)
+
+
+def epoch_batches(ts: TrainingSet, batch_size: int, generator: torch.Generator, device: torch.device
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """One epoch of (inputs, labels, teacher outputs or None) batches on ``device``: every sample
+    once in a random order, each from a random one of its versions (the clean one when there
+    are no views: then the draws are those of :func:`batches` alone)."""
+    n = len(ts.y)
+    order = batches(n, batch_size, generator)
+    pick = torch.randint(len(ts.X), (n,), generator=generator) if len(ts.X) > 1 else torch.zeros(n, dtype=torch.long)
+    for idx in order:
+        v = pick[idx]
+        yield (ts.X[v, idx].to(device), ts.y[idx].to(device),
+               None if ts.teacher is None else ts.teacher[v, idx].to(device))
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -295,30 +345,28 @@ def train(
         return model, history
     dev = device_of(model)
     gen = torch.Generator().manual_seed(seed)
-    X, y = training_tensors(data, cfg)
+    ts = training_set(data, cfg, teacher, seed)
+    n = len(ts.y)
     if cfg.work is not None:
-        cfg = fit_budget(cfg, len(y), macs_per_sample(model, X[:2]))
-    teacher_logits = logits_of(teacher, X) if teacher is not None and cfg.kd_alpha > 0 else None
-    opt, sched = adam_cosine(model.parameters(), cfg, len(y))
+        cfg = fit_budget(cfg, n, macs_per_sample(model, ts.X[0, :2]))
+    opt, sched = adam_cosine(model.parameters(), cfg, n)
     keeper = BestEpoch(cfg, lambda: copy.deepcopy(model.state_dict()))
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         total = 0.0
-        for idx in batches(len(y), cfg.batch_size, gen):
-            xb, yb = X[idx].to(dev), y[idx].to(dev)
-            tb = teacher_logits[idx].to(dev) if teacher_logits is not None else None
+        for xb, yb, tb in epoch_batches(ts, cfg.batch_size, gen, dev):
             out = model(xb)
             loss = loss_fn(out, yb) if loss_fn is not None else distillation_loss(out, yb, tb, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(loss.detach()) * len(yb)
         val, stop = keeper.consider(model, data)
-        history["loss"].append(total / len(y))
+        history["loss"].append(total / n)
         history["val_accuracy"].append(val)
-        bar.set_postfix(loss=f"{total / len(y):.3f}", val=f"{val:.3f}")
+        bar.set_postfix(loss=f"{total / n:.3f}", val=f"{val:.3f}")
         if on_epoch is not None:
             on_epoch(epoch, val)
         if stop:
