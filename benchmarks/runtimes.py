@@ -21,6 +21,9 @@ Parts (``--parts``, comma list):
 * ``ranking``   Kendall tau between numpy's and onnxruntime's p50 over candidates drawn as the
                 demo search draws them (lenet5 and mlp), and their Pareto fronts (validation
                 accuracy vs p50) per runtime;
+* ``floor``     the numpy runtime's floor on compressed deepsense and bilstm at batch 1: every
+                numpy call of a recurrent loop step timed alone, times the steps, plus the rest of
+                the model, against 3 x onnxruntime's p50 (issue 13's bar) and the runtime's p50;
 * ``memory``    peak resident memory added by loading and running each model (batch 1 and 64)
                 through the shipped agent's code, one fresh process per (model, runtime) (the
                 agent does not report peak memory yet).
@@ -57,7 +60,7 @@ DEFAULT_OUT = HERE / "results" / "runtimes.json"
 RUNTIMES = ("numpy", "onnxruntime", "torch", "litert")
 OWN_FILES = {"torch": "model.ts", "litert": "model.tflite"}  # timed only where the artifact has it
 BATCHES = (1, 64)
-PARTS = ("compress", "latency", "int8", "ranking", "memory")
+PARTS = ("compress", "latency", "int8", "ranking", "memory", "floor")
 
 
 def _load() -> list[float]:
@@ -196,6 +199,86 @@ def _numpy_profile(artifact: str, batch: int, cpu: int, runs: int = 200) -> dict
     return {"batch": batch, "run_us": round(total / runs * 1e6, 1), "numpy_call_us": round(call_us, 3),
             "functions": [{"function": f"{k[2]} ({Path(k[0]).name}:{k[1]})", "calls_per_run": v[1] / runs,
                            "own_us_per_run": round(v[2] / runs * 1e6, 1)} for k, v in top]}
+
+
+# What one step of the numpy runtime's recurrent loop calls after its matmul (runtime._loop_lstm,
+# _loop_gru): (numpy function, width of its operands in units of the group's summed hidden size).
+# A step adds its precomputed input projection first when the inputs are not folded in.
+_STEP_CALLS = {
+    "lstm": (("exp", 3), ("add", 3), ("tanh", 1), ("true_divide", 2), ("add", 1), ("tanh", 1),
+             ("true_divide", 1)),
+    "gru": (("exp", 3), ("add", 3), ("true_divide", 1), ("add", 1), ("tanh", 1), ("true_divide", 2),
+            ("add", 1)),
+    "gru_once": (("exp", 2), ("add", 2), ("true_divide", 1), ("add", 1), ("tanh", 1), ("subtract", 1),
+                 ("true_divide", 1), ("add", 1)),
+}
+
+
+def _call_us(fn: Any, repeat: int = 7, number: int = 20000) -> float:
+    import timeit
+
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def part_floor(meter: Meter, rounds: int, models: list[str]) -> dict[str, Any]:
+    """The numpy runtime's floor on the compressed recurrent models at batch 1: each call one
+    loop step makes (the matmul at the group's shape, then the ufuncs of _STEP_CALLS at their
+    widths) timed alone on fresh arrays, summed over the steps of every recurrent group, plus
+    the time the rest of the model takes (the model's p50 minus its loops' own time). That is
+    what the runtime would take if nothing but its numpy calls cost anything; against it, the
+    issue's bar (3 x onnxruntime's p50) and the runtime's own p50."""
+    from deepfleet.device_agent.runtime import _Rnn, load_model
+
+    os.sched_setaffinity(0, {meter.cpu})
+    summaries = cases.ensure([cases.zoo_spec(m) for m in models], 1)
+    out = {}
+    rng = np.random.default_rng(0)
+    for model_name, s in zip(models, summaries):
+        art = s["artifact"]
+        model = load_model(art)
+        x = rng.standard_normal((1, *model.input_shape), dtype=np.float32)
+        model.run(x)  # builds the recurrent groups at batch 1
+        groups = [g for run, _, _ in model._program if isinstance(run, _Rnn) for g in run.groups.values()
+                  if g.key is not None]
+        if not groups:
+            continue
+        rows, floor_us, loops_us = [], 0.0, 0.0
+        for g in groups:
+            kind = "lstm" if g.lstm else ("gru" if g.twice else "gru_once")
+            row = np.ones((1, g.R.shape[0]), np.float32)
+            gates = np.empty((1, g.R.shape[1]), np.float32)
+            calls = [("dot", _call_us(lambda r=row, g_=gates, R=g.R: r.dot(R, g_)))]
+            if not g.fold:
+                a, b = rng.random((2, 1, g.n_x * g.hs), dtype=np.float32)
+                calls.append(("add", _call_us(lambda a=a, b=b: np.add(a, b, b))))
+            for name, width in _STEP_CALLS[kind]:
+                fn = getattr(np, name)
+                a, b = (rng.random((1, width * g.hs), dtype=np.float32) + 0.5 for _ in range(2))
+                c = np.empty_like(a)
+                binary = name in ("add", "subtract", "true_divide")
+                calls.append((name, _call_us((lambda f=fn, a=a, b=b, c=c: f(a, b, c)) if binary
+                                             else (lambda f=fn, a=a, c=c: f(a, c)))))
+            loop = g._loop_lstm if g.lstm else (g._loop_gru if g.twice else g._loop_gru_once)
+            with np.errstate(over="ignore"):
+                loop_us = _call_us(loop, number=200)
+            per_step = sum(us for _, us in calls)
+            floor_us += len(g.steps) * per_step
+            loops_us += loop_us
+            rows.append({"kind": kind, "steps": len(g.steps), "hidden": g.hs, "matmul": list(g.R.shape),
+                         "inputs_folded": g.fold, "calls": [{"call": n, "us": round(us, 3)} for n, us in calls],
+                         "floor_step_us": round(per_step, 3), "loop_us": round(loop_us, 1),
+                         "loop_step_us": round(loop_us / len(g.steps), 3)})
+        cells = [(art, "numpy", 1), (art, "onnxruntime", 1)]
+        got = interleaved(meter, cells, rounds)
+        numpy_us, ort_us = (got[c]["p50_ms"] * 1e3 for c in cells)
+        rest_us = max(numpy_us - loops_us, 0.0)
+        out[model_name] = {
+            "groups": rows, "numpy_p50_us": round(numpy_us, 1), "onnxruntime_p50_us": round(ort_us, 1),
+            "bar_us": round(3 * ort_us, 1), "loops_us": round(loops_us, 1), "rest_us": round(rest_us, 1),
+            "floor_us": round(floor_us + rest_us, 1),
+            "floor_over_onnxruntime": round((floor_us + rest_us) / ort_us, 2),
+            "numpy_over_onnxruntime": round(numpy_us / ort_us, 2)}
+    return {"models": out, "load": _load()}
 
 
 def _ort_profile(model_onnx: str, batch: int, runs: int = 50) -> list[dict[str, Any]]:
@@ -374,7 +457,7 @@ def main() -> None:
         specs = ([cases.zoo_spec(m) for m in cases.ZOO] + [cases.int8_spec(m) for m in cases.ZOO]
                  + [cases.int8_original_spec("lenet5")] + cases.search_specs(args.candidates))
         cases.ensure(specs, args.workers)
-    meter = Meter(cpu, args.seconds) if set(parts) & {"latency", "int8", "ranking"} else None
+    meter = Meter(cpu, args.seconds) if set(parts) & {"latency", "int8", "ranking", "floor"} else None
     machine = {"cpu": cpu, "cpu_count": os.cpu_count(), "numpy": np.__version__, "load_at_start": _load()}
     for part in parts:
         t0 = time.perf_counter()
@@ -390,6 +473,9 @@ def main() -> None:
         elif part == "ranking":
             assert meter is not None
             result = part_ranking(meter, args.rounds, args.candidates, args.workers)
+        elif part == "floor":
+            assert meter is not None
+            result = part_floor(meter, args.rounds, [m for m in models if m in ("deepsense", "bilstm")])
         else:
             result = part_memory()
         result = {**result, "seconds": round(time.perf_counter() - t0, 1), "load_at_end": _load(),
