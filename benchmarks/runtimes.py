@@ -201,8 +201,9 @@ def _numpy_profile(artifact: str, batch: int, cpu: int, runs: int = 200) -> dict
                            "own_us_per_run": round(v[2] / runs * 1e6, 1)} for k, v in top]}
 
 
-# What one step of the numpy runtime's recurrent loop calls after its matmul (runtime._loop_lstm,
-# _loop_gru): (numpy function, width of its operands in units of the group's summed hidden size).
+# What one step of each of the numpy runtime's recurrent loops (runtime._RnnGroup.loop: keyed by
+# the loop's name less "_loop_") calls after its matmul: (numpy function, width of its operands
+# in units of the group's summed hidden size).
 # A step adds its precomputed input projection first when the inputs are not folded in.
 _STEP_CALLS = {
     "lstm": (("exp", 3), ("add", 3), ("tanh", 1), ("true_divide", 2), ("add", 1), ("tanh", 1),
@@ -245,7 +246,8 @@ def part_floor(meter: Meter, rounds: int, models: list[str]) -> dict[str, Any]:
             continue
         rows, floor_us, loops_us = [], 0.0, 0.0
         for g in groups:
-            kind = "lstm" if g.lstm else ("gru" if g.twice else "gru_once")
+            loop = g.loop()
+            kind = loop.__name__.removeprefix("_loop_")
             row = np.ones((1, g.R.shape[0]), np.float32)
             gates = np.empty((1, g.R.shape[1]), np.float32)
             calls = [("dot", _call_us("dot(R, gates)", {"dot": row.dot, "R": g.R, "gates": gates}))]
@@ -255,7 +257,6 @@ def part_floor(meter: Meter, rounds: int, models: list[str]) -> dict[str, Any]:
                 names = {"f": getattr(np, name), "a": a, "b": b, "c": np.empty_like(a)}
                 binary = name in ("add", "subtract", "true_divide")
                 calls.append((name, _call_us("f(a, b, c)" if binary else "f(a, c)", names)))
-            loop = g._loop_lstm if g.lstm else (g._loop_gru if g.twice else g._loop_gru_once)
             with np.errstate(over="ignore"):
                 loop_us = _call_us("loop()", {"loop": loop}, number=200)
             per_step = sum(us for _, us in calls)

@@ -708,8 +708,13 @@ class _RnnGroup:
         if self.lstm:
             self.C.fill(0.0)
         with np.errstate(over="ignore"):  # exp(-v) = inf is right: the gate is then 0
-            (self._loop_lstm if self.lstm else self._loop_gru if self.twice else self._loop_gru_once)()
+            self.loop()()
         return self.outs, self.finals
+
+    def loop(self):
+        """The loop the layout chosen last runs (``_loop_lstm``, ``_loop_gru`` with z' kept, or
+        ``_loop_gru_once``), bound: one call steps through every time step."""
+        return self._loop_lstm if self.lstm else self._loop_gru if self.twice else self._loop_gru_once
 
     def work(self):
         """What the last call did, as (multiply-accumulates, loop steps, gate elements): the
