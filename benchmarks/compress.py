@@ -24,7 +24,7 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 ``deepsense-user-ft400-full`` and ``-ft800-full`` for 400 and 800 without early
                 stopping (patience = epochs: the cosine schedule decays to its end),
                 ``deepsense-user-ft400-last`` the same keeping the final epoch (``select`` ``last``),
-                ``-ft800-last`` for 800,
+                ``-ft800-last`` for 800, ``-ft1600-last`` for 1600,
                 ``deepsense-user-ft400-views`` that with consistent distillation on 8 noisy views of
                 the training windows (``views`` 8, ``jitter`` 0.1: the teacher's outputs per view);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
@@ -85,6 +85,7 @@ USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft800-full": {"epochs": 800, "patience": 800},
                  "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"},
                  "deepsense-user-ft800-last": {"epochs": 800, "patience": 800, "select": "last"},
+                 "deepsense-user-ft1600-last": {"epochs": 1600, "patience": 1600, "select": "last"},
                  "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
                                                 "jitter": 0.1}}
 # deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
