@@ -24,7 +24,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 ``deepsense-user-ft400-full`` and ``-ft800-full`` for 400 and 800 without early
                 stopping (patience = epochs: the cosine schedule decays to its end),
                 ``deepsense-user-ft400-last`` the same keeping the final epoch (``select`` ``last``),
-                ``-ft800-last`` for 800, ``-ft1600-last`` for 1600,
+                ``-ft800-last`` for 800, ``-ft1600-last`` for 1600, ``-ft400-kd1`` for 400 on the
+                original's outputs alone (``kd_alpha`` 1: no labels),
                 ``deepsense-user-ft400-views`` that with consistent distillation on 8 noisy views of
                 the training windows (``views`` 8, ``jitter`` 0.1: the teacher's outputs per view);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
@@ -86,6 +87,7 @@ USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"},
                  "deepsense-user-ft800-last": {"epochs": 800, "patience": 800, "select": "last"},
                  "deepsense-user-ft1600-last": {"epochs": 1600, "patience": 1600, "select": "last"},
+                 "deepsense-user-ft400-kd1": {"epochs": 400, "patience": 400, "select": "last", "kd_alpha": 1.0},
                  "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
                                                 "jitter": 0.1}}
 # deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
@@ -341,6 +343,7 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
         method = (f"deepiot+kd-finetune-{ft.get('epochs', 60)}" + (f"-{ft['select']}" if "select" in ft else "")
                   + ("-full" if ft.get("patience") == ft.get("epochs") else "")
                   + (f"-views{ft['views']}-jitter{ft['jitter']}" if ft.get("views") else "")
+                  + (f"-kd{ft['kd_alpha']}" if ft["kd_alpha"] != 0.7 else "")
                   + (f"+search-{search['iterations']}" if search else ""))
         return [{"part": part, "model": model, "data": data, "target": t, "seed": s, "search": search,
                  "method": method + (f"@{t:.0%}" if part in USER_TARGETS else ""), "finetune": ft}
