@@ -254,9 +254,9 @@ def part_floor(meter: Meter, rounds: int, models: list[str]) -> dict[str, Any]:
             widths = ([("add", g.n_x)] if not g.fold else []) + list(_STEP_CALLS[kind])
             for name, width in widths:
                 a, b = (rng.random((1, width * g.hs), dtype=np.float32) + 0.5 for _ in range(2))
-                names = {"f": getattr(np, name), "a": a, "b": b, "c": np.empty_like(a)}
-                binary = name in ("add", "subtract", "true_divide")
-                calls.append((name, _call_us("f(a, b, c)" if binary else "f(a, c)", names)))
+                f = getattr(np, name)
+                names = {"f": f, "a": a, "b": b, "c": np.empty_like(a)}
+                calls.append((name, _call_us("f(a, b, c)" if f.nin == 2 else "f(a, c)", names)))
             with np.errstate(over="ignore"):
                 loop_us = _call_us("loop()", {"loop": loop}, number=200)
             per_step = sum(us for _, us in calls)
