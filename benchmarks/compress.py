@@ -25,7 +25,9 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 stopping (patience = epochs: the cosine schedule decays to its end),
                 ``deepsense-user-ft400-last`` the same keeping the final epoch (``select`` ``last``),
                 ``-ft800-last`` for 800, ``-ft1600-last`` for 1600, ``-ft400-kd1`` for 400 on the
-                original's outputs alone (``kd_alpha`` 1: no labels),
+                original's outputs alone (``kd_alpha`` 1: no labels), ``-ft400-last-via4`` the
+                400-epoch recipe in two stages (searched to 4 % and fine-tuned, that model
+                searched again to 2 % and fine-tuned: iterative pruning),
                 ``deepsense-user-ft400-views`` that with consistent distillation on 8 noisy views of
                 the training windows (``views`` 8, ``jitter`` 0.1: the teacher's outputs per view);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
@@ -89,7 +91,11 @@ USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft1600-last": {"epochs": 1600, "patience": 1600, "select": "last"},
                  "deepsense-user-ft400-kd1": {"epochs": 400, "patience": 400, "select": "last", "kd_alpha": 1.0},
                  "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
-                                                "jitter": 0.1}}
+                                                "jitter": 0.1},
+                 "deepsense-user-ft400-last-via4": {"epochs": 400, "patience": 400, "select": "last"}}
+# deepsense-user variants compressed in two stages: searched to this kept fraction first and
+# fine-tuned, then that model searched again down to the figure's 2 % (iterative pruning)
+USER_VIA = {"deepsense-user-ft400-last-via4": 0.04}
 # deepsense-user variants -> the search's settings (work None: no MAC budget on the iterations)
 USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
@@ -142,9 +148,11 @@ def _compress(spec: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {**spec, "base_test": accuracy(base, data.X_test, data.y_test),
                            "base_val": accuracy(base, data.X_val, data.y_val)}
     if spec["part"] in USER_SEARCH:  # fine-tuning variants of one deterministic search: searched once
-        small, fields = _searched(spec, base, data)
+        small, fields = _searched({**spec, "target": spec.get("via", spec["target"])}, base, data)
         model, _ = train(small, data, ft, seed=spec["seed"], teacher=base, desc="fine-tune", progress=False)
         kept = fields.pop("kept_params")
+        if "via" in spec:
+            model, kept, fields = _second_stage(spec, base, model, kept, fields, data, ft)
         row.update(fields)
     elif spec["method"].startswith("deepiot"):
         cfg = DeepIoTConfig(target=spec["target"], **spec.get("search", {}))
@@ -226,6 +234,71 @@ def _searched(spec: dict[str, Any], base: Any, data: Any) -> tuple[Any, dict[str
     small.load_state_dict(saved["weights"])
     torch.set_rng_state(saved["rng"])
     return small, dict(saved["fields"])
+
+
+def _second_stage(spec: dict[str, Any], base: Any, mid: Any, kept_mid: float, fields: dict[str, Any], data: Any,
+                  ft: Any) -> tuple[Any, float, dict[str, Any]]:
+    """Iterative DeepIoT: ``mid`` (``base`` searched to ``spec["via"]`` and fine-tuned, ``kept_mid``
+    of its parameters) searched again down to ``spec["target"]`` of ``base``'s parameters (that
+    search distils from ``mid``, as every search does from its model), then fine-tuned with
+    ``ft`` from ``base`` as the one-stage recipe is. Returns (the model, its kept fraction of
+    ``base``'s parameters, its row fields; the first stage's under ``stage1``)."""
+    from deepfleet.compressors._deepiot import DeepIoTConfig
+    from deepfleet.compressors._pipeline import _count, deepiot_compress, layer_table
+    from deepfleet.compressors.training import TrainConfig, accuracy, train
+
+    stage1 = {**fields, "kept_params": kept_mid, "val_after_finetune": accuracy(mid, data.X_val, data.y_val)}
+    mid = _layered(mid, data)
+    cfg = DeepIoTConfig(target=spec["target"] / kept_mid, **spec["search"])
+    res = deepiot_compress(mid, data, cfg, TrainConfig(epochs=0), seed=spec["seed"], progress=False)
+    model, _ = train(res.model, data, ft, seed=spec["seed"], teacher=base, desc="fine-tune", progress=False)
+    # counted, not multiplied: both stages' fractions are of their own model
+    kept = _count(model) / _count(base)
+    return model, kept, {"search_iterations": res.search.iterations, "val_after_search": res.val_accuracy_search,
+                         "extraction_error": res.extraction_error, "layers": layer_table(res.structure, mid, model),
+                         "inputs": None, "stage1": stage1, "kept_params_product": kept_mid * res.kept_params}
+
+
+def _layered(small: Any, data: Any) -> Any:
+    """An extracted deepsense as an equivalent module that the analyser reads: its GRU layers,
+    of different widths, sit in a ``StackedRNN`` (one leaf the analyser does not take apart),
+    and come out here as one ``nn.GRU`` per layer; the rest is the same modules, copied.
+    Raises if the two disagree on the validation windows."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    def get(name: str) -> Any:
+        return copy.deepcopy(small.get_submodule(name))
+
+    class Layered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList(
+                nn.Sequential(get(f"branches.{b}.0"), get(f"branches.{b}.1"), nn.ReLU(),
+                              get(f"branches.{b}.3"), get(f"branches.{b}.4"), nn.ReLU()) for b in range(2))
+            self.merge = nn.Sequential(get("merge.0"), get("merge.1"), nn.ReLU())
+            self.grus = nn.ModuleList(get("gru").layers)
+            self.fc = get("fc")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            parts = [branch(x[:, 3 * i : 3 * (i + 1)]) for i, branch in enumerate(self.branches)]
+            x = self.merge(torch.cat(parts, 1)).transpose(1, 2)
+            for gru in self.grus:
+                x, _ = gru(x)
+            return self.fc(x.mean(1))
+
+    if data.X_train.shape[1] != 6:
+        raise ValueError(f"_layered reads deepsense on two 3-axis sensors, not {data.X_train.shape[1]} channels")
+    layered = Layered().eval()
+    small.eval()
+    with torch.no_grad():
+        x = torch.as_tensor(data.X_val)
+        err = float((layered(x) - small(x)).abs().max())
+    if err > 1e-4:
+        raise RuntimeError(f"the layered copy differs from the extracted model by {err}")
+    return layered
 
 
 def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -345,8 +418,10 @@ def _jobs(part: str, seeds: list[int]) -> list[dict[str, Any]]:
                   + (f"-views{ft['views']}-jitter{ft['jitter']}" if ft.get("views") else "")
                   + (f"-kd{ft['kd_alpha']}" if ft["kd_alpha"] != 0.7 else "")
                   + (f"+search-{search['iterations']}" if search else ""))
+        via = {"via": USER_VIA[part]} if part in USER_VIA else {}
+        method += f"+via{USER_VIA[part]:.0%}" if via else ""
         return [{"part": part, "model": model, "data": data, "target": t, "seed": s, "search": search,
-                 "method": method + (f"@{t:.0%}" if part in USER_TARGETS else ""), "finetune": ft}
+                 "method": method + (f"@{t:.0%}" if part in USER_TARGETS else ""), "finetune": ft, **via}
                 for t in USER_TARGETS.get(part, (target,)) for s in seeds]
     if part == "deepsense-user-scratch":
         model, data, _ = FIGURES["deepsense-user"]
