@@ -103,6 +103,7 @@ USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
                                           **dict.fromkeys(("deepsense-user-6000", "deepsense-user-size",
                                                            *USER_FINETUNE), SEARCH_6000),
+                                          # after the keys above, so that it replaces their 6000 search
                                           "deepsense-user-ft400-last-s12000": {"work": None, "iterations": 12000}}
 USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
