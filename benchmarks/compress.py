@@ -82,19 +82,21 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 # deepsense-user fine-tuning variants (beyond kd_alpha 0.7, work None), each on the 6000 search
 SEARCH_6000 = {"work": None, "iterations": 6000}
+# the recipe: 400 epochs to the end of the cosine schedule, the final epoch kept
+RECIPE_400 = {"epochs": 400, "patience": 400, "select": "last"}
 USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft400": {"epochs": 400, "patience": 100},
                  "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"},
                  "deepsense-user-ft400-full": {"epochs": 400, "patience": 400},
                  "deepsense-user-ft800-full": {"epochs": 800, "patience": 800},
-                 "deepsense-user-ft400-last": {"epochs": 400, "patience": 400, "select": "last"},
+                 "deepsense-user-ft400-last": RECIPE_400,
                  "deepsense-user-ft800-last": {"epochs": 800, "patience": 800, "select": "last"},
                  "deepsense-user-ft1600-last": {"epochs": 1600, "patience": 1600, "select": "last"},
                  "deepsense-user-ft400-kd1": {"epochs": 400, "patience": 400, "select": "last", "kd_alpha": 1.0},
                  "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
                                                 "jitter": 0.1},
-                 "deepsense-user-ft400-last-via4": {"epochs": 400, "patience": 400, "select": "last"},
-                 "deepsense-user-ft400-last-s12000": {"epochs": 400, "patience": 400, "select": "last"}}
+                 "deepsense-user-ft400-last-via4": RECIPE_400,
+                 "deepsense-user-ft400-last-s12000": RECIPE_400}
 # deepsense-user variants compressed in two stages: searched to this kept fraction first and
 # fine-tuned, then that model searched again down to the figure's 2 % (iterative pruning)
 USER_VIA = {"deepsense-user-ft400-last-via4": 0.04}
