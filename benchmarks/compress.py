@@ -28,7 +28,8 @@ Parts (``--parts``, comma list; results are merged into the JSON file so parts c
                 original's outputs alone (``kd_alpha`` 1: no labels), ``-ft400-last-via4`` the
                 400-epoch recipe in two stages (searched to 4 % and fine-tuned, that model
                 searched again to 2 % and fine-tuned: iterative pruning), ``-ft400-last-s12000``
-                the 400-epoch recipe after a search of 12000 iterations instead of 6000,
+                the 400-epoch recipe after a search of 12000 iterations instead of 6000
+                (``-ft800-last-s12000`` 800 epochs after it: the same cached search),
                 ``deepsense-user-ft400-views`` that with consistent distillation on 8 noisy views of
                 the training windows (``views`` 8, ``jitter`` 0.1: the teacher's outputs per view);
                 ``deepsense-user-size`` 6000 at 3 and 4 % kept (where this zoo DeepSense meets
@@ -96,7 +97,8 @@ USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
                                                 "jitter": 0.1},
                  "deepsense-user-ft400-last-via4": RECIPE_400,
-                 "deepsense-user-ft400-last-s12000": RECIPE_400}
+                 "deepsense-user-ft400-last-s12000": RECIPE_400,
+                 "deepsense-user-ft800-last-s12000": {"epochs": 800, "patience": 800, "select": "last"}}
 # deepsense-user variants compressed in two stages: searched to this kept fraction first and
 # fine-tuned, then that model searched again down to the figure's 2 % (iterative pruning)
 USER_VIA = {"deepsense-user-ft400-last-via4": 0.04}
@@ -106,7 +108,9 @@ USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           **dict.fromkeys(("deepsense-user-6000", "deepsense-user-size",
                                                            *USER_FINETUNE), SEARCH_6000),
                                           # after the keys above, so that it replaces their 6000 search
-                                          "deepsense-user-ft400-last-s12000": {"work": None, "iterations": 12000}}
+                                          **dict.fromkeys(("deepsense-user-ft400-last-s12000",
+                                                           "deepsense-user-ft800-last-s12000"),
+                                                          {"work": None, "iterations": 12000})}
 USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
 # part -> (model, data, kept fraction of the parameters)
