@@ -85,20 +85,21 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 SEARCH_6000 = {"work": None, "iterations": 6000}
 # the recipe: 400 epochs to the end of the cosine schedule, the final epoch kept
 RECIPE_400 = {"epochs": 400, "patience": 400, "select": "last"}
+RECIPE_800 = {**RECIPE_400, "epochs": 800, "patience": 800}  # the same to the end of 800 epochs
 USER_FINETUNE = {"deepsense-user-ft200": {"epochs": 200, "patience": 50},
                  "deepsense-user-ft400": {"epochs": 400, "patience": 100},
                  "deepsense-user-ft400-loss": {"epochs": 400, "patience": 100, "select": "loss"},
                  "deepsense-user-ft400-full": {"epochs": 400, "patience": 400},
                  "deepsense-user-ft800-full": {"epochs": 800, "patience": 800},
                  "deepsense-user-ft400-last": RECIPE_400,
-                 "deepsense-user-ft800-last": {"epochs": 800, "patience": 800, "select": "last"},
+                 "deepsense-user-ft800-last": RECIPE_800,
                  "deepsense-user-ft1600-last": {"epochs": 1600, "patience": 1600, "select": "last"},
                  "deepsense-user-ft400-kd1": {"epochs": 400, "patience": 400, "select": "last", "kd_alpha": 1.0},
                  "deepsense-user-ft400-views": {"epochs": 400, "patience": 400, "select": "last", "views": 8,
                                                 "jitter": 0.1},
                  "deepsense-user-ft400-last-via4": RECIPE_400,
                  "deepsense-user-ft400-last-s12000": RECIPE_400,
-                 "deepsense-user-ft800-last-s12000": {"epochs": 800, "patience": 800, "select": "last"}}
+                 "deepsense-user-ft800-last-s12000": RECIPE_800}
 # deepsense-user variants compressed in two stages: searched to this kept fraction first and
 # fine-tuned, then that model searched again down to the figure's 2 % (iterative pruning)
 USER_VIA = {"deepsense-user-ft400-last-via4": 0.04}
@@ -107,7 +108,7 @@ USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           "deepsense-user-long": {"work": None, "iterations": 3000},
                                           **dict.fromkeys(("deepsense-user-6000", "deepsense-user-size",
                                                            *USER_FINETUNE), SEARCH_6000),
-                                          # after the keys above, so that it replaces their 6000 search
+                                          # after the keys above, so that these two replace their 6000 search
                                           **dict.fromkeys(("deepsense-user-ft400-last-s12000",
                                                            "deepsense-user-ft800-last-s12000"),
                                                           {"work": None, "iterations": 12000})}
