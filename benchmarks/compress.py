@@ -83,6 +83,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 # deepsense-user fine-tuning variants (beyond kd_alpha 0.7, work None), each on the 6000 search
 SEARCH_6000 = {"work": None, "iterations": 6000}
+SEARCH_12000 = {**SEARCH_6000, "iterations": 12000}
 # the recipe: 400 epochs to the end of the cosine schedule, the final epoch kept
 RECIPE_400 = {"epochs": 400, "patience": 400, "select": "last"}
 RECIPE_800 = {**RECIPE_400, "epochs": 800, "patience": 800}  # the same to the end of 800 epochs
@@ -111,7 +112,7 @@ USER_SEARCH: dict[str, dict[str, Any]] = {"deepsense-user-kd": {},
                                           # after the keys above, so that these two replace their 6000 search
                                           **dict.fromkeys(("deepsense-user-ft400-last-s12000",
                                                            "deepsense-user-ft800-last-s12000"),
-                                                          {"work": None, "iterations": 12000})}
+                                                          SEARCH_12000)}
 USER_TARGETS = {"deepsense-user-size": (0.03, 0.04)}  # default: the figure's 2 %
 
 # part -> (model, data, kept fraction of the parameters)
